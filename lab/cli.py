@@ -1,0 +1,121 @@
+"""The `lab` command. Each subcommand's work lives in its own module; this file only parses.
+
+A LabError (something the user can fix) prints one message and exits with status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lab.errors import LabError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable); the value is read as TOML")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lab", description="A laboratory for GPT-style language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list every slot's components and the packages they come from")
+    p.add_argument("recipe", nargs="?", help="mark the components this recipe uses")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("recipe", help="print a recipe fully resolved, every default filled in")
+    p.add_argument("recipe")
+    _add_set(p)
+    p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser("run", help="train a model from a recipe (resumes if its run folder has a checkpoint)")
+    p.add_argument("recipe")
+    _add_set(p)
+    p.set_defaults(func=lambda a: _lazy("lab.train", "cli_run")(a))
+
+    p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin / meta.json")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders of .txt, or .jsonl with a 'text' field")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--tokenizer", default="gpt2", metavar="NAME", help="a registered tokenizer (default gpt2)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of documents held out (default 0.1)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizing processes (default: one per core on large inputs)")
+    p.set_defaults(func=lambda a: _lazy("lab.prepare", "cli_prepare")(a))
+
+    p = sub.add_parser("generate", help="sample text from a trained run folder")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-file", default=None, metavar="F")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="M")
+    p.add_argument("--temperature", type=float, default=None, metavar="T", help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, metavar="K")
+    p.add_argument("--top-p", type=float, default=None, metavar="P")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", default=None, metavar="FILE")
+    p.set_defaults(func=lambda a: _lazy("lab.generate", "cli_generate")(a))
+
+    p = sub.add_parser("import-hf", help="turn a local transformers GPT-2 folder into a lab run folder")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.set_defaults(func=lambda a: _lazy("lab.hf", "cli_import")(a))
+
+    p = sub.add_parser("export-hf", help="write a run folder as a transformers GPT-2 folder")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="HF_DIR")
+    p.set_defaults(func=lambda a: _lazy("lab.hf", "cli_export")(a))
+    return parser
+
+
+def _lazy(module: str, name: str):
+    """Import a command's module only when it runs: `lab plugins` needn't load the training loop."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def cmd_plugins(args) -> int:
+    from lab.plugins import registry
+    from lab.recipe import load_recipe
+
+    plugins = registry()
+    used = {}
+    if args.recipe:
+        used = {slot: part.name for slot, part in load_recipe(args.recipe, plugins=plugins).parts.items()}
+    for slot, components in plugins.components.items():
+        print(f"{slot}:")
+        if not components:
+            print("    (none installed)")
+        width = max((len(n) for n in components), default=0)
+        for name, c in sorted(components.items()):
+            mark = "*" if used.get(slot) == name else " "
+            print(f"  {mark} {name:<{width}}  [{c.package}]  {c.description}")
+    if args.recipe:
+        print(f"\n* used by {args.recipe}")
+    for package, error in plugins.failures:
+        print(f"\nfailed to load plugin package '{package}': {error}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from lab.recipe import load_recipe
+
+    print(load_recipe(args.recipe, args.overrides).to_toml(), end="")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

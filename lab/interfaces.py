@@ -1,0 +1,134 @@
+"""The slots a recipe fills, and the small interface each component meets.
+
+Every component is built by the factory its plugin registered. What the factory is handed depends
+on the slot:
+
+    attention, mlp, norm, position   factory(config, model)       model: lab.recipe.ModelConfig
+    tokenizer                        factory(config)
+    data                             factory(config, context)     context: DataContext
+    optimizer                        factory(config, model)       model: the nn.Module to train
+    schedule                         factory(config, max_steps)
+
+`config` is the plugin's own pydantic Config, validated from the recipe's table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Position(nn.Module):
+    """Where a token is. One instance per model, handed to every attention call.
+
+    Each hook defaults to "nothing": learned positions override embed, rotary overrides rotate,
+    ALiBi overrides bias. `pos` is a 1-D LongTensor of absolute positions of the tokens in flight.
+    """
+
+    max_len: int | None = None  # longest sequence it can place; None = no limit
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C) -> embeddings that carry position."""
+        return x
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor):
+        """q, k (B, nh, T, hs) at positions pos -> rotated q, k."""
+        return q, k
+
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """An additive bias on the attention scores, (nh, Tq, Tk), or None."""
+        return None
+
+
+class Attention(nn.Module):
+    """Causal self-attention: (B, T, C) -> (B, T, C).
+
+    With a cache (made by this attention's `new_cache` and owned by the caller, one per layer),
+    forward takes only the new tokens, at positions `pos`, and attends to everything cached so far.
+    The attention decides what its cache holds: K and V for softmax attention, a running sum for
+    linear attention.
+    """
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, position: Position, cache: Any = None):
+        raise NotImplementedError
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> Any:
+        raise NotImplementedError
+
+
+class Tokenizer:
+    """Text <-> token ids."""
+
+    name: str
+    vocab_size: int
+    eot_id: int | None  # the end-of-text token put between documents, if the tokenizer has one
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What a data source needs to know about the run it feeds."""
+
+    block_size: int
+    vocab_size: int
+    tokenizer: Tokenizer
+    seed: int
+
+
+class DataSource:
+    """Batches of token windows.
+
+    `batch(split, step, rows)` returns (x, y) int64 tensors of shape (len(rows), block_size), y being
+    x shifted by one. `rows` are this caller's rows of the step's global batch; a source that makes
+    each row a pure function of (seed, split, step, row) resumes exactly and splits across
+    processes for free, and its state_dict is empty. A source that truly streams keeps its
+    position in state_dict().
+    """
+
+    def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Schedule:
+    """The learning-rate multiplier as a pure function of the step: lr = base_lr * schedule(step).
+
+    No hidden state, so resuming at any step gives the same learning rate.
+    """
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+
+# slot -> what its factory returns. mlp and norm are plain modules: (B, T, C) -> (B, T, C).
+# The optimizer is a torch.optim.Optimizer over the model's parameters.
+SLOTS: dict[str, type] = {
+    "attention": Attention,
+    "mlp": nn.Module,
+    "norm": nn.Module,
+    "position": Position,
+    "schedule": Schedule,
+    "optimizer": torch.optim.Optimizer,
+    "data": DataSource,
+    "tokenizer": Tokenizer,
+}
+
+
+def mark_residual(linear: nn.Module) -> nn.Module:
+    """Mark a layer whose output is added to the residual stream (attention and MLP output
+    projections). GPT-2 initialises these with std 0.02 / sqrt(2 * n_layer), so the residual
+    stream's variance does not grow with depth."""
+    linear.residual_projection = True
+    return linear

@@ -1,0 +1,110 @@
+"""The GPT: token embedding, position, N pre-norm residual blocks, final norm, LM head.
+
+Which attention, MLP, norm and position it uses comes from the recipe; this file only wires them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lab.errors import LabError
+from lab.recipe import ModelConfig, Part, Recipe
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, parts: dict[str, Part]):
+        super().__init__()
+        self.norm_1 = parts["norm"].build(config)
+        self.attn = parts["attention"].build(config)
+        self.norm_2 = parts["norm"].build(config)
+        self.mlp = parts["mlp"].build(config)
+
+    def forward(self, x, pos, position, cache=None):
+        x = x + self.attn(self.norm_1(x), pos, position, cache)
+        x = x + self.mlp(self.norm_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        config, parts = recipe.model, recipe.parts
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position = parts["position"].build(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, parts) for _ in range(config.n_layer))
+        self.norm_f = parts["norm"].build(config)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # One matrix reads tokens in and writes them out: fewer parameters, and it trains better
+            # at small scale (Press & Wolf 2017), as in GPT-2.
+            self.head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, and
+        N(0, 0.02 / sqrt(2 * n_layer)) for residual projections. Separate from __init__ so a model
+        built on the meta device, or re-initialised, gets the same weights."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # norms: ones and zeros
+        for module in self.modules():
+            if getattr(module, "residual_projection", False):
+                nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights()  # a component with an initialisation of its own
+
+    def forward(self, idx, targets=None, caches=None, start_pos: int = 0, last_only: bool = False):
+        """idx (B, T) token ids -> (logits, loss). logits are (B, T, vocab), or (B, 1, vocab) with
+        last_only. With caches (one per block, from new_caches), idx holds only the new tokens,
+        which sit at positions start_pos.. ; loss is None without targets."""
+        T = idx.size(1)
+        limit = self.position.max_len
+        if limit is not None and start_pos + T > limit:
+            raise LabError(
+                f"sequence of {start_pos + T} tokens is longer than this model's positions allow "
+                f"({limit}); shorten the prompt or generate fewer tokens"
+            )
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        x = self.drop(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, self.position, None if caches is None else caches[i])
+        x = self.norm_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list:
+        """One cache per block, made by that block's attention, for cached decoding."""
+        p = self.tok_emb.weight
+        return [b.attn.new_cache(batch, max_len, device or p.device, dtype or p.dtype) for b in self.blocks]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counted once when shared. non_embedding (as GPT-2 and Kaplan et al. count):
+        leave out the position parameters, and the token embedding unless it doubles as the head
+        (a lookup costs no FLOPs; the head does)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.position.parameters())
+            if not self.config.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len

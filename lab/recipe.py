@@ -1,0 +1,281 @@
+"""Recipes: a TOML file that names a component for every slot, with its settings.
+
+The core validates its own sections (model shape, train, generate); each component's table is
+validated by that component's own pydantic Config. Every mistake becomes one LabError that names
+the file, the table, the key and the fix.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from lab.errors import LabError, did_you_mean
+from lab.interfaces import SLOTS
+from lab.plugins import Component, Registry, registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Where each slot's table sits in a recipe.
+TABLES: dict[str, tuple[str, ...]] = {
+    "attention": ("model", "attention"),
+    "mlp": ("model", "mlp"),
+    "norm": ("model", "norm"),
+    "position": ("model", "position"),
+    "tokenizer": ("tokenizer",),
+    "data": ("data",),
+    "optimizer": ("optimizer",),
+    "schedule": ("schedule",),
+}
+assert set(TABLES) == set(SLOTS)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The model's shape; handed to every model component's factory."""
+
+    vocab_size: PositiveInt = Field(50257, description="tokens the embedding and head cover")
+    block_size: PositiveInt = Field(1024, description="longest context, in tokens")
+    n_layer: PositiveInt = Field(12, description="transformer blocks")
+    n_head: PositiveInt = Field(12, description="attention heads")
+    n_embd: PositiveInt = Field(768, description="residual stream width")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability in training")
+    bias: bool = Field(True, description="biases in linear layers and norms")
+    tie_embeddings: bool = Field(True, description="LM head shares the token embedding matrix")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one "
+                f"of them (e.g. n_embd = {self.n_head * max(1, round(self.n_embd / self.n_head))})"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class TrainConfig(Section):
+    """The training loop's settings."""
+
+    batch_size: PositiveInt = Field(4, description="micro-batch per process, in sequences")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    max_steps: PositiveInt = Field(1000, description="optimizer steps to train")
+    eval_interval: PositiveInt = Field(100, description="validate every this many steps")
+    eval_batches: PositiveInt = Field(10, description="micro-batches per validation")
+    log_interval: PositiveInt = Field(10, description="log a line every this many steps")
+    checkpoint_interval: PositiveInt = Field(500, description="save every this many steps")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the device runs it well, else fp32"
+    )
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables")
+    seed: int = Field(1337, description="seeds weights, data order and dropout")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="torch.compile the model; auto: on for CUDA, off on CPU"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    out_dir: str = Field("", description="run folder; empty: runs/<recipe name>")
+
+
+class GenerateConfig(Section):
+    """Sampling at the end of a run, and the defaults of `lab generate`."""
+
+    prompt: str = Field("Once upon a time,", description="text the samples continue")
+    num_samples: PositiveInt = Field(2, description="samples to draw")
+    max_new_tokens: PositiveInt = Field(100, description="tokens per sample")
+    temperature: float = Field(0.8, ge=0.0, description="0 is greedy")
+    top_k: int = Field(200, ge=0, description="sample from the k likeliest tokens; 0: all")
+    seed: int = Field(1337, description="the same seed gives the same text")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "generate": GenerateConfig,
+}
+
+
+@dataclass
+class Part:
+    """A recipe's choice for one slot: the registered component and its validated config."""
+
+    component: Component
+    config: BaseModel
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+    def build(self, *args):
+        built = self.component.factory(self.config, *args)
+        expected = SLOTS[self.component.slot]
+        if not isinstance(built, expected) and not (self.component.slot == "schedule" and callable(built)):
+            raise TypeError(
+                f"{self.component.slot} '{self.name}' from package '{self.component.package}' built a "
+                f"{type(built).__name__}, which is not a {expected.__module__}.{expected.__name__}"
+            )
+        return built
+
+
+@dataclass
+class Recipe:
+    name: str
+    source: str  # the file it came from, for messages
+    model: ModelConfig
+    train: TrainConfig
+    generate: GenerateConfig
+    parts: dict[str, Part]  # slot -> Part
+
+    def to_dict(self) -> dict:
+        """The resolved recipe, every default filled in, nested as in the TOML file."""
+        out: dict[str, Any] = {"name": self.name}
+        for key, section in (("model", self.model), ("train", self.train), ("generate", self.generate)):
+            out[key] = section.model_dump()
+        for slot, part in self.parts.items():
+            table = _table(out, TABLES[slot])
+            table["name"] = part.name
+            table.update(part.config.model_dump(mode="json"))
+        return _drop_none(out)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+def load_recipe(path, overrides=(), plugins: Registry | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = str(path)
+    return resolve(read_toml(path), path, overrides, plugins)
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise LabError(f"recipe file not found: {path}. Recipes that ship with lab are in recipes/") from None
+    except IsADirectoryError:
+        raise LabError(f"{path} is a folder; give a recipe .toml file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise LabError(f"cannot parse {path}: {e}. Fix the TOML syntax there") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value). The value is read as TOML (2, 1e-3,
+    true, "x", [1, 2]); a bare word that is not TOML (sdpa) is taken as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
+        raise LabError(f"--set expects section.key=value, got '{text}' (e.g. --set train.max_steps=100)")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        table = raw
+        for i, k in enumerate(keys[:-1]):
+            table = table.setdefault(k, {})
+            if not isinstance(table, dict):
+                raise LabError(f"--set {text}: '{'.'.join(keys[: i + 1])}' is a value, not a table")
+        table[keys[-1]] = value
+    return raw
+
+
+def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = None) -> Recipe:
+    plugins = plugins or registry()
+    raw = apply_overrides(_copy(raw), overrides)
+    name = raw.pop("name", None) or Path(source).stem
+    parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
+    allowed = set(SECTIONS) | {t[0] for t in TABLES.values()}
+    for key in raw:
+        if key not in allowed:
+            raise LabError(
+                f"unknown table [{key}] in {source}.{did_you_mean(key, allowed)} "
+                f"Tables are: {', '.join(sorted(allowed))}"
+            )
+    sections = {key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()}
+    return Recipe(name=str(name), source=source, parts=parts, **sections)
+
+
+def _resolve_part(raw: dict, slot: str, source: str, plugins: Registry) -> Part:
+    path = TABLES[slot]
+    where = f"[{'.'.join(path)}]"
+    parent = raw
+    for key in path[:-1]:
+        parent = parent.get(key, {})
+    table = parent.pop(path[-1], None)
+    available = ", ".join(sorted(plugins.components[slot])) or "none installed"
+    if not isinstance(table, dict) or "name" not in table:
+        raise LabError(
+            f"{source} needs a {where} table with a name, e.g.\n  {where}\n  name = \"...\"\n"
+            f"available {slot} components: {available}"
+        )
+    table = dict(table)
+    component = plugins.get(slot, str(table.pop("name")), where=f"{source} {where}")
+    return Part(component, _validate(component.Config, table, source, ".".join(path), component))
+
+
+def _validate(cls: type[BaseModel], table: Any, source: str, where: str, component=None) -> BaseModel:
+    """Validate a table against a pydantic model; unknown keys are errors even if the model allows them."""
+    label = f" for {component.slot} '{component.name}'" if component else ""
+    if not isinstance(table, dict):
+        raise LabError(f"{source}: '{where}' must be a table ([{where}]), got {table!r}")
+    for key in table:
+        if key not in cls.model_fields:
+            known = ", ".join(cls.model_fields) or "none"
+            raise LabError(
+                f"unknown key '{key}' in {source} [{where}]{label}.{did_you_mean(key, cls.model_fields)}"
+                f" Valid keys: {known}"
+            )
+    try:
+        return cls.model_validate(table)
+    except ValidationError as err:
+        raise LabError(_explain(err, source, where)) from None
+
+
+def _explain(err: ValidationError, source: str, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if key:
+            lines.append(
+                f"{source} [{where}] {key} = {e['input']!r}: {msg}. "
+                f"Fix it in the file or with --set {where}.{key}=..."
+            )
+        else:
+            lines.append(f"{source} [{where}]: {msg}")
+    return "\n".join(lines)
+
+
+def _table(root: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        root = root.setdefault(key, {})
+    return root
+
+
+def _copy(d):
+    return {k: _copy(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def _drop_none(d):
+    """TOML has no null: a None setting is left out, and reading it back gives the default again."""
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
