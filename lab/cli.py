@@ -56,15 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, metavar="FILE")
     p.set_defaults(func=lambda a: _lazy("lab.generate", "cli_generate")(a))
 
-    p = sub.add_parser("import-hf", help="turn a local transformers GPT-2 folder into a lab run folder")
-    p.add_argument("hf_dir", metavar="HF_DIR")
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.set_defaults(func=lambda a: _lazy("lab.hf", "cli_import")(a))
+    from lab.plugins import registry
 
-    p = sub.add_parser("export-hf", help="write a run folder as a transformers GPT-2 folder")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, metavar="HF_DIR")
-    p.set_defaults(func=lambda a: _lazy("lab.hf", "cli_export")(a))
+    registry().hook.lab_commands(subparsers=sub)  # commands that plugins add
     return parser
 
 
@@ -106,8 +100,8 @@ def cmd_recipe(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)

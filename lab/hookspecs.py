@@ -14,3 +14,9 @@ def lab_components(register):
     Config:      a pydantic model of the component's settings, with defaults and a doc per field
     description: one line for `lab plugins`
     """
+
+
+@hookspec
+def lab_commands(subparsers):
+    """Add subcommands to `lab`: `p = subparsers.add_parser(NAME, help=...)`, then
+    `p.set_defaults(func=callable(args) -> exit status)`. Raise lab.errors.LabError for user errors."""

@@ -33,6 +33,7 @@ class Registry:
         default_factory=lambda: {slot: {} for slot in SLOTS}
     )
     failures: list[tuple[str, str]] = field(default_factory=list)  # (package, error) that failed
+    hook: object = None  # pluggy's hook relay, for hooks other than lab_components
 
     def get(self, slot: str, name: str, where: str = "") -> Component:
         """The component, or a LabError naming what exists and the closest match."""
@@ -106,6 +107,7 @@ def build_registry(extra_plugins: dict[str, object] | None = None, warn=True) ->
             registry.add(Component(slot, name, factory, Config, description, _package))
 
         impl.function(register=register)
+    registry.hook = pm.hook
     return registry
 
 
