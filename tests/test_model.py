@@ -1,0 +1,136 @@
+"""The assembled model is GPT-2: same logits and loss as transformers' GPT2LMHeadModel with the same
+weights; sdpa agrees with the plain reference; GPT-2's initialisation and parameter count."""
+import math
+
+import pytest
+import torch
+
+from lab.model import GPT
+from lab.recipe import load_recipe
+
+
+def hf_to_lab(hf_state: dict, n_layer: int) -> dict:
+    """transformers' GPT-2 names -> lab's. GPT-2's Conv1D stores weights as (in, out): transpose."""
+    out = {"tok_emb.weight": hf_state["transformer.wte.weight"],
+           "position.wpe.weight": hf_state["transformer.wpe.weight"],
+           "norm_f.weight": hf_state["transformer.ln_f.weight"],
+           "norm_f.bias": hf_state["transformer.ln_f.bias"]}
+    rename = {"ln_1": "norm_1", "ln_2": "norm_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+              "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+    for i in range(n_layer):
+        for hf, ours in rename.items():
+            w, b = hf_state[f"transformer.h.{i}.{hf}.weight"], hf_state[f"transformer.h.{i}.{hf}.bias"]
+            out[f"blocks.{i}.{ours}.weight"] = w if hf.startswith("ln") else w.t()
+            out[f"blocks.{i}.{ours}.bias"] = b
+    out["head.weight"] = out["tok_emb.weight"]
+    return out
+
+
+def test_same_logits_and_loss_as_transformers_gpt2(gpt_small_path):
+    transformers = pytest.importorskip("transformers")
+    recipe = load_recipe(gpt_small_path)  # the default model's shape: 6 layers, 4 heads, 256 wide
+    m = recipe.model
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer,
+        n_head=m.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+    ), ).eval()
+    ours = GPT(recipe).eval()
+    ours.load_state_dict(hf_to_lab(hf.state_dict(), m.n_layer))
+
+    idx = torch.randint(0, m.vocab_size, (2, 129), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=idx, labels=idx)
+        logits, loss = ours(idx[:, :-1], targets=idx[:, 1:])
+    assert (logits - ref.logits[:, :-1]).abs().max().item() < 1e-5
+    assert abs(loss.item() - ref.loss.item()) < 1e-5
+
+
+def twin_models(path, n_layer=2):
+    """The same weights under sdpa and under the plain reference attention."""
+    a = GPT(load_recipe(path, ["model.n_layer=%d" % n_layer, "model.block_size=64"]))
+    b = GPT(load_recipe(path, ["model.n_layer=%d" % n_layer, "model.block_size=64",
+                               "model.attention.name=manual"]))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_sdpa_matches_the_manual_reference_outputs_and_gradients(gpt_small_path):
+    """At the attention itself: outputs, parameter gradients and input gradients within 1e-6."""
+    torch.manual_seed(0)
+    fused, manual = (model.blocks[0].attn for model in twin_models(gpt_small_path))
+    position = GPT(load_recipe(gpt_small_path, ["model.n_layer=1", "model.block_size=64"])).position
+    x = torch.randn(2, 64, 256)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pos = torch.arange(64)
+    ya, yb = fused(xa, pos, position), manual(xb, pos, position)
+    assert (ya - yb).abs().max().item() < 1e-6
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert close(xa.grad, xb.grad)
+    grads_b = dict(manual.named_parameters())
+    for name, p in fused.named_parameters():
+        assert close(p.grad, grads_b[name].grad), name
+
+
+def close(a, b, tol=1e-6):
+    """|a - b| within tol of the tensor's scale: a weight gradient sums over every position, so its
+    float32 rounding grows with its magnitude."""
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+def test_sdpa_and_manual_models_agree_end_to_end(gpt_small_path):
+    torch.manual_seed(0)
+    fused, manual = twin_models(gpt_small_path)
+    idx = torch.randint(0, 50257, (2, 64))
+    la, lossa = fused(idx, targets=idx)
+    lb, lossb = manual(idx, targets=idx)
+    assert (la - lb).abs().max().item() < 1e-5
+    assert abs(lossa.item() - lossb.item()) < 1e-6
+
+
+def test_gpt2_initialisation(gpt_small_path):
+    torch.manual_seed(0)
+    model = GPT(load_recipe(gpt_small_path))
+    n_layer = model.config.n_layer
+    block = model.blocks[0]
+    assert abs(block.attn.qkv.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.tok_emb.weight.std().item() - 0.02) < 1e-3
+    residual_std = 0.02 / math.sqrt(2 * n_layer)
+    for proj in (block.attn.proj.weight, block.mlp.proj.weight):
+        assert abs(proj.std().item() - residual_std) < 5e-4
+    assert torch.all(block.attn.qkv.bias == 0) and torch.all(block.norm_1.weight == 1)
+    assert model.head.weight is model.tok_emb.weight  # tied
+
+
+def test_init_weights_is_separate_from_construction(gpt_small_path):
+    """A model built one way and re-initialised with the same seed gets the same weights."""
+    recipe = load_recipe(gpt_small_path, ["model.n_layer=1"])
+    torch.manual_seed(3)
+    a = GPT(recipe)
+    b = GPT(recipe)
+    torch.manual_seed(3)
+    b.init_weights()
+    torch.manual_seed(3)
+    a.init_weights()
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_parameter_count_leaves_out_what_gpt2_leaves_out(gpt_small_path):
+    model = GPT(load_recipe(gpt_small_path))
+    V, T, C, L = 50257, 1024, 256, 6
+    per_block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
+    non_embedding = V * C + L * per_block + 2 * C  # the tied token embedding counts: it is the head
+    assert model.num_params() == non_embedding
+    assert model.num_params(non_embedding=False) == non_embedding + T * C  # + position embeddings
+
+
+def test_untied_head_counts_the_head_not_the_lookup(gpt_small_path):
+    tied = GPT(load_recipe(gpt_small_path, ["model.n_layer=1"]))
+    untied = GPT(load_recipe(gpt_small_path, ["model.n_layer=1", "model.tie_embeddings=false"]))
+    assert untied.head.weight is not untied.tok_emb.weight
+    assert untied.num_params() == tied.num_params()
+    assert untied.num_params(non_embedding=False) == tied.num_params(non_embedding=False) + 50257 * 256

@@ -1,0 +1,99 @@
+"""Plugins are found through entry points, one broken package does not sink the rest, and the core
+names no concrete component."""
+import ast
+import pathlib
+import types
+from importlib.metadata import EntryPoint
+
+import pytest
+from pydantic import BaseModel
+
+import lab.plugins as plugins
+from lab import hookimpl
+from lab.cli import main
+from lab.errors import LabError
+from lab.interfaces import SLOTS
+
+LAB = pathlib.Path(__file__).resolve().parents[1] / "lab"
+
+
+def plugin(slot, name):
+    class Config(BaseModel):
+        pass
+
+    @hookimpl
+    def lab_components(register):
+        register(slot, name, lambda config, *a: None, Config, "test component")
+
+    return types.SimpleNamespace(lab_components=lab_components)
+
+
+def test_builtin_components_come_through_entry_points():
+    found = plugins.build_registry()
+    names = {slot: set(c) for slot, c in found.components.items()}
+    assert {"sdpa", "manual"} <= names["attention"]
+    for slot in SLOTS:
+        assert names[slot], f"no component registered for slot {slot}"
+    assert found.get("attention", "sdpa").package == "lab"
+
+
+def test_two_plugins_with_one_name_is_an_error_naming_both_packages():
+    with pytest.raises(LabError) as err:
+        plugins.build_registry(extra_plugins={"lab-fancy-attention": plugin("attention", "sdpa")})
+    assert "'lab'" in str(err.value) and "'lab-fancy-attention'" in str(err.value)
+
+
+def test_extra_plugin_registers_beside_the_builtins():
+    found = plugins.build_registry(extra_plugins={"lab-flash": plugin("attention", "flash")})
+    assert found.get("attention", "flash").package == "lab-flash"
+    assert "sdpa" in found.components["attention"]
+
+
+def test_unknown_slot_is_an_error_naming_the_package():
+    with pytest.raises(LabError, match="lab-typo.*unknown slot 'atention'.*Did you mean 'attention'"):
+        plugins.build_registry(extra_plugins={"lab-typo": plugin("atention", "x")})
+
+
+def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_load(monkeypatch, capsys):
+    real = plugins.entry_points
+
+    def with_a_broken_one(group):
+        broken = EntryPoint(name="broken", value="lab_no_such_module_xyz", group=group)
+        return list(real(group=group)) + [broken]
+
+    monkeypatch.setattr(plugins, "entry_points", with_a_broken_one)
+    found = plugins.build_registry()
+    assert "sdpa" in found.components["attention"]
+    assert found.failures and "lab_no_such_module_xyz" in found.failures[0][0]
+    assert "failed to load" in capsys.readouterr().err
+
+
+def test_lab_plugins_lists_every_slot_and_marks_the_recipes_choices(capsys, gpt_small_path):
+    assert main(["plugins", gpt_small_path]) == 0
+    out = capsys.readouterr().out
+    for slot in SLOTS:
+        assert f"{slot}:" in out
+    assert "* sdpa" in out and "  manual" in out and "[lab]" in out
+
+
+def _string_constants(path):
+    """String literals in a module, leaving out docstrings (prose may mention components)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    return {
+        node.value for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
+
+
+def test_the_core_names_no_concrete_component():
+    """design.md's one rule: every component reaches the core through a plugin."""
+    names = {n for comps in plugins.registry().components.values() for n in comps}
+    for path in LAB.rglob("*.py"):
+        leaked = names & _string_constants(path)
+        assert not leaked, f"{path.relative_to(LAB.parent)} names component(s) {sorted(leaked)}"
