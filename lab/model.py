@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab.errors import LabError
+from lab.fused_loss import chunked_cross_entropy
 from lab.recipe import ModelConfig, Part, Recipe
 
 
@@ -67,7 +68,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, caches=None, start_pos: int = 0, last_only: bool = False):
         """idx (B, T) token ids -> (logits, loss). logits are (B, T, vocab), or (B, 1, vocab) with
         last_only. With caches (one per block, from new_caches), idx holds only the new tokens,
-        which sit at positions start_pos.. ; loss is None without targets."""
+        which sit at positions start_pos.. ; loss is None without targets. With targets and
+        model.loss_chunk > 0 the loss is computed chunk by chunk and logits is None: the full
+        logits are never made (see lab/fused_loss.py)."""
         T = idx.size(1)
         limit = self.position.max_len
         if limit is not None and start_pos + T > limit:
@@ -82,6 +85,8 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:, :]
+        if targets is not None and self.config.loss_chunk:
+            return None, chunked_cross_entropy(x, self.head.weight, targets, chunk=self.config.loss_chunk)
         logits = self.head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from lab.errors import LabError, did_you_mean
 from lab.interfaces import SLOTS
@@ -51,6 +51,9 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability in training")
     bias: bool = Field(True, description="biases in linear layers and norms")
     tie_embeddings: bool = Field(True, description="LM head shares the token embedding matrix")
+    loss_chunk: NonNegativeInt = Field(
+        256, description="rows per chunk of the fused LM head + loss (full logits never held); 0: plain path"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
