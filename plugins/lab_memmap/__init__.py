@@ -1,17 +1,24 @@
-"""Token windows from uint16/uint32 token files through numpy.memmap. (Being built out.)"""
+"""Random token windows from train.bin / val.bin files (as `lab prepare` writes them), read through
+numpy.memmap: the corpus stays on disk and only the windows a batch needs are paged in.
+
+With `path = ""` the data is the tinyshakespeare that ships with lab, tokenized on first use into
+the user's cache (see embedded.py)."""
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from lab import hookimpl
-from lab.interfaces import DataSource
+from lab_memmap.source import MemmapData
 
 
 class MemmapConfig(BaseModel):
-    path: str = Field("", description="folder with train.bin, val.bin (and meta.json); empty: the shipped tinyshakespeare")
-
-
-class MemmapData(DataSource):
-    def __init__(self, config: MemmapConfig, context):
-        raise NotImplementedError
+    path: str = Field(
+        "", description="folder with train.bin, val.bin and meta.json (from `lab prepare`), relative to "
+                        "the current folder; empty: the tinyshakespeare that ships with lab"
+    )
+    dtype: Literal["uint16", "uint32"] = Field(
+        "uint16", description="token width of the .bin files when the folder has no meta.json"
+    )
 
 
 @hookimpl

@@ -1,0 +1,145 @@
+"""The memmap data source: each row of a batch is a random window of the split's token file.
+
+A window's start is a function of (seed, split, step, row) and nothing else, so the batch of a step is
+the same whenever it is asked for (exact resume needs no saved state) and whoever asks for it (a
+process of a distributed run takes its rows of the same global batch).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lab.errors import LabError
+from lab.interfaces import DataContext, DataSource
+from lab.prepare import SPLITS
+from lab_memmap.embedded import tinyshakespeare
+
+SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
+SCAN_CHUNK = 1 << 24  # tokens per step of the largest-id scan: bounded memory on any file size
+META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
+
+
+class MemmapData(DataSource):
+    def __init__(self, config, context: DataContext):
+        self.block_size = context.block_size
+        self.seed = context.seed % 2**64  # numpy seeds are non-negative; a negative seed still works
+        folder = Path(config.path).expanduser() if config.path else tinyshakespeare(context.tokenizer)
+        check_folder(folder)
+        meta = read_meta(folder)
+        if meta is not None:
+            check_meta_matches(meta, folder, context)
+        dtype = np.dtype(meta["dtype"] if meta else config.dtype)
+        self.tokens = {split: open_tokens(folder / f"{split}.bin", dtype, meta) for split in SPLITS}
+        max_id = meta.get("max_token_id") if meta else None
+        if max_id is None:
+            max_id = max(largest_id(tokens) for tokens in self.tokens.values())
+        check_ids_fit(max_id, folder, context, have_meta=meta is not None)
+        for split, tokens in self.tokens.items():
+            check_long_enough(tokens, folder / f"{split}.bin", context.block_size)
+
+    def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, T = self.tokens[split], self.block_size
+        # One slice per row into a preallocated array, then numpy copies for x and y: 0.19 ms for
+        # B=64, T=1024, against 0.34 ms for one fancy index over all (B, T) positions. (torch's
+        # .contiguous() for the same copies took 25 ms on a busy 2-core machine: it spreads small
+        # copies over threads.)
+        windows = np.empty((len(rows), T + 1), dtype=np.int64)
+        for i, start in enumerate(self.window_starts(split, step, rows)):
+            windows[i] = tokens[start : start + T + 1]
+        x, y = windows[:, :-1].copy(), windows[:, 1:].copy()  # y is x one token later
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def window_starts(self, split: str, step: int, rows) -> np.ndarray:
+        """Where each row's window starts. One generator keyed by (seed, split, step) draws the starts
+        of the step's global batch in row order, up to the last row asked for; so a row's start is the
+        same whoever asks for it, and one generator per step (not per row) keeps this at ~10 us."""
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[split], step])
+        starts = rng.integers(len(self.tokens[split]) - self.block_size, size=max(rows, default=-1) + 1)
+        return starts[list(rows)]
+
+
+def check_folder(folder: Path) -> None:
+    make_it = f"make it with: lab prepare YOUR_TEXT --out {folder}"
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise LabError(f"data folder {folder} ([data] path) {what}; {make_it}")
+    for split in SPLITS:
+        if not (folder / f"{split}.bin").is_file():
+            raise LabError(f"{folder / split}.bin not found: a data folder holds train.bin and val.bin; {make_it}")
+
+
+def read_meta(folder: Path) -> dict | None:
+    path = folder / "meta.json"
+    if not path.exists():
+        return None
+    redo = f"run lab prepare again, or delete {path} and set [data] dtype"
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise LabError(f"{path} is not valid JSON ({e}); {redo}") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise LabError(f"{path} lacks {', '.join(missing)}; {redo}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise LabError(f"{path} has dtype {meta['dtype']!r}; token files are uint16 or uint32. {redo}")
+    return meta
+
+
+def check_meta_matches(meta: dict, folder: Path, context: DataContext) -> None:
+    tokenizer = context.tokenizer
+    if (meta["tokenizer"], meta["vocab_size"]) != (tokenizer.name, tokenizer.vocab_size):
+        raise LabError(
+            f"{folder}/meta.json: the tokens were made by tokenizer '{meta['tokenizer']}' ({meta['vocab_size']} "
+            f"tokens) but the recipe's [tokenizer] is '{tokenizer.name}' ({tokenizer.vocab_size} tokens); "
+            f"set [tokenizer] name = \"{meta['tokenizer']}\", or re-run: "
+            f"lab prepare YOUR_TEXT --out {folder} --tokenizer {tokenizer.name}"
+        )
+
+
+def open_tokens(path: Path, dtype: np.dtype, meta: dict | None) -> np.ndarray:
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise LabError(
+            f"{path} is {size} bytes, not a whole number of {dtype.name} tokens ({dtype.itemsize} bytes "
+            f"each): it is truncated or of another type; set [data] dtype to the type it was written "
+            f"with, or re-create it with lab prepare"
+        )
+    count = size // dtype.itemsize
+    split = path.stem
+    if meta is not None and count != meta[f"{split}_tokens"]:
+        raise LabError(
+            f"{path} holds {count} tokens but {path.parent}/meta.json says {meta[f'{split}_tokens']}: the "
+            f"folder was changed after lab prepare wrote it; run lab prepare again into {path.parent}"
+        )
+    if count == 0:
+        return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def largest_id(tokens: np.ndarray) -> int:
+    """The largest token id, read in chunks so a file of any size takes bounded memory."""
+    return max((int(tokens[i : i + SCAN_CHUNK].max()) for i in range(0, len(tokens), SCAN_CHUNK)), default=-1)
+
+
+def check_ids_fit(max_id: int, folder: Path, context: DataContext, have_meta: bool) -> None:
+    if max_id < context.vocab_size:
+        return
+    hint = "" if have_meta else " If the files hold uint32 tokens, set [data] dtype = \"uint32\"."
+    raise LabError(
+        f"the token files in {folder} hold ids up to {max_id}, but the model's vocabulary has "
+        f"{context.vocab_size} tokens: set [model] vocab_size to at least {max_id + 1}, or prepare the "
+        f"data with the recipe's tokenizer.{hint}"
+    )
+
+
+def check_long_enough(tokens: np.ndarray, path: Path, block_size: int) -> None:
+    if len(tokens) > block_size:  # a window is block_size + 1 tokens: x and, one later, y
+        return
+    more = " (lab prepare --val-fraction above 0 fills it)" if path.stem == "val" and not len(tokens) else ""
+    raise LabError(
+        f"{path} holds {len(tokens)} tokens{more}, too few for one window of [model] block_size = "
+        f"{block_size} plus 1: lower block_size below {max(len(tokens), 1)}, or prepare more text"
+    )
