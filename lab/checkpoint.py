@@ -8,13 +8,18 @@
 A checkpoint is written into a temporary folder, every file fsynced, COMPLETE added, and the folder
 renamed into place (a rename is atomic). A folder without COMPLETE is never read, so a SIGKILL at any
 moment leaves the previous checkpoint whole.
+
+state.pt is read with torch.load(weights_only=True), which unpickles only tensors and plain
+containers: so the RNG states are stored as tensors and lists, never numpy objects.
 """
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_model as _load_safetensors
 from safetensors.torch import save_model as _save_safetensors
@@ -43,8 +48,9 @@ def save(run_dir, step: int, model: torch.nn.Module, recipe_toml: str, state: di
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
+    for debris in root.glob(".tmp_step_*"):  # half-written by a process that was killed
+        shutil.rmtree(debris, ignore_errors=True)
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _save_safetensors(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
@@ -88,6 +94,52 @@ def load_weights(ckpt_dir, model: torch.nn.Module) -> None:
 
 def load_state(ckpt_dir) -> dict:
     return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+
+
+# The [model] fields that make a model's weights mean what they mean. Others (dropout, loss_chunk)
+# change only how it trains, and may change on resume.
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_embeddings")
+
+
+def check_same_shape(ckpt_dir, recipe, run_dir) -> None:
+    """Refuse, before anything is built, a recipe whose model differs in shape from the checkpoint's.
+    (load_weights still catches what this misses, e.g. a position component with other weights.)"""
+    from lab.recipe import read_toml
+
+    saved = read_toml(str(Path(ckpt_dir) / "recipe.toml")).get("model", {})
+    now = recipe.model.model_dump()
+    differ = [f"{key} {saved[key]!r} there, {now[key]!r} in the recipe"
+              for key in SHAPE if key in saved and saved[key] != now[key]]
+    if differ:
+        raise LabError(
+            f"{run_dir} holds a checkpoint of another model shape than {recipe.source} builds "
+            f"([model] {'; '.join(differ)}). To start over, move or delete {run_dir}, or set another "
+            f"train.out_dir (e.g. --set train.out_dir=runs/{recipe.name}-2)"
+        )
+
+
+def rng_state() -> dict:
+    """Every random generator training draws from (python, numpy, torch, CUDA), as tensors and lists."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _fsync(path: Path) -> None:

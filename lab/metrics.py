@@ -1,0 +1,78 @@
+"""How fast a run goes: model FLOPs utilisation (MFU), the share of the device's peak that the
+model's own arithmetic uses. MFU = flops_per_token * tokens_per_second / peak.
+
+The peak comes from the datasheet for GPUs we know (dense, no sparsity), and otherwise (CPUs,
+unknown GPUs, MPS) from a large matmul timed once at the start of the run.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+# (name pattern, bf16 dense tensor-core peak, fp32 peak) in FLOP/s, from NVIDIA's datasheets. The
+# patterns are tried in order: the H100 PCIe and NVL come before the H100 SXM they would match.
+DATASHEET = [
+    (r"H100.*PCIe", 756e12, 51.2e12),
+    (r"H100.*NVL", 835e12, 60e12),
+    (r"H100", 989e12, 67e12),
+    (r"H200", 989e12, 67e12),
+    (r"A100", 312e12, 19.5e12),
+    (r"L40S", 362e12, 91.6e12),
+    (r"\bL4\b", 121e12, 30.3e12),
+    (r"\bA10\b", 125e12, 31.2e12),
+    (r"RTX 4090", 165e12, 82.6e12),
+    (r"RTX 3090", 71e12, 35.6e12),
+    (r"V100", None, 15.7e12),  # no bf16 tensor cores
+    (r"\bT4\b", None, 8.1e12),
+]
+
+
+@dataclass(frozen=True)
+class Peak:
+    flops: float  # FLOP/s
+    source: str  # what the figure is, for the log
+
+    def mfu(self, flops_per_token: float, tokens_per_s: float) -> float:
+        return flops_per_token * tokens_per_s / self.flops
+
+
+def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
+    """The peak MFU is measured against: the datasheet's for a known GPU, else a timed matmul."""
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for pattern, bf16, fp32 in DATASHEET:
+            figure = bf16 if kind == "bf16" else fp32
+            if re.search(pattern, name) and figure:
+                return Peak(figure, f"{name} datasheet {kind} peak, {figure / 1e12:.1f} TFLOP/s")
+    flops, n = timed_matmul(device, dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    return Peak(flops, f"{where} {kind} peak measured with a {n}x{n} matmul, {flops / 1e9:,.0f} GFLOP/s")
+
+
+def timed_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> tuple[float, int]:
+    """FLOP/s of the best of a few n x n matmuls: what this device really reaches on the op that
+    dominates a transformer's arithmetic."""
+    # Constant inputs: the time of a matmul does not depend on the values, and drawing random ones
+    # would move the run's random number generator.
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    b = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pools, kernel choice
+    best = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best, n
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

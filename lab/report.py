@@ -1,0 +1,87 @@
+"""What a run writes down as it goes: metrics.jsonl and loss.png in its run folder.
+
+metrics.jsonl holds one JSON object per line: {"step", "loss", "lr", "grad_norm", "tokens_per_s",
+"mfu"} for each optimizer step and {"step", "val_loss"} for each evaluation. Step k is the k-th
+optimizer update; the evaluation at step k sees the model after it (step 0: before any training).
+A resumed run first drops the lines after its checkpoint's step, so the file holds each step once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+
+
+class MetricsLog:
+    """metrics.jsonl, opened for appending after keeping only the lines up to `keep_through`."""
+
+    def __init__(self, run_dir, keep_through: int):
+        self.path = Path(run_dir) / METRICS
+        self.plot_path = Path(run_dir) / PLOT
+        self.records = [r for r in read_metrics(self.path) if r["step"] <= keep_through]
+        _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        # One line per write, flushed: a kill leaves at most one partial last line, which
+        # read_metrics skips.
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def plot(self) -> None:
+        plot_losses(self.records, self.plot_path, title=self.path.parent.name)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl (none if it does not exist), skipping a torn last line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def plot_losses(records: list[dict], path, title: str = "") -> None:
+    """Train loss per step and val loss per evaluation, on one chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", linewidth=1.5, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)  # a reader never sees half a picture
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
