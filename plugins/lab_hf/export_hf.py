@@ -1,0 +1,80 @@
+"""`lab export-hf`: a lab run folder whose components are GPT-2's -> a folder that transformers'
+GPT2LMHeadModel.from_pretrained (and GPT2TokenizerFast.from_pretrained) loads."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from lab.checkpoint import load_run
+from lab.errors import LabError
+from lab.recipe import Recipe
+from lab_gpt2 import HERE as GPT2_FILES
+from lab_hf.names import to_hf
+
+# The components GPT-2 is made of. Both attentions compute the same softmax attention.
+GPT2_PARTS = {"attention": ("sdpa", "manual"), "mlp": ("gelu",), "norm": ("layernorm",),
+              "position": ("learned",), "tokenizer": ("gpt2",)}
+ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
+
+
+def export_hf(run_dir, out) -> Path:
+    recipe, model, ckpt = load_run(run_dir)
+    refuse_non_gpt2(recipe, ckpt / "recipe.toml")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LabError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf(model.state_dict(), recipe.model.n_layer), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(recipe), indent=2) + "\n")
+    # transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names.
+    shutil.copyfile(GPT2_FILES / "encoder.json", out / "vocab.json")
+    shutil.copyfile(GPT2_FILES / "vocab.bpe", out / "merges.txt")
+    return out
+
+
+def refuse_non_gpt2(recipe: Recipe, source) -> None:
+    """Every way the recipe leaves GPT-2's architecture, in one message."""
+    reasons = [
+        f"{slot} '{recipe.parts[slot].name}' (GPT-2's is {' or '.join(names)})"
+        for slot, names in GPT2_PARTS.items() if recipe.parts[slot].name not in names
+    ]
+    if not recipe.model.bias:
+        reasons.append("model.bias = false (GPT-2's linear layers and norms have biases)")
+    if not recipe.model.tie_embeddings:
+        reasons.append("model.tie_embeddings = false (GPT-2's head is its token embedding)")
+    if reasons:
+        raise LabError(f"{source} is not a GPT-2, so export-hf cannot write it: " + "; ".join(reasons))
+
+
+def hf_config(recipe: Recipe) -> dict:
+    m = recipe.model
+    mlp, norm = recipe.parts["mlp"].config, recipe.parts["norm"].config
+    eot = recipe.parts["tokenizer"].build().eot_id
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": m.vocab_size,
+        "n_positions": m.block_size,
+        "n_embd": m.n_embd,
+        "n_layer": m.n_layer,
+        "n_head": m.n_head,
+        "n_inner": mlp.expansion * m.n_embd,
+        "activation_function": ACTIVATION[mlp.approximate],
+        "layer_norm_epsilon": norm.eps,
+        "resid_pdrop": m.dropout,
+        "embd_pdrop": m.dropout,
+        "attn_pdrop": m.dropout,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tie_word_embeddings": True,
+    }
+
+
+def cli_export(args) -> int:
+    out = export_hf(args.run_dir, args.out)
+    print(f"wrote {out}/config.json and model.safetensors; load it with "
+          f"GPT2LMHeadModel.from_pretrained({str(out)!r})", file=sys.stderr)
+    return 0
