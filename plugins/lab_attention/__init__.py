@@ -1,8 +1,9 @@
-"""GPT-2's attention, and the plain reference every other attention is checked against."""
+"""Attention: GPT-2's, the plain reference every other attention is checked against, and a sliding window."""
 from lab import hookimpl
 
 from lab_attention.manual import ManualAttention, ManualConfig
 from lab_attention.sdpa import SDPAAttention, SDPAConfig
+from lab_attention.sliding import SlidingAttention, SlidingConfig
 
 
 @hookimpl
@@ -11,3 +12,5 @@ def lab_components(register):
              "causal attention through torch's fused scaled_dot_product_attention")
     register("attention", "manual", ManualAttention, ManualConfig,
              "plain matmul-softmax causal attention: the reference")
+    register("attention", "sliding", SlidingAttention, SlidingConfig,
+             "causal attention to the last `window` tokens (FlexAttention on CUDA, masked SDPA elsewhere)")

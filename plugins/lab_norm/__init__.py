@@ -1,19 +1,11 @@
-"""GPT-2's normalisation."""
-from pydantic import BaseModel, Field, PositiveFloat
-from torch import nn
-
+"""Normalisation: GPT-2's LayerNorm, and LLaMA's RMSNorm."""
 from lab import hookimpl
 
-
-class LayerNormConfig(BaseModel):
-    eps: PositiveFloat = Field(1e-5, description="added to the variance before the square root")
-
-
-def layernorm(config: LayerNormConfig, model) -> nn.LayerNorm:
-    # model.bias = false drops the bias too, as in nanoGPT: slightly faster, no worse
-    return nn.LayerNorm(model.n_embd, eps=config.eps, bias=model.bias)
+from lab_norm.layernorm import LayerNormConfig, layernorm
+from lab_norm.rmsnorm import RMSNorm, RMSNormConfig
 
 
 @hookimpl
 def lab_components(register):
     register("norm", "layernorm", layernorm, LayerNormConfig, "LayerNorm with optional bias (GPT-2)")
+    register("norm", "rmsnorm", RMSNorm, RMSNormConfig, "RMSNorm: scale by the root mean square, no bias (LLaMA)")

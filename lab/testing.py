@@ -1,0 +1,441 @@
+"""Conformance checks: what every component of a slot must do, whoever wrote it.
+
+lab's own test suite runs them over every installed component, and a plugin's test suite can run
+them over its own:
+
+    from lab.testing import check
+    def test_conforms():
+        check("attention", "mine")      # every check for that component; AssertionError on a failure
+
+or, one pytest case per check (for every installed component when slot and name are left out):
+
+    import pytest
+    from lab.testing import cases
+    @pytest.mark.parametrize("case", cases("attention", "mine"), ids=str)
+    def test_conformance(case):
+        case()
+
+To check a plugin before it is installed: cases(..., plugins=build_registry({"my-package": module})).
+A check that cannot apply raises unittest.SkipTest (pytest shows a skip, with the reason): an
+attention that refuses a position with a LabError (linear attention has no scores for ALiBi to
+bias), or a data source whose default settings need files that are not there.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import unittest
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.testing import assert_close
+
+from lab.errors import LabError
+from lab.interfaces import DataContext, Position
+from lab.plugins import Component, Registry, registry
+from lab.recipe import ModelConfig, Part
+
+# Small enough to run every check in well under a second on a CPU.
+MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+B, T = 2, 12
+SCHEDULE_STEPS = 100
+TEXTS = ["Hello, world!", "  two  spaces,\ttabs\nand lines\n\n", "naïve café — 東京 🙂", ""]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One check of one component, callable with no arguments; str() is its test id."""
+
+    id: str
+    run: Callable[[], None]
+
+    def __call__(self):
+        self.run()
+
+    def __str__(self):
+        return self.id
+
+
+def build(component: Component, *args, **settings):
+    """The component built from its Config's defaults (plus settings), type-checked like in a recipe."""
+    return Part(component, component.Config(**settings)).build(*args)
+
+
+def _seeded(check):
+    """Each check starts from seed 0 and leaves the caller's random state as it was."""
+    @functools.wraps(check)
+    def run(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return check(*args, **kwargs)
+    return run
+
+
+def _changes(before, after, what):
+    assert not torch.equal(before, after), f"{what} did not change"
+
+
+def _all_gradients(module, what):
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    for n, p in params:
+        assert p.grad is not None, f"{what}: parameter {n} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{what}: parameter {n} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{what}: parameter {n} has an all-zero gradient"
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+def _attention_input():
+    return torch.randn(B, T, MODEL.n_embd), torch.arange(T)
+
+
+def _run_attention(attn, x, pos, position, what):
+    try:
+        return attn(x, pos, position)
+    except LabError as e:  # a clear refusal is an answer: this pairing cannot work
+        raise unittest.SkipTest(f"{what} refuses this pairing: {e}") from None
+
+
+@_seeded
+def attention_shapes(component, position: Position | None = None):
+    attn, x_pos = build(component, MODEL), _attention_input()
+    y = _run_attention(attn, *x_pos, position or Position(), component.name)
+    assert y.shape == (B, T, MODEL.n_embd), f"output shape {tuple(y.shape)}, expected {(B, T, MODEL.n_embd)}"
+    assert torch.isfinite(y).all(), "output has inf or nan"
+
+
+@_seeded
+def attention_causality(component, position: Position | None = None):
+    """Changing token t changes no output before t, and does change the output at t."""
+    position = position or Position()
+    attn, (x, pos) = build(component, MODEL).eval(), _attention_input()
+    y = _run_attention(attn, x, pos, position, component.name)
+    t = T // 2
+    x2 = x.clone()
+    x2[:, t] = torch.randn(B, MODEL.n_embd)
+    y2 = attn(x2, pos, position)
+    assert_close(y2[:, :t], y[:, :t], atol=1e-6, rtol=1e-5, msg=lambda m: f"a future token changed an earlier output: {m}")
+    _changes(y[:, t], y2[:, t], f"the output at token {t} after changing token {t}")
+
+
+@_seeded
+def attention_gradients(component):
+    attn, (x, pos) = build(component, MODEL).train(), _attention_input()
+    x.requires_grad_(True)
+    attn(x, pos, Position()).square().sum().backward()
+    _all_gradients(attn, component.name)
+    assert x.grad is not None and x.grad.abs().sum() > 0, "no gradient reached the input"
+
+
+@_seeded
+def attention_dtypes(component):
+    """float32 and bfloat16 run on CPU, return their own dtype, and roughly agree."""
+    attn, (x, pos) = build(component, MODEL).eval(), _attention_input()
+    reference = attn(x, pos, Position())
+    for dtype in (torch.float32, torch.bfloat16):
+        y = copy.deepcopy(attn).to(dtype)(x.to(dtype), pos, Position())
+        assert y.dtype == dtype, f"{dtype} input gave {y.dtype} output"
+        assert torch.isfinite(y).all(), f"{dtype} output has inf or nan"
+        assert_close(y.float(), reference, atol=5e-2, rtol=5e-2, msg=lambda m: f"{dtype} output is far from float32's: {m}")
+
+
+@_seeded
+def attention_cached_decoding(component, position: Position | None = None):
+    """A prefill, then one token at a time through new_cache, gives the full forward's outputs."""
+    position = position or Position()
+    attn, (x, pos) = build(component, MODEL).eval(), _attention_input()
+    full = _run_attention(attn, x, pos, position, component.name)
+    cache = attn.new_cache(B, T, x.device, x.dtype)
+    prefill = 5
+    steps = [attn(x[:, :prefill], pos[:prefill], position, cache)]
+    for t in range(prefill, T):
+        steps.append(attn(x[:, t : t + 1], pos[t : t + 1], position, cache))
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4,
+                 msg=lambda m: f"cached decoding differs from the full forward: {m}")
+
+
+def attention_with_position(component, position_component):
+    """Forward, causality and cached decoding with a real position component (rope, alibi...)."""
+    @_seeded
+    def with_position():
+        position = build(position_component, MODEL).eval()
+        attention_shapes(component, position)
+        attention_causality(component, position)
+        attention_cached_decoding(component, position)
+    return with_position
+
+
+# --- position ----------------------------------------------------------------------------------
+
+def _qk(dtype=torch.float32):
+    shape = (B, MODEL.n_head, T, MODEL.head_dim)
+    return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+
+
+@_seeded
+def position_shapes(component):
+    p, pos = build(component, MODEL), torch.arange(T)
+    x = torch.randn(B, T, MODEL.n_embd)
+    assert p.embed(x, pos).shape == x.shape, "embed changed the shape"
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = _qk(dtype)
+        q2, k2 = p.rotate(q, k, pos)
+        assert q2.shape == q.shape and k2.shape == k.shape, "rotate changed the shapes of q, k"
+        assert q2.dtype == dtype and k2.dtype == dtype, f"rotate turned {dtype} into {q2.dtype}"
+    for q_pos in (pos, pos[-1:]):  # a whole sequence; one new token against the cache
+        bias = p.bias(q_pos, pos)
+        if bias is not None:
+            expected = (MODEL.n_head, len(q_pos), T)
+            assert tuple(bias.shape) == expected, f"bias shape {tuple(bias.shape)}, expected (nh, Tq, Tk) = {expected}"
+            assert torch.isfinite(bias).all(), "bias has inf or nan"
+
+
+@_seeded
+def position_rotate_preserves_norms(component):
+    p, pos = build(component, MODEL), torch.arange(T)
+    q, k = _qk()
+    q2, k2 = p.rotate(q, k, pos)
+    assert_close(q2.norm(dim=-1), q.norm(dim=-1), msg=lambda m: f"rotate changed the norm of q: {m}")
+    assert_close(k2.norm(dim=-1), k.norm(dim=-1), msg=lambda m: f"rotate changed the norm of k: {m}")
+
+
+@_seeded
+def position_token_by_token(component):
+    """What cached decoding relies on: the tokens at positions pos[t:t+1] are treated exactly as
+    the t-th token of the whole sequence is."""
+    p, pos = build(component, MODEL).eval(), torch.arange(T)
+    x = torch.randn(B, T, MODEL.n_embd)
+    q, k = _qk()
+    whole_x, (whole_q, whole_k), whole_bias = p.embed(x, pos), p.rotate(q, k, pos), p.bias(pos, pos)
+    for t in (0, T - 1):
+        one = slice(t, t + 1)
+        assert_close(p.embed(x[:, one], pos[one]), whole_x[:, one], msg=lambda m: f"embed of token {t} alone differs: {m}")
+        q1, k1 = p.rotate(q[:, :, one], k[:, :, one], pos[one])
+        assert_close(q1, whole_q[:, :, one], msg=lambda m: f"rotate of token {t} alone differs: {m}")
+        assert_close(k1, whole_k[:, :, one], msg=lambda m: f"rotate of token {t} alone differs: {m}")
+        if whole_bias is not None:
+            assert_close(p.bias(pos[one], pos), whole_bias[:, one], msg=lambda m: f"bias for query {t} alone differs: {m}")
+
+
+@_seeded
+def position_max_len(component):
+    """max_len is None (any length: far positions must work) or the positions it can place."""
+    p = build(component, MODEL)
+    limit = p.max_len
+    assert limit is None or (isinstance(limit, int) and limit > 0), f"max_len must be None or a positive int, got {limit!r}"
+    last = torch.tensor([limit - 1 if limit else 100 * MODEL.block_size])
+    x = torch.randn(B, 1, MODEL.n_embd)
+    q, k = (t[:, :, :1] for t in _qk())
+    outputs = [p.embed(x, last), *p.rotate(q, k, last)]
+    bias = p.bias(last, torch.cat([torch.zeros(1, dtype=torch.long), last]))
+    for out in outputs + ([bias] if bias is not None else []):
+        assert torch.isfinite(out).all(), f"non-finite output at position {last.item()}"
+
+
+@_seeded
+def position_gradients(component):
+    p, pos = build(component, MODEL).train(), torch.arange(T)
+    if not any(param.requires_grad for param in p.parameters()):
+        raise unittest.SkipTest(f"position '{component.name}' has no parameters")
+    q, k = _qk()
+    q2, k2 = p.rotate(q, k, pos)
+    loss = p.embed(torch.randn(B, T, MODEL.n_embd), pos).square().sum() + (q2 * k2).sum()
+    bias = p.bias(pos, pos)
+    (loss if bias is None else loss + bias.sum()).backward()
+    _all_gradients(p, component.name)
+
+
+# --- mlp and norm: per-token maps (B, T, C) -> (B, T, C) -------------------------------------
+
+@_seeded
+def token_map_shapes_and_dtypes(component):
+    module, x = build(component, MODEL).eval(), torch.randn(B, T, MODEL.n_embd)
+    reference = module(x)
+    for dtype in (torch.float32, torch.bfloat16):
+        y = copy.deepcopy(module).to(dtype)(x.to(dtype))
+        assert y.shape == x.shape, f"output shape {tuple(y.shape)}, expected {tuple(x.shape)}"
+        assert y.dtype == dtype, f"{dtype} input gave {y.dtype} output"
+        assert torch.isfinite(y).all(), f"{dtype} output has inf or nan"
+        assert_close(y.float(), reference, atol=5e-2, rtol=5e-2, msg=lambda m: f"{dtype} output is far from float32's: {m}")
+
+
+@_seeded
+def token_map_per_token(component):
+    """Changing token t changes output t only: a block that mixed tokens would break causality."""
+    module, x = build(component, MODEL).eval(), torch.randn(B, T, MODEL.n_embd)
+    t = T // 2
+    x2 = x.clone()
+    x2[:, t] = torch.randn(B, MODEL.n_embd)
+    y, y2 = module(x), module(x2)
+    others = [i for i in range(T) if i != t]
+    assert_close(y2[:, others], y[:, others], msg=lambda m: f"changing token {t} changed other tokens' outputs: {m}")
+    _changes(y[:, t], y2[:, t], f"the output at token {t} after changing it")
+
+
+@_seeded
+def token_map_gradients(component):
+    module, x = build(component, MODEL).train(), torch.randn(B, T, MODEL.n_embd, requires_grad=True)
+    # A weighted sum: the plain sum of a norm's output has zero gradient for x by construction.
+    (module(x) * torch.randn(B, T, MODEL.n_embd)).sum().backward()
+    _all_gradients(module, component.name)
+    assert x.grad is not None and x.grad.abs().sum() > 0, "no gradient reached the input"
+
+
+# --- schedule ----------------------------------------------------------------------------------
+
+def schedule_pure(component):
+    """lr(step) depends on the step only: any order of calls, any fresh instance, same values."""
+    steps = list(range(SCHEDULE_STEPS + 10))
+    forward = [build(component, SCHEDULE_STEPS)(s) for s in steps]
+    schedule = build(component, SCHEDULE_STEPS)
+    backward = [schedule(s) for s in reversed(steps)][::-1]
+    assert forward == backward, "the schedule's value depends on the order of calls (hidden state?)"
+    assert [schedule(s) for s in steps] == forward, "a second pass over the steps gave other values"
+
+
+def schedule_finite_non_negative(component):
+    schedule = build(component, SCHEDULE_STEPS)
+    for step in range(SCHEDULE_STEPS + 10):
+        value = schedule(step)
+        assert isinstance(value, (int, float)), f"step {step}: a {type(value).__name__}, expected a float"
+        assert math.isfinite(value) and value >= 0, f"step {step}: lr multiplier {value}"
+    assert any(schedule(s) > 0 for s in range(SCHEDULE_STEPS)), "the multiplier is 0 at every step"
+
+
+# --- optimizer ---------------------------------------------------------------------------------
+
+def _regression():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    return model, x, x.sum(dim=1, keepdim=True).sin()
+
+
+@_seeded
+def optimizer_reduces_loss(component):
+    model, x, y = _regression()
+    optimizer = build(component, model)
+
+    def loss():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    start = loss().item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < start, f"30 steps took the loss from {start:.4f} to {loss().item():.4f}"
+
+
+@_seeded
+def optimizer_state_round_trip(component):
+    """What resume relies on: a fresh optimizer loaded from state_dict() takes the same next step."""
+    model, x, y = _regression()
+    optimizer = build(component, model)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    twin = copy.deepcopy(model)
+    twin_optimizer = build(component, twin)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for m, opt in ((model, optimizer), (twin, twin_optimizer)):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), f"after loading the state, parameter {name} took a different step"
+
+
+# --- tokenizer and data ------------------------------------------------------------------------
+
+def tokenizer_round_trip(component):
+    tokenizer = build(component)
+    assert tokenizer.vocab_size > 0, "vocab_size must be positive"
+    assert tokenizer.eot_id is None or 0 <= tokenizer.eot_id < tokenizer.vocab_size, "eot_id outside the vocabulary"
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert all(isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids), f"ids outside the vocabulary for {text!r}"
+        assert tokenizer.decode(ids) == text, f"decode(encode({text!r})) gave {tokenizer.decode(ids)!r}"
+
+
+def data_batches(component, plugins: Registry):
+    """Batches of the right shape and type, y is x shifted by one, and the position survives
+    state_dict() -> load_state_dict(). Built with the source's default settings."""
+    tokenizers = plugins.components["tokenizer"]
+    if not tokenizers:
+        raise unittest.SkipTest("no tokenizer installed to build a data source with")
+    tokenizer = build(tokenizers[sorted(tokenizers)[0]])
+    context = DataContext(block_size=8, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer, seed=0)
+
+    def source():
+        try:
+            return build(component, context)
+        except LabError as e:  # e.g. its default settings name files that are not here
+            raise unittest.SkipTest(f"data '{component.name}' cannot be built with its default settings: {e}") from None
+
+    first = source()
+    state = copy.deepcopy(first.state_dict())
+    expected = first.batch("train", 0, range(2))
+    for split, (x, y) in (("train", expected), ("val", first.batch("val", 0, range(2)))):
+        assert x.shape == y.shape == (2, 8), f"{split} batch shapes {tuple(x.shape)}, {tuple(y.shape)}; expected (2, 8)"
+        assert x.dtype == y.dtype == torch.int64, f"{split} batch dtype {x.dtype}, expected torch.int64"
+        assert torch.equal(x[:, 1:], y[:, :-1]), f"{split}: y is not x shifted by one token"
+        assert 0 <= int(x.min()) and int(x.max()) < tokenizer.vocab_size, f"{split}: ids outside the vocabulary"
+    resumed = source()
+    resumed.load_state_dict(state)
+    for a, b in zip(resumed.batch("train", 0, range(2)), expected):
+        assert torch.equal(a, b), "a source loaded from state_dict() gives another batch than the original did"
+
+
+# --- which checks run for what -----------------------------------------------------------------
+
+CHECKS: dict[str, list[Callable]] = {
+    "attention": [attention_shapes, attention_causality, attention_gradients, attention_dtypes,
+                  attention_cached_decoding],
+    "position": [position_shapes, position_rotate_preserves_norms, position_token_by_token,
+                 position_max_len, position_gradients],
+    "mlp": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients],
+    "norm": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients],
+    "schedule": [schedule_pure, schedule_finite_non_negative],
+    "optimizer": [optimizer_reduces_loss, optimizer_state_round_trip],
+    "tokenizer": [tokenizer_round_trip],
+    "data": [data_batches],
+}
+
+
+def cases(slot: str | None = None, name: str | None = None, plugins: Registry | None = None) -> list[Case]:
+    """Every check for every installed component (or only those of one slot / one name)."""
+    plugins = plugins or registry()
+    if name is not None:
+        plugins.get(slot, name)  # an unknown name raises, listing what is installed
+    found = []
+    for s, components in plugins.components.items():
+        for n, component in sorted(components.items()):
+            if slot in (None, s) and name in (None, n):
+                found += _cases_for(component, plugins)
+    return found
+
+
+def _cases_for(component: Component, plugins: Registry) -> list[Case]:
+    label = f"{component.slot}-{component.name}"
+    out = []
+    for check_fn in CHECKS[component.slot]:
+        extra = (plugins,) if check_fn is data_batches else ()
+        out.append(Case(f"{label}-{check_fn.__name__}", functools.partial(check_fn, component, *extra)))
+    if component.slot == "attention":  # and with every installed position
+        for pname, position in sorted(plugins.components["position"].items()):
+            out.append(Case(f"{label}-with-{pname}", attention_with_position(component, position)))
+    return out
+
+
+def check(slot: str, name: str, plugins: Registry | None = None) -> list[str]:
+    """Run every check for one component; raise on the first failure. Returns the skip reasons."""
+    skipped = []
+    for case in cases(slot, name, plugins):
+        try:
+            case()
+        except unittest.SkipTest as e:
+            skipped.append(f"{case}: {e}")
+    return skipped

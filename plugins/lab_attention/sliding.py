@@ -1,0 +1,54 @@
+"""Sliding-window causal attention (Longformer, Mistral): each token sees itself and the
+window - 1 tokens before it. On CUDA the window runs as a FlexAttention block mask, which skips the
+blocks outside the window; elsewhere (FlexAttention on CPU has no backward in torch 2.13) and for
+cached decoding, it is SDPA with the window as a mask."""
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, PositiveInt
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from lab.attention import SelfAttention, additive_mask, causal_mask
+
+
+class SlidingConfig(BaseModel):
+    window: PositiveInt = Field(256, description="keys each token sees, itself included")
+    backend: Literal["auto", "sdpa"] = Field("auto", description="auto: FlexAttention on CUDA, masked SDPA elsewhere; sdpa: always masked SDPA")
+
+
+class SlidingAttention(SelfAttention):
+    def __init__(self, config: SlidingConfig, model):
+        super().__init__(model)
+        self.window, self.backend = config.window, config.backend
+
+    def attend(self, q, k, v, q_pos, k_pos, bias):
+        dropout = self.dropout if self.training else 0.0
+        # Flex when q and k are the same tokens (no cache, or the prefill): positions then line up
+        # with indices. It has no attention dropout.
+        if self.backend == "auto" and q.is_cuda and q.size(2) == k.size(2) and dropout == 0.0:
+            return flex_sliding(q, k, v, self.window, bias)
+        mask = additive_mask(causal_mask(q_pos, k_pos, self.window), bias, q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def flex_sliding(q, k, v, window: int, bias=None):
+    """q, k, v (B, nh, T, hs) of the same T tokens -> (B, nh, T, hs), with an optional (nh, T, T) bias."""
+    block_mask = _block_mask(q.size(2), window, str(q.device))
+    score_mod = None if bias is None else (lambda score, b, h, i, j: score + bias[h, i, j])
+    return _flex_kernel(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+@torch.compiler.disable  # built once per length, outside any compiled graph
+@lru_cache(maxsize=8)
+def _block_mask(T: int, window: int, device: str):
+    def sliding(b, h, i, j):
+        return (j <= i) & (i - j < window)
+    return create_block_mask(sliding, None, None, T, T, device=device)
+
+
+@lru_cache(maxsize=None)
+def _flex_kernel(device_type: str):
+    # Compiled, flex is one fused kernel; uncompiled (what runs on CPU) it materialises the scores.
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention

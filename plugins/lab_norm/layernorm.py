@@ -1,0 +1,11 @@
+from pydantic import BaseModel, Field, PositiveFloat
+from torch import nn
+
+
+class LayerNormConfig(BaseModel):
+    eps: PositiveFloat = Field(1e-5, description="added to the variance before the square root")
+
+
+def layernorm(config: LayerNormConfig, model) -> nn.LayerNorm:
+    # model.bias = false drops the bias too, as in nanoGPT: slightly faster, no worse
+    return nn.LayerNorm(model.n_embd, eps=config.eps, bias=model.bias)

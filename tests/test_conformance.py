@@ -1,0 +1,138 @@
+"""Every installed component, built-in or third-party, against lab.testing's conformance checks:
+the cases come from the registry, so a newly installed plugin is checked without a new test.
+Then the checks themselves, shown to catch a component that breaks each rule."""
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from lab import hookimpl
+from lab.attention import SelfAttention
+from lab.interfaces import Position, Schedule, Tokenizer
+from lab.plugins import build_registry
+from lab.testing import cases
+
+
+@pytest.mark.parametrize("case", cases(), ids=str)
+def test_conformance(case):
+    case()
+
+
+# --- components that each break one rule -------------------------------------------------------
+
+class Empty(BaseModel):
+    pass
+
+
+class Peeking(SelfAttention):
+    """No causal mask: every token sees the future."""
+
+    def __init__(self, config, model):
+        super().__init__(model)
+
+    def attend(self, q, k, v, q_pos, k_pos, bias):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class Causal(Peeking):
+    def attend(self, q, k, v, q_pos, k_pos, bias):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Forgetful(Causal):
+    """Its cache keeps nothing: decoding sees only the new tokens."""
+
+    def new_cache(self, batch, max_len, device, dtype):
+        return None
+
+
+class Upcasting(Causal):
+    """Returns float32 whatever it is given."""
+
+    def forward(self, x, pos, position, cache=None):
+        return super().forward(x, pos, position, cache).float()
+
+
+class Stretching(Position):
+    def __init__(self, config, model):
+        super().__init__()
+
+    def rotate(self, q, k, pos):
+        return 2 * q, k
+
+
+def norm_over_time(config, model):
+    """Normalises across tokens, not features: token t's output depends on every token."""
+    class OverTime(torch.nn.Module):
+        def forward(self, x):
+            return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)
+    return OverTime()
+
+
+class Counting(Schedule):
+    """Hidden state: the value depends on how often it was called."""
+
+    def __init__(self, config, max_steps):
+        self.calls = 0
+
+    def __call__(self, step):
+        self.calls += 1
+        return 1.0 / self.calls
+
+
+def frozen(config, model):
+    return torch.optim.SGD(model.parameters(), lr=0.0)
+
+
+class Lowercasing(Tokenizer):
+    name, vocab_size, eot_id = "lower", 256, None
+
+    def __init__(self, config):
+        pass
+
+    def encode(self, text):
+        return list(text.lower().encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8")
+
+
+class Broken:
+    @hookimpl
+    def lab_components(self, register):
+        register("attention", "peeking", Peeking, Empty, "")
+        register("attention", "forgetful", Forgetful, Empty, "")
+        register("attention", "upcasting", Upcasting, Empty, "")
+        register("position", "stretching", Stretching, Empty, "")
+        register("norm", "over_time", norm_over_time, Empty, "")
+        register("schedule", "counting", Counting, Empty, "")
+        register("optimizer", "frozen", frozen, Empty, "")
+        register("tokenizer", "lowercasing", Lowercasing, Empty, "")
+
+
+@pytest.fixture(scope="module")
+def broken():
+    return build_registry({"broken-components": Broken()}, warn=False)
+
+
+@pytest.mark.parametrize("slot, name, check", [
+    ("attention", "peeking", "attention_causality"),
+    ("attention", "forgetful", "attention_cached_decoding"),
+    ("attention", "upcasting", "attention_dtypes"),
+    ("position", "stretching", "position_rotate_preserves_norms"),
+    ("norm", "over_time", "token_map_per_token"),
+    ("schedule", "counting", "schedule_pure"),
+    ("optimizer", "frozen", "optimizer_reduces_loss"),
+    ("tokenizer", "lowercasing", "tokenizer_round_trip"),
+])
+def test_the_checks_catch_a_broken_component(broken, slot, name, check):
+    [case] = [c for c in cases(slot, name, broken) if str(c).endswith(check)]
+    with pytest.raises(AssertionError):
+        case()
+
+
+def test_an_unknown_component_is_named_with_what_is_installed(broken):
+    from lab.errors import LabError
+
+    with pytest.raises(LabError, match="available: .*sdpa"):
+        cases("attention", "nope", broken)
