@@ -23,18 +23,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=x.device)
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        # One buffer for every chunk's logits: a fresh (chunk, V) tensor per chunk costs more in page
+        # faults than the softmax itself.
+        buffer = torch.empty(min(chunk, x.size(0)), weight.size(0), dtype=acc, device=x.device)
         for start in range(0, x.size(0), chunk):
             xc, tc = x[start:start + chunk], targets[start:start + chunk]
-            logits = (xc @ w.t()).to(acc)  # (n, V_padded)
+            logits = buffer[: len(tc)]  # (n, V_padded)
+            if x.dtype == acc:
+                torch.mm(xc, w.t(), out=logits)
+            else:
+                logits.copy_(xc @ w.t())
             if vocab_size < logits.size(1):
                 logits[:, vocab_size:] = float("-inf")
-            lse = torch.logsumexp(logits, dim=-1)
             ignored = tc == ignore_index
             safe_t = tc.masked_fill(ignored, 0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place of the logits
+            norm = probs.sum(dim=-1, keepdim=True)
+            lse = (peak + norm.log()).squeeze(1)
             total += (lse - target_logit).masked_fill(ignored, 0).sum()
-            if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # d loss / d logits, in place of the logits
+            if need_grad:  # d loss / d logits = softmax - onehot(target)
+                probs.div_(norm)
                 probs[torch.arange(len(tc), device=x.device), safe_t] -= 1.0
                 if ignored.any():
                     probs[ignored] = 0.0

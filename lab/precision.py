@@ -1,0 +1,40 @@
+"""Which dtype autocast runs in: `train.precision` = "auto" | "bf16" | "fp32"."""
+from __future__ import annotations
+
+import torch
+
+from lab.errors import LabError
+
+
+def pick_dtype(recipe, device: torch.device) -> torch.dtype:
+    """The autocast dtype (float32: no autocast). auto: bf16 where the hardware multiplies bf16
+    matrices natively — a CUDA GPU that supports it, or a CPU with AMX (Sapphire Rapids and later),
+    where bf16 autocast trains gpt_small ~1.4x faster than fp32 with the loss within 1%
+    (tests/test_precision.py). Elsewhere fp32: emulated bf16 is slower than fp32."""
+    precision = recipe.train.precision
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LabError(f"{recipe.source} [train] precision = \"bf16\", but {torch.cuda.get_device_name(device)} "
+                       "has no bf16 support; set precision = \"fp32\" or \"auto\"")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return "amx_bf16" in cpu_flags()
+    return False
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags on Linux (torch has no public query for AMX); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
