@@ -15,7 +15,7 @@ import torch
 from benchmarks import machine
 from lab.model import GPT
 from lab.recipe import load_recipe
-from lab.train import pick_dtype
+from lab.precision import pick_dtype
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
 REFERENCE = "gpt_small"

@@ -9,6 +9,11 @@ A checkpoint is written into a temporary folder, every file fsynced, COMPLETE ad
 renamed into place (a rename is atomic). A folder without COMPLETE is never read, so a SIGKILL at any
 moment leaves the previous checkpoint whole.
 
+A checkpoint does not depend on how many processes wrote it: it holds the whole model (never FSDP2's
+shards) and the optimizer's state keyed by parameter name, gathered and scattered with
+torch.distributed.checkpoint's state-dict helpers. A run saved by two processes resumes in one, or
+eight, and the other way round.
+
 state.pt is read with torch.load(weights_only=True), which unpickles only tensors and plain
 containers: so the RNG states are stored as tensors and lists, never numpy objects.
 """
@@ -21,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model as _load_safetensors
-from safetensors.torch import save_model as _save_safetensors
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lab.errors import LabError
 
@@ -43,8 +49,15 @@ def latest(run_dir) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save(run_dir, step: int, model: torch.nn.Module, recipe_toml: str, state: dict, keep: int = 2) -> Path:
-    """Write a checkpoint atomically; keep the newest `keep` complete ones."""
+def step_of(ckpt_dir) -> int:
+    """The step a checkpoint folder holds, from its name (step_NNNNNNN)."""
+    return int(Path(ckpt_dir).name[5:])
+
+
+def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2) -> Path:
+    """Write a checkpoint atomically; keep the newest `keep` complete ones. model: the model, or its
+    full state dict (what `gather` returns on rank 0)."""
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -52,7 +65,7 @@ def save(run_dir, step: int, model: torch.nn.Module, recipe_toml: str, state: di
         shutil.rmtree(debris, ignore_errors=True)
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     tmp.mkdir()
-    _save_safetensors(model, str(tmp / "model.safetensors"))
+    save_file(_one_name_per_tensor(weights), str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "recipe.toml").write_text(recipe_toml)
     for name in ("model.safetensors", "state.pt", "recipe.toml"):
@@ -73,27 +86,108 @@ def save(run_dir, step: int, model: torch.nn.Module, recipe_toml: str, state: di
     return final
 
 
-def load_weights(ckpt_dir, model: torch.nn.Module) -> None:
-    """Load model.safetensors into model; a model of another shape is refused with a clear message."""
-    path = Path(ckpt_dir) / "model.safetensors"
-    try:
-        missing, unexpected = _load_safetensors(model, str(path), strict=False)
-    except RuntimeError as e:  # size mismatch
-        raise LabError(
-            f"the checkpoint in {ckpt_dir} holds a model of another shape than the recipe builds "
-            f"({str(e).splitlines()[-1].strip()}). To start over, delete or move that run folder, "
-            "or set another train.out_dir"
-        ) from None
+def _one_name_per_tensor(weights: dict) -> dict:
+    """A tied matrix (the embedding that is also the head) is one tensor under two names, and
+    safetensors stores a tensor once: keep the first name in sorted order, the one safetensors'
+    save_model keeps, so every checkpoint lab ever wrote has the same keys."""
+    kept, seen = {}, set()
+    for name in sorted(weights):
+        t = weights[name]
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and where in seen:
+            continue
+        seen.add(where)
+        kept[name] = t.contiguous()
+    return kept
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """The names that share one parameter, a sorted list per shared parameter."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [sorted(group) for group in names.values() if len(group) > 1]
+
+
+def read_weights(ckpt_dir, model: nn.Module) -> dict:
+    """model.safetensors as a full state dict of model, every name of a tied matrix filled in; a
+    file of another model is refused with a clear message."""
+    weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    for group in tied_names(model):
+        stored = [name for name in group if name in weights]
+        for name in group if stored else []:
+            weights[name] = weights[stored[0]]
+    start_over = "To start over, delete or move that run folder, or set another train.out_dir"
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # whole shapes, even of shards
+    missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
     if missing or unexpected:
         raise LabError(
             f"the checkpoint in {ckpt_dir} does not fit the recipe's model (missing: {sorted(missing)[:4]}, "
-            f"unexpected: {sorted(unexpected)[:4]}). To start over, delete or move that run folder, "
-            "or set another train.out_dir"
+            f"unexpected: {sorted(unexpected)[:4]}). {start_over}"
         )
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise LabError(
+                f"the checkpoint in {ckpt_dir} holds a model of another shape than the recipe builds ({name} "
+                f"is {tuple(weights[name].shape)} there, {shape} in the recipe's model). {start_over}"
+            )
+    return weights
+
+
+def load_weights(ckpt_dir, model: nn.Module) -> None:
+    """Load model.safetensors into a model of one process; a model of another shape is refused."""
+    model.load_state_dict(read_weights(ckpt_dir, model))
 
 
 def load_state(ckpt_dir) -> dict:
     return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+
+
+# Whole state from any layout, and back --------------------------------------------------------
+
+def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(weights, optimizer state) of the whole model, keyed by parameter name, however the model is
+    laid out: one process, DDP, or FSDP2 shards. Every process must call it (it gathers the shards);
+    rank 0 gets the tensors, on the CPU, and the others empty dicts. model: not the DDP wrapper."""
+    # Imported here: 0.4 s that `lab generate`, which reads checkpoints with read_weights, never needs.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, not shards, on the CPU
+    weights = get_model_state_dict(model, options=whole)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=whole)
+    for group in tied_names(model) if weights else []:
+        for name in group[1:]:  # gathering copied the tied matrix once per name: one tensor again
+            weights[name] = weights[group[0]]
+    return weights, optimizer_state
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Load what `gather` returned (or read_weights and state.pt hold) into a model and optimizer of
+    any layout. With several processes only rank 0 has read the files (the others pass empty dicts):
+    it sends each tensor to the others, which keep their shard of it (FSDP2) or all of it (DDP). So
+    only rank 0 needs to see the run folder, and one copy of the state is in CPU memory, not one per
+    process. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, _by_name(optimizer_state, model, optimizer), options=options)
+
+
+def _by_name(optimizer_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Checkpoints written before lab trained on several processes key the optimizer's state by
+    parameter index (optimizer.state_dict()); key it by name, as get_optimizer_state_dict does."""
+    if not optimizer_state or all(isinstance(key, str) for key in optimizer_state["state"]):
+        return optimizer_state
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {names[i]: state for i, state in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                         for group in optimizer_state["param_groups"]],
+    }
 
 
 # The [model] fields that make a model's weights mean what they mean. Others (dropout, loss_chunk)
@@ -103,7 +197,7 @@ SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie
 
 def check_same_shape(ckpt_dir, recipe, run_dir) -> None:
     """Refuse, before anything is built, a recipe whose model differs in shape from the checkpoint's.
-    (load_weights still catches what this misses, e.g. a position component with other weights.)"""
+    (read_weights still catches what this misses, e.g. a position component with other weights.)"""
     from lab.recipe import read_toml
 
     saved = read_toml(str(Path(ckpt_dir) / "recipe.toml")).get("model", {})
@@ -118,8 +212,9 @@ def check_same_shape(ckpt_dir, recipe, run_dir) -> None:
         )
 
 
-def rng_state() -> dict:
-    """Every random generator training draws from (python, numpy, torch, CUDA), as tensors and lists."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every random generator training draws from (python, numpy, torch, CUDA), as tensors and lists.
+    device: the GPU training runs on, whose stream a process of a resumed distributed run continues."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -129,10 +224,14 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore rng_state(). A distributed run saves rank 0's states and every process restores them
+    (each process's GPU continues the stream of rank 0's GPU): see train.Trainer.resume."""
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -140,6 +239,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
 
 
 def _fsync(path: Path) -> None:

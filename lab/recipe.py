@@ -73,10 +73,17 @@ class TrainConfig(Section):
     """The training loop's settings."""
 
     batch_size: PositiveInt = Field(4, description="micro-batch per process, in sequences")
-    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step, per process")
+    global_batch_size: NonNegativeInt = Field(
+        0, description="sequences per optimizer step over all processes; 0: batch_size x grad_accum x "
+        "processes. Set, it decides grad_accum (global_batch_size / (batch_size x processes)), so a run "
+        "keeps its batch on any number of processes"
+    )
     max_steps: PositiveInt = Field(1000, description="optimizer steps to train")
     eval_interval: PositiveInt = Field(100, description="validate every this many steps")
-    eval_batches: PositiveInt = Field(10, description="micro-batches per validation")
+    eval_batches: PositiveInt = Field(
+        10, description="micro-batches per validation, shared among processes (rounded up to a multiple of them)"
+    )
     log_interval: PositiveInt = Field(10, description="log a line every this many steps")
     checkpoint_interval: PositiveInt = Field(500, description="save every this many steps")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -88,6 +95,10 @@ class TrainConfig(Section):
         "auto", description="torch.compile the model; auto: on for CUDA, off on CPU"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="with several processes (torchrun): ddp, each holds the whole model; fsdp, "
+        "each holds a shard of it (FSDP2); auto: ddp"
+    )
     out_dir: str = Field("", description="run folder; empty: runs/<recipe name>")
 
 

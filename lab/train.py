@@ -6,6 +6,12 @@ clipped; the optimizer steps. Step k is the k-th update. Validation runs on a fi
 batches at step 0, every eval_interval steps and at the end; a checkpoint is saved every
 checkpoint_interval steps and at the end.
 
+With torchrun (`torchrun --nproc_per_node=N -m lab run RECIPE`) N processes train together: the
+global batch is batch_size x grad_accum x N sequences, each process computes its rows of it
+(micro_rows), DDP or FSDP2 averages the gradients (lab/distributed.py), the logged losses and grad
+norm are those of the whole global batch, and rank 0 alone prints and writes the run folder. The
+same recipe logs the same losses on any layout with the same global batch (up to float rounding).
+
 The run folder (train.out_dir, by default runs/<recipe name>) holds recipe.toml, metrics.jsonl,
 loss.png, checkpoints/ and generated.txt. The same command run again continues from the newest
 complete checkpoint and logs the same losses as a run that was never stopped.
@@ -26,7 +32,9 @@ from tqdm import tqdm
 
 from lab import checkpoint
 from lab import device as devices
+from lab import distributed
 from lab.errors import LabError
+from lab.precision import pick_dtype
 from lab.generate import generate
 from lab.interfaces import DataContext
 from lab.metrics import device_peak
@@ -34,35 +42,59 @@ from lab.model import GPT
 from lab.recipe import Recipe, load_recipe, read_toml
 from lab.report import METRICS, MetricsLog
 
-# One process for now; a later issue adds torchrun. Rows of the global batch are already laid out
-# for many (see micro_rows), so that change touches only these two values.
-RANK, WORLD_SIZE = 0, 1
-
 
 def cli_run(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    command = shlex.join(["lab", "run", args.recipe] + [a for o in args.overrides for a in ("--set", o)])
-    return train(recipe, command)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        command = shlex.join(["lab", "run", args.recipe] + [a for o in args.overrides for a in ("--set", o)])
+        return train(recipe, launcher() + command)
+    except LabError:
+        if not distributed.layout().main:
+            # Rank 0 meets the same error and says what is wrong; torchrun then stops this process. Wait
+            # for that, so that a rank 0 a little behind is not stopped before it has said it. Still
+            # running after the wait: the error is this process's alone, and it says it itself.
+            time.sleep(5)
+        raise
+
+
+def launcher() -> str:
+    """How this process was started, for the commands messages suggest: '' (plain `lab run`) or torchrun."""
+    layout = distributed.layout()
+    if layout.world_size == 1:
+        return ""
+    nodes = layout.world_size // layout.local_world_size
+    return f"torchrun {f'--nnodes={nodes} ' if nodes > 1 else ''}--nproc_per_node={layout.local_world_size} -m "
 
 
 def train(recipe: Recipe, command: str = "") -> int:
-    """Train (or continue) the recipe's run; the exit status: 0 done, 130 stopped by Ctrl-C."""
+    """Train (or continue) the recipe's run; the exit status: 0 done, 130 stopped by Ctrl-C. Under
+    torchrun every process calls this, and they train the run together."""
     command = command or f"lab run {recipe.source}"
+    layout = distributed.layout()
+    device = distributed.process_device(pick_device(recipe), layout, f"{recipe.source} [train] device = "
+                                        f"'{recipe.train.device}'")
+    with distributed.process_group(layout, device):
+        # Rank 0 alone looks in the run folder (processes on other nodes may not see it) and tells the others.
+        run_dir, ckpt = distributed.share(distributed.on_main(find_checkpoint, recipe))
+        step = checkpoint.step_of(ckpt) if ckpt is not None else 0
+        if step >= recipe.train.max_steps:
+            if layout.main:
+                print(f"{run_dir} already reached step {step} (train.max_steps = {recipe.train.max_steps}); "
+                      f"nothing to do. To train further, raise it:\n  {command} --set train.max_steps={2 * step}")
+            return 0
+        trainer = Trainer(recipe, run_dir, command, layout, device)
+        if ckpt is not None:
+            trainer.resume(ckpt)
+        return trainer.run()
+
+
+def find_checkpoint(recipe: Recipe) -> tuple[Path, Path | None]:
+    """(run folder, its newest complete checkpoint or None), the checkpoint checked against the recipe."""
     run_dir = run_folder(recipe)
     ckpt = checkpoint.latest(run_dir)
-    state = None
     if ckpt is not None:
         checkpoint.check_same_shape(ckpt, recipe, run_dir)
-        state = checkpoint.load_state(ckpt)
-        if state["step"] >= recipe.train.max_steps:
-            print(f"{run_dir} already reached step {state['step']} (train.max_steps = "
-                  f"{recipe.train.max_steps}); nothing to do. To train further, raise it:\n"
-                  f"  {command} --set train.max_steps={2 * state['step']}")
-            return 0
-    trainer = Trainer(recipe, run_dir, command)
-    if state is not None:
-        trainer.resume(ckpt, state)
-    return trainer.run()
+    return run_dir, ckpt
 
 
 def run_folder(recipe: Recipe) -> Path:
@@ -96,96 +128,128 @@ def pick_device(recipe: Recipe) -> torch.device:
                                'set train.device = "auto" or "cpu"')
 
 
-def pick_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
-    """The autocast dtype (float32: no autocast). auto: bf16 on a CUDA GPU that has it; fp32 on
-    CPU for now (a later speed issue weighs bf16 there)."""
-    precision = recipe.train.precision
-    if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise LabError(f"{recipe.source} [train] precision = \"bf16\", but {torch.cuda.get_device_name(device)} "
-                       "has no bf16 support; set precision = \"fp32\" or \"auto\"")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def micro_rows(micro: int, batch_size: int) -> range:
-    """This process's rows of a step's global batch (batch_size x grad_accum x WORLD_SIZE rows):
+def micro_rows(micro: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
+    """This process's rows of a step's global batch (batch_size x grad_accum x world_size rows):
     micro-step m of rank r takes rows (m * world + r) * B ... + B, so any world size sees the same
     global batch."""
-    start = (micro * WORLD_SIZE + RANK) * batch_size
+    start = (micro * world_size + rank) * batch_size
     return range(start, start + batch_size)
 
 
+def accumulation(recipe: Recipe, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process: train.grad_accum, or what keeps
+    train.global_batch_size on this many processes."""
+    cfg = recipe.train
+    if not cfg.global_batch_size:
+        return cfg.grad_accum
+    global_batch, per_pass = cfg.global_batch_size, cfg.batch_size * world_size
+    if global_batch % per_pass:
+        nearest = max(1, round(global_batch / per_pass)) * per_pass
+        fix = f"set global_batch_size to a multiple of {per_pass} (e.g. {nearest})"
+        if global_batch % world_size == 0:
+            per_process = global_batch // world_size
+            divisor = max(d for d in range(1, cfg.batch_size + 1) if per_process % d == 0)
+            fix += f", or batch_size to a divisor of {per_process} (e.g. {divisor})"
+        else:
+            fix += f", or start a number of processes that divides {global_batch}"
+        raise LabError(f"{recipe.source} [train] global batch {global_batch} cannot be split into micro-batches "
+                       f"of {cfg.batch_size} over {world_size} process(es); {fix}")
+    return global_batch // per_pass
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, run_dir: Path, command: str):
+    def __init__(self, recipe: Recipe, run_dir: Path, command: str, layout=distributed.Layout(),
+                 device: torch.device | None = None):
         self.recipe, self.cfg, self.run_dir, self.command = recipe, recipe.train, run_dir, command
-        self.device = pick_device(recipe)
+        self.layout, self.main = layout, layout.main  # main: rank 0, the one process that prints and writes
+        self.device = device or pick_device(recipe)
         self.dtype = pick_dtype(recipe, self.device)
+        self.grad_accum = accumulation(recipe, layout.world_size)
         self.step = 0
         self.tokenizer = recipe.parts["tokenizer"].build()
         if self.tokenizer.vocab_size > recipe.model.vocab_size:
             raise LabError(f"{recipe.source} [model] vocab_size = {recipe.model.vocab_size} is smaller than the "
                            f"{self.tokenizer.vocab_size} tokens of tokenizer '{recipe.parts['tokenizer'].name}'; "
                            f"set model.vocab_size to at least {self.tokenizer.vocab_size}")
-        self.data = recipe.parts["data"].build(DataContext(
-            block_size=recipe.model.block_size, vocab_size=recipe.model.vocab_size,
-            tokenizer=self.tokenizer, seed=self.cfg.seed,
-        ))
-        torch.manual_seed(self.cfg.seed)  # the initial weights
+        context = DataContext(block_size=recipe.model.block_size, vocab_size=recipe.model.vocab_size,
+                              tokenizer=self.tokenizer, seed=self.cfg.seed)
+        self.data = distributed.main_first(recipe.parts["data"].build, context)
+        torch.manual_seed(self.cfg.seed)  # the initial weights, the same in every process
         self.model = GPT(recipe).to(self.device)
+        self.num_params = self.model.num_params()  # counted before FSDP2 turns parameters into shards
+        self.flops_per_token = self.model.flops_per_token(recipe.model.block_size)
+        self.parallel = "ddp" if self.cfg.parallel == "auto" else self.cfg.parallel
+        # What the steps run: DDP around the model, or the model itself sharded by FSDP2. self.model
+        # stays the model (for FSDP2, the sharded one), for the optimizer, checkpoints and sampling.
+        self.wrapped = self.model
+        if layout.world_size > 1:
+            self.wrapped = distributed.parallelize(self.model, self.parallel, self.device, self.dtype)
         self.prompt = self.prompt_ids()  # a sampling setting that cannot work fails now, not after training
-        self.optimizer = recipe.parts["optimizer"].build(self.model)
+        self.optimizer = recipe.parts["optimizer"].build(self.model)  # after sharding: over the shards
         # The schedule scales each group's own base lr, so groups may start from different lrs.
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.schedule = recipe.parts["schedule"].build(self.cfg.max_steps)
         use_compile = self.device.type == "cuda" if self.cfg.compile == "auto" else self.cfg.compile
-        self.forward = torch.compile(self.model) if use_compile else self.model
-        self.tokens_per_step = self.cfg.batch_size * recipe.model.block_size * self.cfg.grad_accum * WORLD_SIZE
-        self.flops_per_token = self.model.flops_per_token(recipe.model.block_size)
-        self.peak = device_peak(self.device, self.dtype)
+        self.forward = torch.compile(self.wrapped) if use_compile else self.wrapped
+        self.tokens_per_step = (self.cfg.batch_size * recipe.model.block_size * self.grad_accum
+                                * layout.world_size)
+        self.peak = device_peak(self.device, self.dtype) if self.main else None
         self.resumed_rng = None
-        self.describe(use_compile)
+        self.saved_step = None  # the step of the checkpoint this process last saved or resumed from
+        self.log = None  # metrics.jsonl, rank 0's
+        if self.main:
+            self.describe(use_compile)
 
     def describe(self, use_compile: bool) -> None:
-        r, c = self.recipe, self.cfg
+        r, c, world = self.recipe, self.cfg, self.layout.world_size
+        processes = f"{world} processes ({self.parallel})" if world > 1 else "1 process"
         print(f"run {r.name} ({r.source}) -> {self.run_dir}")
-        print(f"model: {self.model.num_params() / 1e6:.2f}M parameters (non-embedding), "
+        print(f"model: {self.num_params / 1e6:.2f}M parameters (non-embedding), "
               f"{self.flops_per_token / 1e6:.1f} MFLOP per token")
         print(f"device {self.device}, {'bf16 autocast' if self.dtype == torch.bfloat16 else 'fp32'}, "
               f"compile {'on' if use_compile else 'off'}; batch {c.batch_size} x {r.model.block_size} tokens "
-              f"x {c.grad_accum} accum x {WORLD_SIZE} process = {self.tokens_per_step:,} tokens per step")
-        print(f"MFU is measured against the {self.peak.source}")
+              f"x {self.grad_accum} accum x {processes} = {self.tokens_per_step:,} tokens per step")
+        print(f"MFU is measured against the {self.peak.source}" + (" (per process)" if world > 1 else ""))
 
-    def resume(self, ckpt: Path, state: dict) -> None:
-        checkpoint.load_weights(ckpt, self.model)
+    def resume(self, ckpt: Path) -> None:
+        """Continue from a checkpoint, whatever layout wrote it. Rank 0 reads it and hands every process
+        its part; all of them then restore rank 0's RNG states. Every process draws the same random
+        numbers from the start (same seed, same draws), so that is where each of them was. It also
+        means the processes' dropout masks repeat each other's on their own rows; and another layout
+        draws other masks, so with dropout > 0 only a resume on the same layout is exact."""
+        weights, state = distributed.on_main(self.read_checkpoint, ckpt) or ({}, {})
         # The optimizer's moments come from the checkpoint; its settings (betas, weight decay, fused
         # or not on this device...) from the recipe as it is now, which the user may have changed.
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoint.restore(self.model, self.optimizer, weights, state.get("optimizer", {}))
         for group, recipe_settings in zip(self.optimizer.param_groups, settings):
             group.update(recipe_settings)
+        # The data position is rank 0's: a source of rows that are a function of the step has none.
+        state = distributed.share({key: state[key] for key in ("step", "data", "rng")} if self.main else None)
         self.data.load_state_dict(state["data"])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         self.resumed_rng = state["rng"]  # restored just before the first step, after everything that draws
-        print(f"resuming from step {self.step} ({ckpt})")
-        changed = changed_settings(read_toml(str(ckpt / "recipe.toml")), self.recipe.to_dict())
-        if changed:  # allowed (a longer run, a lower lr...), but never silently
-            print(f"the recipe differs from the checkpoint's: {', '.join(changed)}")
+        if self.main:
+            print(f"resuming from step {self.step} ({ckpt})")
+            changed = changed_settings(read_toml(str(ckpt / "recipe.toml")), self.recipe.to_dict())
+            if changed:  # allowed (a longer run, a lower lr...), but never silently
+                print(f"the recipe differs from the checkpoint's: {', '.join(changed)}")
+
+    def read_checkpoint(self, ckpt: Path) -> tuple[dict, dict]:
+        return checkpoint.read_weights(ckpt, self.model), checkpoint.load_state(ckpt)
 
     # The run --------------------------------------------------------------------------------
 
     def run(self) -> int:
         cfg, started = self.cfg, time.perf_counter()
         resumed = self.resumed_rng is not None
-        make_folder(self.run_dir, self.recipe)
-        self.log = MetricsLog(self.run_dir, keep_through=self.step if resumed else -1)
-        (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
+        distributed.on_main(self.open_run_folder, resumed)
         if resumed:
-            checkpoint.set_rng_state(self.resumed_rng)
-        self.bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=None, dynamic_ncols=True)
+            checkpoint.set_rng_state(self.resumed_rng, self.device)
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=None if self.main else True,
+                        dynamic_ncols=True)
         try:
-            with StopOnCtrlC() as ctrl_c:
+            with StopOnCtrlC(say=self.main) as ctrl_c:
                 if self.step == 0:
                     self.evaluate()  # the loss before training: what the curve falls from
                 while self.step < cfg.max_steps:
@@ -193,35 +257,53 @@ class Trainer:
                     done = self.step == cfg.max_steps
                     if done or self.step % cfg.eval_interval == 0:
                         self.evaluate()
-                    if done or self.step % cfg.checkpoint_interval == 0 or ctrl_c.requested:
+                    # torchrun hands Ctrl-C to every process, not always within the same step: they agree
+                    # on it, or one would save (a collective) while the others wait in the next step.
+                    stop = distributed.any_process(ctrl_c.requested, self.device)
+                    if done or self.step % cfg.checkpoint_interval == 0 or stop:
                         self.save()
-                    if ctrl_c.requested and not done:  # at the end, the samples are seconds away
+                    if stop and not done:  # at the end, the samples are seconds away
                         self.bar.close()
-                        print(f"stopped at step {self.step}; checkpoint saved in "
-                              f"{checkpoint.latest(self.run_dir)}. Continue with:\n  {self.command}")
+                        if self.main:
+                            print(f"stopped at step {self.step}; checkpoint saved in "
+                                  f"{checkpoint.latest(self.run_dir)}. Continue with:\n  {self.command}")
                         return 130
         finally:
             self.bar.close()
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
         self.sample()
-        self.summarize(time.perf_counter() - started)
+        if self.main:
+            self.summarize(time.perf_counter() - started)
         return 0
 
+    def open_run_folder(self, resumed: bool) -> None:
+        make_folder(self.run_dir, self.recipe)
+        self.log = MetricsLog(self.run_dir, keep_through=self.step if resumed else -1)
+        (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
+
     def train_step(self) -> tuple[float, float, float, float]:
-        """One optimizer update: (loss, grad norm, lr, seconds)."""
-        cfg, started = self.cfg, time.perf_counter()
+        """One optimizer update: (loss, grad norm, lr, seconds), the loss and grad norm those of the
+        whole global batch."""
+        started, accum = time.perf_counter(), self.grad_accum
         lr_scale = self.schedule(self.step)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * lr_scale
         total = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            x, y = self.batch("train", self.step, micro_rows(micro, cfg.batch_size))
-            with self.autocast():
-                _, loss = self.forward(x, y)
-            (loss / cfg.grad_accum).backward()  # gradients of the mean loss, as one big batch gives
+        for micro in range(accum):
+            rows = micro_rows(micro, self.cfg.batch_size, self.layout.rank, self.layout.world_size)
+            x, y = self.batch("train", self.step, rows)
+            with distributed.gradient_sync(self.wrapped, sync=micro == accum - 1):
+                with self.autocast():
+                    _, loss = self.forward(x, y)
+                # Gradients of the mean loss, as one big batch gives (DDP and FSDP2 then average them
+                # over the processes: the mean over the global batch).
+                (loss / accum).backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-        loss, grad_norm = (total / cfg.grad_accum).item(), grad_norm.item()
+        # The norm of the whole gradient, the same on every process: DDP's gradients are already
+        # averaged; FSDP2's are DTensor shards, whose norm clip_grad_norm_ reduces over the processes.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
+        loss, grad_norm = distributed.mean(total / accum).item(), grad_norm.item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.stop_on_nonfinite(loss, grad_norm)  # before the update: the weights stay good
         self.optimizer.step()
@@ -231,8 +313,11 @@ class Trainer:
 
     def record(self, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
         """The step's line in metrics.jsonl, the progress bar, and every log_interval a log line."""
+        if not self.main:
+            return
         tokens_per_s = self.tokens_per_step / seconds
-        mfu = self.peak.mfu(self.flops_per_token, tokens_per_s)
+        # MFU against one device's peak, so per process: every process runs its share of the tokens.
+        mfu = self.peak.mfu(self.flops_per_token, tokens_per_s / self.layout.world_size)
         self.log.write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "tokens_per_s": tokens_per_s, "mfu": mfu})
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -253,26 +338,33 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> None:
         """Mean loss over val steps 0 .. eval_batches - 1: the same batches every time, so the
-        curve compares like with like."""
+        curve compares like with like, and whatever the layout: process r takes steps r, r + world...
+        Every process runs as many (FSDP2 needs them all in every forward), so eval_batches is rounded
+        up to a multiple of the processes."""
         self.model.eval()
         losses = []
-        for step in range(self.cfg.eval_batches):
-            x, y = self.batch("val", step, micro_rows(0, self.cfg.batch_size))
+        world = self.layout.world_size
+        for step in range(self.layout.rank, math.ceil(self.cfg.eval_batches / world) * world, world):
+            x, y = self.batch("val", step, range(self.cfg.batch_size))
             with self.autocast():
                 losses.append(self.forward(x, y)[1])
         self.model.train()
-        val_loss = torch.stack(losses).mean().item()
-        self.log.write({"step": self.step, "val_loss": val_loss})
-        self.log.plot()
-        tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | val loss {val_loss:.4f}")
+        val_loss = distributed.mean(torch.stack(losses).mean()).item()
+        if self.main:
+            self.log.write({"step": self.step, "val_loss": val_loss})
+            self.log.plot()
+            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | val loss {val_loss:.4f}")
 
     def save(self) -> None:
-        if (self.run_dir / "checkpoints" / f"step_{self.step:07d}" / checkpoint.MARKER).exists():
+        if self.saved_step == self.step:
             return  # saved at this step already (Ctrl-C right after a periodic save)
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "data": self.data.state_dict(), "rng": checkpoint.rng_state()}
-        path = checkpoint.save(self.run_dir, self.step, self.model, self.recipe.to_toml(), state)
-        tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | saved {path}")
+        weights, optimizer = checkpoint.gather(self.model, self.optimizer)  # every process takes part
+        if self.main:
+            state = {"step": self.step, "optimizer": optimizer, "data": self.data.state_dict(),
+                     "rng": checkpoint.rng_state(self.device)}
+            path = checkpoint.save(self.run_dir, self.step, weights, self.recipe.to_toml(), state)
+            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | saved {path}")
+        self.saved_step = self.step
 
     def stop_on_nonfinite(self, loss: float, grad_norm: float):
         last = checkpoint.latest(self.run_dir)
@@ -288,13 +380,16 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> None:
-        """Continue the [generate] prompt; write the samples to generated.txt and print them."""
+        """Continue the [generate] prompt; write the samples to generated.txt and print them. Every
+        process samples, the same tokens from the same seed: an FSDP2 model's forward needs them all."""
         g = self.recipe.generate
         idx = torch.tensor([self.prompt] * g.num_samples, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(g.seed)
         with self.autocast():
             out = generate(self.model, idx, g.max_new_tokens, temperature=g.temperature,
                            top_k=g.top_k or None, generator=generator)
+        if not self.main:
+            return
         texts = [self.tokenizer.decode(row.tolist()) for row in out]
         report = "".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts))
         (self.run_dir / "generated.txt").write_text(report)
@@ -336,9 +431,13 @@ def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 class StopOnCtrlC:
     """The first Ctrl-C (SIGINT) asks the loop to stop after the current step and save; a second one
-    stops at once, losing only the work since the last checkpoint."""
+    stops at once, losing only the work since the last checkpoint. Under torchrun, Ctrl-C reaches
+    torchrun, which hands one SIGINT to every process; only rank 0's (say=True) prints the notice."""
 
     requested = False
+
+    def __init__(self, say: bool = True):
+        self.say = say
 
     def __enter__(self):
         self.previous = None
@@ -349,8 +448,9 @@ class StopOnCtrlC:
     def handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit without saving)",
-              file=sys.stderr, flush=True)
+        if self.say:
+            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit without saving)",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self.previous is not None:
