@@ -25,7 +25,7 @@ SIZES = {
         train_batch=4,
         prompt_tokens=16,
         cached_tokens=256,
-        uncached_tokens=64,
+        uncached_tokens=256,  # issue 5's comparison: both at 256 new tokens
     ),
     # One modern GPU: GPT-2 small's attention and model (124M), and longer sequences.
     "gpu": Size(
