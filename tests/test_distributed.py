@@ -17,38 +17,12 @@ from lab.errors import LabError
 from lab.recipe import load_recipe
 from lab.report import read_metrics
 from lab.train import accumulation, micro_rows
+from tiny import tiny_recipe
 
 # A global batch of 8 sequences: one process takes it as 2 micro-batches of 4, two processes as one
 # each. Dropout 0: the processes' dropout masks would differ from one process's (see Trainer.resume).
 # decay_steps: the lr schedule of a leg run to max_steps = 3 is that of the whole run of 6 steps.
-RECIPE = """
-name = "tiny"
-
-[model]
-block_size = 32
-n_layer = 2
-n_head = 2
-n_embd = 32
-
-[model.attention]
-name = "sdpa"
-[model.mlp]
-name = "gelu"
-[model.norm]
-name = "layernorm"
-[model.position]
-name = "learned"
-[tokenizer]
-name = "gpt2"
-
-[data]
-name = "memmap"
-path = "{data}"
-
-[optimizer]
-name = "adamw"
-lr = 3e-3
-
+RECIPE = tiny_recipe("tiny", """
 [schedule]
 name = "cosine"
 warmup_steps = 2
@@ -67,7 +41,7 @@ device = "cpu"
 [generate]
 num_samples = 1
 max_new_tokens = 4
-"""
+""")
 
 
 @pytest.fixture(autouse=True)

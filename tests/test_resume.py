@@ -13,38 +13,11 @@ import torch
 
 from lab import checkpoint
 from lab.report import read_metrics
+from tiny import tiny_recipe
 
 # Dropout on, so a resume that forgot the RNG state would show; a slow-enough step count that the
 # test can signal the run mid-way.
-RECIPE = """
-name = "resume"
-
-[model]
-block_size = 32
-n_layer = 2
-n_head = 2
-n_embd = 32
-dropout = 0.1
-
-[model.attention]
-name = "sdpa"
-[model.mlp]
-name = "gelu"
-[model.norm]
-name = "layernorm"
-[model.position]
-name = "learned"
-[tokenizer]
-name = "gpt2"
-
-[data]
-name = "memmap"
-path = "data"
-
-[optimizer]
-name = "adamw"
-lr = 3e-3
-
+RECIPE = tiny_recipe("resume", """
 [schedule]
 name = "cosine"
 warmup_steps = 3
@@ -63,7 +36,7 @@ device = "cpu"     # the same numbers on every machine
 [generate]
 num_samples = 1
 max_new_tokens = 4
-"""
+""", data="data", model_extra='dropout = 0.1\n')
 
 
 def write_recipe(folder, out) -> str:

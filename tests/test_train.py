@@ -13,36 +13,9 @@ from lab.cli import main
 from lab.metrics import device_peak
 from lab.recipe import load_recipe
 from lab.report import read_metrics
+from tiny import tiny_recipe
 
-TINY = """
-name = "tiny"
-
-[model]
-vocab_size = 50257
-block_size = 32
-n_layer = 2
-n_head = 2
-n_embd = 32
-
-[model.attention]
-name = "sdpa"
-[model.mlp]
-name = "gelu"
-[model.norm]
-name = "layernorm"
-[model.position]
-name = "learned"
-[tokenizer]
-name = "gpt2"
-
-[data]
-name = "memmap"
-path = "{data}"
-
-[optimizer]
-name = "adamw"
-lr = 3e-3
-
+TINY = tiny_recipe("tiny", """
 [schedule]
 name = "cosine"
 warmup_steps = 2
@@ -61,7 +34,7 @@ device = "cpu"     # the same numbers on every machine
 [generate]
 num_samples = 2
 max_new_tokens = 6
-"""
+""")
 
 
 @pytest.fixture(autouse=True)
