@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab.errors import LabError
+from lab.files import fsync
 
 MARKER = "COMPLETE"
 
@@ -69,10 +70,10 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
     torch.save(state, tmp / "state.pt")
     (tmp / "recipe.toml").write_text(recipe_toml)
     for name in ("model.safetensors", "state.pt", "recipe.toml"):
-        _fsync(tmp / name)
+        fsync(tmp / name)
     (tmp / MARKER).write_text(f"{step}\n")
-    _fsync(tmp / MARKER)
-    _fsync(tmp)
+    fsync(tmp / MARKER)
+    fsync(tmp)
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
         old = root / f".old_{final.name}_{os.getpid()}"
         os.replace(final, old)
@@ -80,7 +81,7 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync(root)
+    fsync(root)
     for stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -241,14 +242,6 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if "cuda_device" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_device"], device)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_run(run_dir, device="cpu"):

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lab.errors import LabError
+from lab.files import fsync, write_text_atomically
 from lab.interfaces import Tokenizer
 
 SPLITS = ("train", "val")
@@ -409,8 +410,8 @@ class Output:
     def finish(self, meta: dict) -> None:
         self.train.finish()
         self.val.finish()
-        write_json_atomically(self.out / "meta.json", meta)  # last: its presence means the folder is whole
-        fsync_folder(self.out)
+        write_text_atomically(self.out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: its presence means the folder is whole
+        fsync(self.out)
 
     def discard(self) -> None:
         """Remove the temporary files that finish() did not rename (after an error or Ctrl-C)."""
@@ -466,26 +467,3 @@ class TokenWriter:
         """Remove the temporary file, if finish() did not rename it."""
         self.file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the renames durable: a crash right after returning keeps the new files."""
-    if hasattr(os, "O_DIRECTORY"):  # not on Windows, where a rename is durable by itself
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from lab.files import write_text_atomically
+
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 
@@ -22,7 +24,7 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS
         self.plot_path = Path(run_dir) / PLOT
         self.records = [r for r in read_metrics(self.path) if r["step"] <= keep_through]
-        _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -79,9 +81,3 @@ def plot_losses(records: list[dict], path, title: str = "") -> None:
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     os.replace(tmp, path)  # a reader never sees half a picture
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
