@@ -12,9 +12,8 @@ class Size:
     attention: tuple[tuple[int, int, int, int], ...]  # (batch, heads, T, head_dim), causal
     train_overrides: tuple[str, ...]  # --set style: every recipe gets this one shape, so they compare
     train_batch: int  # sequences of block_size tokens per step
-    prompt_tokens: int  # generation: gpt_small's own shape, batch 1, greedy
-    cached_tokens: int
-    uncached_tokens: int  # fewer: without a cache every new token re-reads the whole sequence
+    prompt_tokens: int  # generation: gpt_small's own shape, greedy
+    new_tokens: int  # made by both the cached and the uncached path
 
 
 SIZES = {
@@ -24,8 +23,7 @@ SIZES = {
         train_overrides=("model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.block_size=128"),
         train_batch=4,
         prompt_tokens=16,
-        cached_tokens=256,
-        uncached_tokens=256,  # issue 5's comparison: both at 256 new tokens
+        new_tokens=256,
     ),
     # One modern GPU: GPT-2 small's attention and model (124M), and longer sequences.
     "gpu": Size(
@@ -33,8 +31,7 @@ SIZES = {
         train_overrides=("model.n_layer=12", "model.n_embd=768", "model.n_head=12", "model.block_size=1024"),
         train_batch=16,
         prompt_tokens=16,
-        cached_tokens=512,
-        uncached_tokens=512,
+        new_tokens=512,
     ),
 }
 

@@ -110,6 +110,8 @@ class GenerateConfig(Section):
     max_new_tokens: PositiveInt = Field(100, description="tokens per sample")
     temperature: float = Field(0.8, ge=0.0, description="0 is greedy")
     top_k: int = Field(200, ge=0, description="sample from the k likeliest tokens; 0: all")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="sample from the likeliest tokens "
+                                "whose probabilities add up to top_p (nucleus sampling); unset: all")
     seed: int = Field(1337, description="the same seed gives the same text")
 
 

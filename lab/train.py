@@ -387,7 +387,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(g.seed)
         with self.autocast():
             out = generate(self.model, idx, g.max_new_tokens, temperature=g.temperature,
-                           top_k=g.top_k or None, generator=generator)
+                           top_k=g.top_k or None, top_p=g.top_p, generator=generator)
         if not self.main:
             return
         texts = [self.tokenizer.decode(row.tolist()) for row in out]

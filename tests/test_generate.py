@@ -242,6 +242,67 @@ def test_lab_generate_stops_at_endoftext_unless_told_not_to(run_dir, capsys):
     assert ignored == "--- sample 1/1 ---\nHello" + "<|endoftext|>" * 5 + "\n"
 
 
+def test_lab_generate_draws_the_samples_as_one_batch(run_dir, capsys, monkeypatch):
+    import lab.generate
+
+    batches = []
+    real_stream = lab.generate.stream
+    monkeypatch.setattr(lab.generate, "stream", lambda model, idx, *a, **k: batches.append(idx.shape) or
+                        real_stream(model, idx, *a, **k))
+    flags = ["--prompt", "The", "--max-new-tokens", "6", "--temperature", "0"]
+    status, three, _ = lab_generate(capsys, run_dir, *flags, "--num-samples", "3")
+    assert status == 0 and batches == [(3, 1)]  # one stream of 3 rows, not 3 streams of one
+    one = lab_generate(capsys, run_dir, *flags, "--num-samples", "1")[1]
+    text = one.removeprefix("--- sample 1/1 ---\n")
+    assert three == "".join(f"--- sample {i}/3 ---\n{text}" for i in (1, 2, 3))  # greedy: all alike
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
+def test_lab_generate_ends_each_sample_at_its_own_endoftext(run_dir, capsys, monkeypatch, terminal,
+                                                          gpt_small_path):
+    """Rows of one batch end when they say <|endoftext|>, each on its own; what follows is dropped."""
+    import lab.generate
+
+    eot = 50256
+    steps = [[11, 12, 13], [eot, 14, 15], [16, eot, 17], [18, 19, 20]]  # token of each row, step by step
+    monkeypatch.setattr(lab.generate, "stream", lambda *a, **k: (torch.tensor([[t] for t in step]) for step in steps))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+    status, out, _ = lab_generate(capsys, run_dir, "--prompt", "X", "--num-samples", "3", "--max-new-tokens", "4")
+    decode = load_recipe(gpt_small_path).parts["tokenizer"].build().decode
+    expected = [[11], [12, 14], [13, 15, 17, 20]]
+    assert status == 0
+    assert out == "".join(f"--- sample {i + 1}/3 ---\nX{decode(row)}\n" for i, row in enumerate(expected))
+
+
+def test_recipe_top_p_is_the_default_of_lab_generate(run_dir, capsys, gpt_small_path):
+    from lab.checkpoint import load_run
+
+    flags = ["--prompt", "The", "--max-new-tokens", "8", "--num-samples", "1"]
+    greedy = lab_generate(capsys, run_dir, *flags, "--temperature", "0")[1]
+    _, model, _ = load_run(run_dir)
+    nucleus = load_recipe(gpt_small_path, TINY + ["generate.top_p=1e-9", "generate.top_k=0"])
+    save(run_dir, 1, model, nucleus.to_toml(), {"step": 1})
+    # a nucleus this small holds only the likeliest token: sampling at temperature 2 is greedy
+    assert lab_generate(capsys, run_dir, *flags, "--temperature", "2")[1] == greedy
+    assert lab_generate(capsys, run_dir, *flags, "--temperature", "2", "--top-p", "1")[1] != greedy
+
+
+def test_recipe_top_p_outside_0_1_is_refused(gpt_small_path):
+    with pytest.raises(LabError, match=r"top_p = 1.5: Input should be less than or equal to 1"):
+        load_recipe(gpt_small_path, ["generate.top_p=1.5"])
+    with pytest.raises(LabError, match=r"top_p = 0: Input should be greater than 0"):
+        load_recipe(gpt_small_path, ["generate.top_p=0"])
+
+
+def test_generated_ids_can_be_trained_on(gpt_small_path):
+    """Decoding runs in inference mode; the ids it returns must still be ordinary tensors."""
+    model = tiny_model(gpt_small_path).train()
+    out = generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0)
+    _, loss = model(out[:, :-1], targets=out[:, 1:])
+    loss.backward()
+    assert model.tok_emb.weight.grad is not None
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
