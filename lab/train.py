@@ -67,8 +67,8 @@ def launcher() -> str:
 
 
 def train(recipe: Recipe, command: str = "") -> int:
-    """Train (or continue) the recipe's run; the exit status: 0 done, 130 stopped by Ctrl-C. Under
-    torchrun every process calls this, and they train the run together."""
+    """Train (or continue) the recipe's run; the exit status: 0 done, 130 stopped by Ctrl-C, 143 by
+    SIGTERM. Under torchrun every process calls this, and they train the run together."""
     command = command or f"lab run {recipe.source}"
     layout = distributed.layout()
     device = distributed.process_device(pick_device(recipe), layout, f"{recipe.source} [train] device = "
@@ -249,7 +249,7 @@ class Trainer:
         self.bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=None if self.main else True,
                         dynamic_ncols=True)
         try:
-            with StopOnCtrlC(say=self.main) as ctrl_c:
+            with StopOnSignal(say=self.main) as stop_signal:
                 if self.step == 0:
                     self.evaluate()  # the loss before training: what the curve falls from
                 while self.step < cfg.max_steps:
@@ -257,9 +257,9 @@ class Trainer:
                     done = self.step == cfg.max_steps
                     if done or self.step % cfg.eval_interval == 0:
                         self.evaluate()
-                    # torchrun hands Ctrl-C to every process, not always within the same step: they agree
+                    # torchrun hands a signal to every process, not always within the same step: they agree
                     # on it, or one would save (a collective) while the others wait in the next step.
-                    stop = distributed.any_process(ctrl_c.requested, self.device)
+                    stop = distributed.any_process(stop_signal.requested, self.device)
                     if done or self.step % cfg.checkpoint_interval == 0 or stop:
                         self.save()
                     if stop and not done:  # at the end, the samples are seconds away
@@ -267,7 +267,8 @@ class Trainer:
                         if self.main:
                             print(f"stopped at step {self.step}; checkpoint saved in "
                                   f"{checkpoint.latest(self.run_dir)}. Continue with:\n  {self.command}")
-                        return 130
+                        # a process that saw no signal itself stops because another did: Ctrl-C's status
+                        return stop_signal.exit_status if stop_signal.requested else 130
         finally:
             self.bar.close()
             if self.log is not None:
@@ -429,29 +430,44 @@ def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-class StopOnCtrlC:
-    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step and save; a second one
-    stops at once, losing only the work since the last checkpoint. Under torchrun, Ctrl-C reaches
-    torchrun, which hands one SIGINT to every process; only rank 0's (say=True) prints the notice."""
+class StopOnSignal:
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save; a
+    second one stops at once, losing only the work since the last checkpoint. SIGTERM is what cluster
+    schedulers (SLURM, Kubernetes) send before they kill a job at its time limit or on preemption, a
+    grace period ahead. Under torchrun, Ctrl-C or SIGTERM reaches torchrun, which hands it on to every
+    process; only rank 0's (say=True) prints the notice."""
 
-    requested = False
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NOTICE = {signal.SIGINT: "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit "
+                             "without saving)",
+              signal.SIGTERM: "SIGTERM: finishing this step and saving a checkpoint"}
+    received = None  # the first signal caught
 
     def __init__(self, say: bool = True):
         self.say = say
+        self.previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended: 130, 143."""
+        return 128 + int(self.received)
 
     def __enter__(self):
-        self.previous = None
         if threading.current_thread() is threading.main_thread():  # only there can signals be caught
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.received is not None:  # the second: stop now, as if nothing had been caught
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.received = signal.Signals(signum)
         if self.say:
-            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit without saving)",
-                  file=sys.stderr, flush=True)
+            print(f"\n{self.NOTICE[self.received]}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)

@@ -1,4 +1,4 @@
-"""Resume is exact: a run stopped with Ctrl-C or killed with SIGKILL, then started again with the same
+"""Resume is exact: a run stopped with Ctrl-C or SIGTERM, or killed with SIGKILL, then started again with the same
 command, logs the same loss at every step, bit for bit, as a run that was never stopped. And a
 checkpoint is whole or absent, whatever moment the process dies."""
 import os
@@ -93,19 +93,23 @@ def test_the_straight_run_logs_every_step_once(straight):
     assert [s for s, what, _ in straight if what == "val_loss"] == [0, 4, 8, 12, 16]
 
 
-def test_ctrl_c_saves_says_how_to_continue_and_resumes_exactly(tmp_path, straight):
+@pytest.mark.parametrize("sig, status, notice", [
+    (signal.SIGINT, 130, "Ctrl-C: finishing this step and saving a checkpoint"),
+    (signal.SIGTERM, 143, "SIGTERM: finishing this step and saving a checkpoint"),  # a scheduler's stop
+], ids=["ctrl_c", "sigterm"])
+def test_a_stop_signal_saves_says_how_to_continue_and_resumes_exactly(tmp_path, straight, sig, status, notice):
     recipe = write_recipe(tmp_path, "run")
     proc = lab_run(tmp_path, recipe)
     wait_for_step(tmp_path, "run", 3, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     code, out, err = finish(proc)
-    assert code == 130, err
+    assert code == status, err
     stopped = checkpoint.latest(tmp_path / "run")
     step = checkpoint.load_state(stopped)["step"]
     assert 3 <= step < 16 and stopped.name == f"step_{step:07d}"  # the step it was on, saved
     assert f"stopped at step {step}; checkpoint saved in {stopped.relative_to(tmp_path)}" in out
     assert f"Continue with:\n  lab run {recipe}\n" in out
-    assert "finishing this step and saving a checkpoint" in err
+    assert notice in err
 
     code, out, err = finish(lab_run(tmp_path, recipe))
     assert code == 0, err
@@ -164,3 +168,15 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     checkpoint.set_rng_state(checkpoint.load_state(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(2).tolist()) == expected
+
+
+@pytest.mark.parametrize("sig, second", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_second_stop_signal_quits_at_once(sig, second):
+    from lab.train import StopOnSignal
+
+    with StopOnSignal(say=False) as stop:
+        os.kill(os.getpid(), sig)
+        assert stop.requested and stop.exit_status == 128 + sig
+        with pytest.raises(second):
+            os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) is not stop.handle  # the handlers before it are back
