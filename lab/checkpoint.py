@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab.errors import LabError
-from lab.files import fsync
+from lab.files import fsync, usual_mode
 
 MARKER = "COMPLETE"
 
@@ -67,6 +67,7 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     tmp.mkdir()
     save_file(_one_name_per_tensor(weights), str(tmp / "model.safetensors"))
+    usual_mode(tmp / "model.safetensors")
     torch.save(state, tmp / "state.pt")
     (tmp / "recipe.toml").write_text(recipe_toml)
     for name in ("model.safetensors", "state.pt", "recipe.toml"):

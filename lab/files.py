@@ -15,6 +15,7 @@ def write_text_atomically(path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -31,3 +32,12 @@ def fsync(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def usual_mode(path) -> None:
+    """Give a file the permissions open() gives a new one: 0666 less the umask (usually rw-r--r--).
+    tempfile.mkstemp and safetensors make files only their owner can read, and on a shared machine a
+    run's metrics or weights should be as readable as the rest of the run folder."""
+    umask = os.umask(0)  # the only portable way to read the umask is to set it
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

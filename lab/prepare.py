@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lab.errors import LabError
-from lab.files import fsync, write_text_atomically
+from lab.files import fsync, usual_mode, write_text_atomically
 from lab.interfaces import Tokenizer
 
 SPLITS = ("train", "val")
@@ -461,6 +461,7 @@ class TokenWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        usual_mode(self.tmp)
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:

@@ -19,3 +19,17 @@ def gpt_small_path():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tokenized corpora go to a per-session temporary cache, never the user's."""
     monkeypatch.setenv("LAB_CACHE", str(tmp_path_factory.getbasetemp() / "lab-cache"))
+
+
+@pytest.fixture
+def umask_027():
+    """A umask other than the usual 022, so a test sees files follow the umask rather than 0644."""
+    before = os.umask(0o027)
+    yield 0o640  # the mode a new file then gets
+    os.umask(before)
+
+
+@pytest.fixture
+def file_modes():
+    """file_modes(folder) -> {name: permission bits} of the files in folder."""
+    return lambda folder: {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}

@@ -88,7 +88,8 @@ def test_imported_gpt2_generates_what_transformers_generates(hf_model, tmp_path,
     assert status == 0 and out == f"--- sample 1/1 ---\n{PROMPT}{tokenizer.decode(new)}\n"
 
 
-def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path, capsys, gpt_small_path):
+def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path, capsys, gpt_small_path, umask_027,
+                                                                file_modes):
     """Not the default MLP settings either: exact GELU and 2x width must come out as GPT-2's
     activation_function = "gelu" and n_inner."""
     recipe = load_recipe(gpt_small_path, ["model.n_layer=2", "model.n_head=2", "model.n_embd=32",
@@ -102,6 +103,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path, capsy
     save(tmp_path / "run", 0, model, recipe.to_toml(), {"step": 0})
 
     assert run_lab(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "hf")[0] == 0
+    assert set(file_modes(tmp_path / "hf").values()) == {umask_027}  # safetensors alone would make 0600
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.activation_function == "gelu" and hf.config.n_inner == 64
     idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))

@@ -155,11 +155,12 @@ def test_a_failed_prepare_leaves_the_previous_output_whole(tmp_path, tokenizer):
 # --- the command ----------------------------------------------------------------------------------
 
 
-def test_lab_prepare_writes_the_folder_and_says_what_it_wrote(tmp_path, capsys):
+def test_lab_prepare_writes_the_folder_and_says_what_it_wrote(tmp_path, capsys, umask_027, file_modes):
     (tmp_path / "play.txt").write_text(SHAKESPEARE[:20_000])
     assert main(["prepare", str(tmp_path / "play.txt"), "--out", str(tmp_path / "out"), "--tokenizer", "gpt2"]) == 0
     assert "train.bin" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"train.bin", "val.bin", "meta.json"}
+    # written under temporary names (mkstemp: owner only), then given the umask's mode
+    assert file_modes(tmp_path / "out") == {"train.bin": umask_027, "val.bin": umask_027, "meta.json": umask_027}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -139,6 +139,19 @@ def save_one(run_dir, step, model):
     return checkpoint.save(run_dir, step, model, 'name = "x"\n', state)
 
 
+def test_checkpoint_and_metrics_files_get_the_umask_mode(tmp_path, umask_027, file_modes):
+    """Written under temporary names (mkstemp, safetensors: owner only), they end as readable as
+    any file the user makes: a shared machine's teammates can read the run."""
+    from lab.report import MetricsLog
+
+    ckpt = save_one(tmp_path, 3, torch.nn.Linear(4, 4))
+    log = MetricsLog(tmp_path, keep_through=-1)
+    log.write({"step": 1, "loss": 2.0})
+    log.close()
+    assert set(file_modes(ckpt).values()) == {umask_027}
+    assert file_modes(tmp_path)["metrics.jsonl"] == umask_027
+
+
 def test_a_save_that_dies_midway_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 4)
     save_one(tmp_path, 10, model)

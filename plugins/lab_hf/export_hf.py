@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from lab.checkpoint import load_run
 from lab.errors import LabError
+from lab.files import usual_mode
 from lab.recipe import Recipe
 from lab_gpt2 import HERE as GPT2_FILES
 from lab_hf.names import to_hf
@@ -28,6 +29,7 @@ def export_hf(run_dir, out) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf(model.state_dict(), recipe.model.n_layer), str(out / "model.safetensors"),
               metadata={"format": "pt"})
+    usual_mode(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config(recipe), indent=2) + "\n")
     # transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names.
     shutil.copyfile(GPT2_FILES / "encoder.json", out / "vocab.json")
