@@ -73,7 +73,11 @@ def test_cached_and_uncached_greedy_agree_at_every_step(gpt_small_path, attentio
     assert [fed for fed, _ in cached_calls] == [5] + [1] * 23  # the prompt in one pass, then token by token
     assert [fed for fed, _ in seen] == list(range(5, 29))  # the whole text every step
     for step, ((_, a), (_, b)) in enumerate(zip(cached_calls, seen)):
-        assert (a - b).abs().max().item() < 1e-5, f"step {step}"
+        # Relative to the logits' scale: the cached path sums the same products in another order
+        # (one query row against the cache vs the full matrix), so fp32 rounding differs by a few ulps
+        # of the largest logit, and by more on kernels without FMA-wide reductions (AVX2-only CPUs).
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-5 * max(scale, 1.0), f"step {step}"
 
 
 def test_sampling_with_a_seed_is_reproducible(gpt_small_path):
