@@ -140,6 +140,7 @@ class Settings:
 
 def cli_generate(args) -> int:
     from lab.checkpoint import load_run
+    from lab.decoding import lay_out_for_decoding
 
     device = pick_device(args.device, f"--device {args.device}", "use --device auto or cpu")
     recipe, model, ckpt = load_run(args.run_dir, device)
@@ -151,6 +152,11 @@ def cli_generate(args) -> int:
     generator = torch.Generator(device=device).manual_seed(s.seed)
     print(f"{ckpt} on {device}: {s.num_samples} sample(s) of up to {s.max_new_tokens} tokens, "
           f"prompt {len(ids)} tokens", file=sys.stderr)
+    if not args.no_cache:  # each step then reads every weight for a few rows: lay them out for that
+        copied = sum(c == "copy" for c in lay_out_for_decoding(model, rows=s.num_samples).values())
+        if copied:
+            print(f"decoding reads {copied} weight(s) from a transposed copy, faster on this machine",
+                  file=sys.stderr)
 
     # The samples are rows of one batch: on CPU the step is bound by reading the weights (the LM
     # head above all), which the rows share, so N samples cost little more than one.
