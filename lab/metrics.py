@@ -2,10 +2,14 @@
 model's own arithmetic uses. MFU = flops_per_token * tokens_per_second / peak.
 
 The peak comes from the datasheet for GPUs we know (dense, no sparsity), and otherwise (CPUs,
-unknown GPUs, MPS) from a large matmul timed once at the start of the run.
+unknown GPUs, MPS) from a large matmul timed at the start of the run. A machine busy with other
+work times a slower matmul, which would inflate MFU; so the best rate ever timed on this machine
+(same processor, torch, dtype and threads) is kept in the cache folder and used when it is higher.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -49,8 +53,12 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
             if re.search(pattern, name) and figure:
                 return Peak(figure, f"{name} datasheet {kind} peak, {figure / 1e12:.1f} TFLOP/s")
     flops, n = timed_matmul(device, dtype)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
-    return Peak(flops, f"{where} {kind} peak measured with a {n}x{n} matmul, {flops / 1e9:,.0f} GFLOP/s")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
+    key = f"{where} | torch {torch.__version__} | {kind} | {torch.get_num_threads()} threads | " \
+          f"{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"
+    best = remember_best(key, flops)
+    return Peak(best, f"{where} {kind} peak measured with a {n}x{n} matmul, {best / 1e9:,.0f} GFLOP/s "
+                      f"(the best timed on this machine{'' if best == flops else f'; now {flops / 1e9:,.0f}'})")
 
 
 def timed_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> tuple[float, int]:
@@ -76,3 +84,46 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def processor_name() -> str:
+    """The CPU's model name ("AMD EPYC 9B14"), for logs and the peak cache."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"
+
+
+def remember_best(key: str, flops: float) -> float:
+    """The higher of flops and the best kept for key in the cache folder's peaks.json, which it
+    updates. A cache that cannot be read or written changes nothing but that."""
+    path = cache_folder() / "peaks.json"
+    try:
+        peaks = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        peaks = {}
+    best = max(flops, float(peaks.get(key, 0.0)))
+    if best > peaks.get(key, 0.0):
+        try:
+            from lab.files import write_text_atomically
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(path, json.dumps({**peaks, key: best}, indent=1))
+        except OSError:
+            pass
+    return best
+
+
+def cache_folder():
+    """$LAB_CACHE, else $XDG_CACHE_HOME/lab, else ~/.cache/lab."""
+    from pathlib import Path
+
+    if os.environ.get("LAB_CACHE"):
+        return Path(os.environ["LAB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lab"

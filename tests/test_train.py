@@ -252,6 +252,24 @@ def test_mfu_on_cpu_is_against_a_timed_matmul_that_leaves_the_rng_alone():
     assert peak.mfu(flops_per_token=1e6, tokens_per_s=100) == pytest.approx(1e8 / peak.flops)
 
 
+def test_mfu_peak_on_a_busy_machine_is_the_best_timed_here(monkeypatch, tmp_path):
+    """A matmul timed while other work runs is slow, which would inflate MFU: the best rate seen on
+    this machine is kept in the cache folder and used while it is higher."""
+    from lab import metrics
+
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(metrics, "timed_matmul", lambda device, dtype: (50e9, 1024))
+    quiet = device_peak(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(metrics, "timed_matmul", lambda device, dtype: (20e9, 1024))  # busy now
+    busy = device_peak(torch.device("cpu"), torch.float32)
+    assert quiet.flops == busy.flops == 50e9
+    assert "best timed on this machine; now 20" in busy.source and metrics.processor_name() in busy.source
+    monkeypatch.setattr(metrics, "timed_matmul", lambda device, dtype: (80e9, 1024))  # a faster moment
+    assert device_peak(torch.device("cpu"), torch.float32).flops == 80e9
+    monkeypatch.setattr(metrics, "timed_matmul", lambda device, dtype: (10e9, 1024))
+    assert device_peak(torch.device("cpu"), torch.bfloat16).flops == 10e9  # bf16 has a best of its own
+
+
 def test_metrics_reader_skips_a_line_torn_by_a_kill(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + '{"step": 2, "lo')
