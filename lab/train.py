@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from lab.metrics import device_peak
 from lab.model import GPT
 from lab.recipe import Recipe, load_recipe, read_toml
 from lab.report import METRICS, MetricsLog
+from lab.runlock import LOCK, RunLock
 
 
 def cli_run(args) -> int:
@@ -73,9 +74,10 @@ def train(recipe: Recipe, command: str = "") -> int:
     layout = distributed.layout()
     device = distributed.process_device(pick_device(recipe), layout, f"{recipe.source} [train] device = "
                                         f"'{recipe.train.device}'")
-    with distributed.process_group(layout, device):
-        # Rank 0 alone looks in the run folder (processes on other nodes may not see it) and tells the others.
-        run_dir, ckpt = distributed.share(distributed.on_main(find_checkpoint, recipe))
+    with distributed.process_group(layout, device), ExitStack() as held:
+        # Rank 0 alone looks in the run folder (processes on other nodes may not see it), holding its
+        # lock until the run ends, and tells the others.
+        run_dir, ckpt = distributed.share(distributed.on_main(find_checkpoint, recipe, command, held))
         step = checkpoint.step_of(ckpt) if ckpt is not None else 0
         if step >= recipe.train.max_steps:
             if layout.main:
@@ -88,9 +90,11 @@ def train(recipe: Recipe, command: str = "") -> int:
         return trainer.run()
 
 
-def find_checkpoint(recipe: Recipe) -> tuple[Path, Path | None]:
-    """(run folder, its newest complete checkpoint or None), the checkpoint checked against the recipe."""
+def find_checkpoint(recipe: Recipe, command: str, held: ExitStack) -> tuple[Path, Path | None]:
+    """(run folder, its newest complete checkpoint or None), the checkpoint checked against the recipe.
+    The folder's lock is taken first and added to `held`: no other run writes there until it closes."""
     run_dir = run_folder(recipe)
+    held.enter_context(RunLock(run_dir, command))
     ckpt = checkpoint.latest(run_dir)
     if ckpt is not None:
         checkpoint.check_same_shape(ckpt, recipe, run_dir)
@@ -106,7 +110,7 @@ def run_folder(recipe: Recipe) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise LabError(f"{where}: '{run_dir}' is a file, not a folder. Set train.out_dir to a folder "
                        f"(e.g. --set train.out_dir=runs/{recipe.name}), or move the file away")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (
+    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()) and not (
         (run_dir / METRICS).exists() or (run_dir / "checkpoints").exists()
     ):
         raise LabError(f"{where}: '{run_dir}' is a folder of other files, not a run folder; the run "
