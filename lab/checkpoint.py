@@ -9,6 +9,13 @@ A checkpoint is written into a temporary folder, every file fsynced, COMPLETE ad
 renamed into place (a rename is atomic). A folder without COMPLETE is never read, so a SIGKILL at any
 moment leaves the previous checkpoint whole.
 
+COMPLETE holds each file's size and SHA-256, taken when it was saved. Every reader (resume, `lab
+generate`, `lab export-hf`, whatever calls load_run) checks them, and that the weights are finite,
+before it trusts a checkpoint: a damaged one (a disk that failed, a copy cut short) is passed over for
+the newest intact one with a one-line warning, and if none is intact the message lists what is
+damaged and what to do. Old checkpoints are removed COMPLETE first, so one whose deletion was cut
+short no longer counts as complete.
+
 A checkpoint does not depend on how many processes wrote it: it holds the whole model (never FSDP2's
 shards) and the optimizer's state keyed by parameter name, gathered and scattered with
 torch.distributed.checkpoint's state-dict helpers. A run saved by two processes resumes in one, or
@@ -19,14 +26,18 @@ containers: so the RNG states are stored as tensors and lists, never numpy objec
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,6 +45,7 @@ from lab.errors import LabError
 from lab.files import fsync, usual_mode
 
 MARKER = "COMPLETE"
+FILES = ("model.safetensors", "state.pt", "recipe.toml")  # what a checkpoint cannot do without
 
 
 def checkpoint_dirs(run_dir) -> list[Path]:
@@ -72,7 +84,7 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
     (tmp / "recipe.toml").write_text(recipe_toml)
     for name in ("model.safetensors", "state.pt", "recipe.toml"):
         fsync(tmp / name)
-    (tmp / MARKER).write_text(f"{step}\n")
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": manifest(tmp)}, indent=1) + "\n")
     fsync(tmp / MARKER)
     fsync(tmp)
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
@@ -84,8 +96,83 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
         os.replace(tmp, final)
     fsync(root)
     for stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
+        remove(stale)
     return final
+
+
+def remove(ckpt) -> None:
+    """Delete a checkpoint folder, COMPLETE first: a deletion cut short leaves a folder that no longer
+    counts as a checkpoint, never one that counts and lacks its weights."""
+    (Path(ckpt) / MARKER).unlink(missing_ok=True)
+    fsync(ckpt)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+# Damage ----------------------------------------------------------------------------------------
+
+class Damaged(LabError):
+    """A checkpoint whose files are not what was saved."""
+
+    def __init__(self, ckpt, problems: list[str]):
+        self.ckpt, self.problems = Path(ckpt), problems
+        super().__init__(f"checkpoint {ckpt} is damaged: {'; '.join(problems)}")
+
+
+def manifest(folder: Path) -> dict:
+    """{file: {bytes, sha256}} for every file in a checkpoint folder but COMPLETE."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def damage(ckpt) -> list[str]:
+    """What is wrong with a complete checkpoint's files, against what COMPLETE recorded when it was
+    saved; [] when nothing. (Checkpoints from before COMPLETE held a record: only that the files are
+    there; reading them finds the rest.)"""
+    ckpt = Path(ckpt)
+    try:
+        record = json.loads((ckpt / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return [f"{MARKER} is unreadable"]
+    files = record.get("files") if isinstance(record, dict) else {}
+    if not isinstance(files, dict):
+        return [f"{MARKER} is unreadable"]
+    problems = [f"{name} is missing" for name in FILES if not (ckpt / name).is_file()]
+    for name, saved in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            problems += [] if name in FILES else [f"{name} is missing"]
+        elif path.stat().st_size != saved.get("bytes"):
+            problems.append(f"{name} is {path.stat().st_size} bytes, {saved.get('bytes')} were written")
+        elif sha256(path) != saved.get("sha256"):
+            problems.append(f"{name} differs from what was written (SHA-256)")
+    return problems
+
+
+def newest_intact(run_dir, load=lambda ckpt: None):
+    """(checkpoint, load(checkpoint)) for the newest complete checkpoint whose files are as saved
+    and that `load` reads without raising Damaged; (None, None) when the run has no checkpoint. Each
+    damaged one passed over gets a one-line warning; when all are damaged, a LabError lists them."""
+    damaged = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        try:
+            problems = damage(ckpt)
+            if problems:
+                raise Damaged(ckpt, problems)
+            return ckpt, load(ckpt)
+        except Damaged as e:
+            damaged.append(e)
+            print(f"warning: {e}; falling back to the checkpoint before it", file=sys.stderr)
+    if damaged:
+        listed = "; ".join(f"{e.ckpt.name}: {', '.join(e.problems)}" for e in damaged)
+        raise LabError(f"every checkpoint in {run_dir} is damaged ({listed}). Restore the run folder from a "
+                       f"copy if you have one; to train again from scratch, move {Path(run_dir) / 'checkpoints'} "
+                       "away (it is kept for inspection) and run the same command")
+    return None, None
 
 
 def _one_name_per_tensor(weights: dict) -> dict:
@@ -114,7 +201,13 @@ def tied_names(model: nn.Module) -> list[list[str]]:
 def read_weights(ckpt_dir, model: nn.Module) -> dict:
     """model.safetensors as a full state dict of model, every name of a tied matrix filled in; a
     file of another model is refused with a clear message."""
-    weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    try:
+        weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise Damaged(ckpt_dir, [f"model.safetensors cannot be read ({str(e).splitlines()[0][:80]})"]) from None
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise Damaged(ckpt_dir, [f"model.safetensors holds NaN or infinite values ({', '.join(bad[:3])})"])
     for group in tied_names(model):
         stored = [name for name in group if name in weights]
         for name in group if stored else []:
@@ -142,7 +235,15 @@ def load_weights(ckpt_dir, model: nn.Module) -> None:
 
 
 def load_state(ckpt_dir) -> dict:
-    return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+    """state.pt. Whatever stops torch.load is damage: its own message would suggest weights_only=False,
+    which lets a file run code, and a damaged file needs no such thing."""
+    try:
+        state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and storage errors all mean the same to a user
+        raise Damaged(ckpt_dir, [f"state.pt cannot be read ({type(e).__name__})"]) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise Damaged(ckpt_dir, ["state.pt holds no training state"])
+    return state
 
 
 # Whole state from any layout, and back --------------------------------------------------------
@@ -164,7 +265,8 @@ def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, di
     return weights, optimizer_state
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict,
+            optimizer_state: dict | None) -> None:
     """Load what `gather` returned (or read_weights and state.pt hold) into a model and optimizer of
     any layout. With several processes only rank 0 has read the files (the others pass empty dicts):
     it sends each tensor to the others, which keep their shard of it (FSDP2) or all of it (DDP). So
@@ -175,7 +277,9 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, o
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, _by_name(optimizer_state, model, optimizer), options=options)
+    if optimizer is not None:  # None: the weights alone, for a fresh optimizer
+        set_optimizer_state_dict(model, optimizer, _by_name(optimizer_state, model, optimizer),
+                                 options=options)
 
 
 def _by_name(optimizer_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -253,12 +357,16 @@ def load_run(run_dir, device="cpu"):
     if not Path(run_dir).is_dir():
         raise LabError(f"run folder not found: {run_dir}. Train one with `lab run RECIPE`, or import "
                        "GPT-2 weights with `lab import-hf HF_DIR --out RUN_DIR`")
-    ckpt = latest(run_dir)
+    def build(ckpt):
+        recipe_file = ckpt / "recipe.toml"
+        recipe = resolve(read_toml(str(recipe_file)), str(recipe_file))
+        model = GPT(recipe)
+        load_weights(ckpt, model)
+        return recipe, model
+
+    ckpt, loaded = newest_intact(run_dir, build)
     if ckpt is None:
         raise LabError(f"{run_dir} has no complete checkpoint (looked for checkpoints/step_*/{MARKER}). "
                        "Train with `lab run RECIPE` until it saves one")
-    recipe_file = ckpt / "recipe.toml"
-    recipe = resolve(read_toml(str(recipe_file)), str(recipe_file))
-    model = GPT(recipe)
-    load_weights(ckpt, model)
+    recipe, model = loaded
     return recipe, model.to(device).eval(), ckpt

@@ -95,9 +95,7 @@ def find_checkpoint(recipe: Recipe, command: str, held: ExitStack) -> tuple[Path
     The folder's lock is taken first and added to `held`: no other run writes there until it closes."""
     run_dir = run_folder(recipe)
     held.enter_context(RunLock(run_dir, command))
-    ckpt = checkpoint.latest(run_dir)
-    if ckpt is not None:
-        checkpoint.check_same_shape(ckpt, recipe, run_dir)
+    ckpt, _ = checkpoint.newest_intact(run_dir, lambda ckpt: checkpoint.check_same_shape(ckpt, recipe, run_dir))
     return run_dir, ckpt
 
 
@@ -222,6 +220,8 @@ class Trainer:
         means the processes' dropout masks repeat each other's on their own rows; and another layout
         draws other masks, so with dropout > 0 only a resume on the same layout is exact."""
         weights, state = distributed.on_main(self.read_checkpoint, ckpt) or ({}, {})
+        if not distributed.share("optimizer" in state if self.main else None):
+            return self.start_from_weights(ckpt, weights)
         # The optimizer's moments come from the checkpoint; its settings (betas, weight decay, fused
         # or not on this device...) from the recipe as it is now, which the user may have changed.
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
@@ -239,8 +239,19 @@ class Trainer:
             if changed:  # allowed (a longer run, a lower lr...), but never silently
                 print(f"the recipe differs from the checkpoint's: {', '.join(changed)}")
 
+    def start_from_weights(self, ckpt: Path, weights: dict) -> None:
+        """A checkpoint of weights alone, as `lab import-hf` writes: fine-tune them from step 0 with a
+        fresh optimizer, on the recipe's data."""
+        checkpoint.restore(self.model, None, weights, None)
+        if self.main:
+            print(f"fine-tuning the weights in {ckpt}: a fresh optimizer, from step 0, on the recipe's data")
+
     def read_checkpoint(self, ckpt: Path) -> tuple[dict, dict]:
-        return checkpoint.read_weights(ckpt, self.model), checkpoint.load_state(ckpt)
+        try:
+            return checkpoint.read_weights(ckpt, self.model), checkpoint.load_state(ckpt)
+        except checkpoint.Damaged as e:  # found only by reading it: a checkpoint saved before checksums
+            raise LabError(f"{e}. Move it out of {ckpt.parent} (e.g. to {self.run_dir / ('damaged_' + ckpt.name)}) "
+                           f"and run `{self.command}` again to resume from the checkpoint before it") from None
 
     # The run --------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import lab.plugins as plugins
 from lab import hookimpl
+from lab import checkpoint
 from lab.checkpoint import load_run, save
 from lab.cli import main
 from lab.generate import generate
@@ -178,3 +179,34 @@ def test_import_refuses_weights_that_do_not_match_config_json(hf_model, tmp_path
         (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
         status, _, err = run_lab(capsys, "import-hf", hf_dir, "--out", tmp_path / "run")
         assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_an_imported_folder_fine_tunes_with_lab_run(hf_model, tmp_path, capsys):
+    """Fresh optimizer, step 0, the recipe's data: `lab run OUT/recipe.toml`, as the import suggests."""
+    import numpy as np
+
+    from lab.report import read_metrics
+
+    hf_dir = save_hf(hf_model, tmp_path / "hf", "safetensors")
+    status, _, err = run_lab(capsys, "import-hf", hf_dir, "--out", tmp_path / "run")
+    assert status == 0 and f"lab run {tmp_path / 'run' / 'recipe.toml'} --set data.path=" in err
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 3000), ("val", 600)):
+        (np.arange(n) % 500).astype(np.uint16).tofile(data / f"{split}.bin")
+    settings = [f"data.path={data}", "train.max_steps=3", "train.batch_size=2", "train.eval_batches=1",
+                "train.device=cpu", "generate.max_new_tokens=2", "generate.num_samples=1"]
+    args = [a for s in settings for a in ("--set", s)]
+    status, out, err = run_lab(capsys, "run", tmp_path / "run" / "recipe.toml", *args)
+    assert status == 0, err
+    assert f"fine-tuning the weights in {tmp_path / 'run' / 'checkpoints' / 'step_0000000'}" in out
+    assert checkpoint.load_state(checkpoint.latest(tmp_path / "run"))["step"] == 3
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+    # It trained from the imported weights: its loss before the first step is theirs, not a fresh model's.
+    status, out, err = run_lab(capsys, "run", tmp_path / "run" / "recipe.toml", *args,
+                               "--set", f"train.out_dir={tmp_path / 'fresh'}")
+    assert status == 0, err
+    fresh = read_metrics(tmp_path / "fresh" / "metrics.jsonl")
+    assert records[0]["val_loss"] != fresh[0]["val_loss"]

@@ -99,3 +99,115 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_behind(tmp_path, capsy
     assert run_lab(capsys, "run", recipe, "--set", "data.path=nowhere")[0] == 2
     assert os.listdir(tmp_path / "run") == [LOCK]
     assert run_lab(capsys, "run", recipe)[0] == 0
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run with checkpoints at steps 2 and 4 (not touched: tests damage copies)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("trained")
+    recipe = write_recipe(folder)
+    assert main(["run", recipe]) == 0
+    return folder, recipe, shutil.copytree
+
+
+def copy_run(trained, tmp_path):
+    folder, _, copytree = trained
+    copytree(folder, tmp_path, dirs_exist_ok=True)
+    recipe = write_recipe(tmp_path)  # the same recipe, pointing at this copy
+    return tmp_path / "run", recipe
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def scribble(path):
+    """Random bytes over the tensors, the size unchanged: only the checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[-64:] = os.urandom(64)
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": ("model.safetensors", truncate),
+    "scribbled weights": ("model.safetensors", scribble),
+    "truncated state": ("state.pt", truncate),
+    "scribbled state": ("state.pt", scribble),
+    "missing state": ("state.pt", lambda p: p.unlink()),
+    "emptied recipe": ("recipe.toml", lambda p: p.write_text("")),
+}
+
+
+@pytest.mark.parametrize("what", DAMAGE)
+def test_generate_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, capsys, what):
+    run, _ = copy_run(trained, tmp_path)
+    name, harm = DAMAGE[what]
+    harm(run / "checkpoints" / "step_0000004" / name)
+    status, out, err = run_lab(capsys, "generate", run, "--max-new-tokens", "3", "--num-samples", "1")
+    assert status == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "step_0000004 is damaged" in warning[0] and name in warning[0]
+    assert "step_0000002 on cpu" in err  # the intact one it used
+    assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, capsys):
+    run, recipe = copy_run(trained, tmp_path)
+    truncate(run / "checkpoints" / "step_0000004" / "model.safetensors")
+    status, out, err = run_lab(capsys, "run", recipe, "--set", "train.max_steps=6")
+    assert status == 0, err
+    assert "step_0000004 is damaged" in err and "resuming from step 2" in out
+    assert checkpoint.load_state(checkpoint.latest(run))["step"] == 6
+
+
+def test_when_every_checkpoint_is_damaged_each_reader_says_which_and_what_to_do(trained, tmp_path, capsys):
+    run, recipe = copy_run(trained, tmp_path)
+    for ckpt in checkpoint.checkpoint_dirs(run):
+        truncate(ckpt / "state.pt")
+    for args in (["generate", run], ["run", recipe, "--set", "train.max_steps=6"],
+                 ["export-hf", run, "--out", tmp_path / "hf"]):
+        status, _, err = run_lab(capsys, *args)
+        assert status == 2 and "Traceback" not in err and "weights_only" not in err
+        assert f"every checkpoint in {run} is damaged (step_0000004: state.pt is" in err
+        assert "step_0000002: state.pt is" in err and "train again from scratch" in err
+    assert len(checkpoint.checkpoint_dirs(run)) == 2  # nothing removed: they are the user's to inspect
+
+
+def test_a_checkpoint_without_checksums_is_still_checked_when_read(trained, tmp_path, capsys):
+    """Checkpoints saved before COMPLETE held checksums: reading them finds the damage."""
+    run, recipe = copy_run(trained, tmp_path)
+    for ckpt in checkpoint.checkpoint_dirs(run):
+        (ckpt / checkpoint.MARKER).write_text(f"{checkpoint.step_of(ckpt)}\n")
+    newest = run / "checkpoints" / "step_0000004"
+    (newest / "state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    status, _, err = run_lab(capsys, "run", recipe, "--set", "train.max_steps=6")
+    assert status == 2 and "state.pt cannot be read" in err and "weights_only" not in err
+    assert "damaged_step_0000004" in err  # where to move it
+    with pytest.raises(checkpoint.Damaged, match="NaN"):
+        weights = {"w": torch.tensor([1.0, float("nan")])}
+        from safetensors.torch import save_file
+        save_file(weights, str(newest / "model.safetensors"))
+        checkpoint.read_weights(newest, torch.nn.Module())
+
+
+def test_deleting_an_old_checkpoint_removes_complete_first(tmp_path, monkeypatch):
+    def save_one(step):
+        checkpoint.save(tmp_path, step, torch.nn.Linear(2, 2), 'name = "x"\n', {"step": step}, keep=1)
+
+    save_one(1)
+
+    def killed_midway(path, ignore_errors=False):  # deletes one file, then the process dies
+        (path / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_one(2)
+    assert [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["step_0000002"]
+    assert checkpoint.damage(checkpoint.latest(tmp_path)) == []

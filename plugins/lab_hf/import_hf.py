@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 from lab.checkpoint import latest, save
 from lab.errors import LabError
+from lab.files import write_text_atomically
 from lab.model import GPT
 from lab.recipe import Recipe, resolve
+from lab.runlock import LOCK, RunLock
 from lab_hf.names import to_lab
 
 # transformers' activation names -> the gelu MLP's `approximate`. gelu_new is GPT-2's tanh formula.
@@ -29,14 +31,29 @@ def import_hf(hf_dir, out) -> Path:
     """Write a lab run folder from a transformers GPT-2 folder; return the checkpoint folder."""
     hf_dir, out = Path(hf_dir), Path(out)
     config = read_config(hf_dir)
-    if latest(out) is not None:
-        raise LabError(f"{out} already holds a checkpoint ({latest(out)}); choose another --out folder, "
-                       "or delete that one first")
+    check_out(out)
     recipe = recipe_from_config(config, hf_dir)
     weights = read_weights(hf_dir)  # before building the model: a missing file is found at once
     model = GPT(recipe)
     load_hf_weights(model, weights, hf_dir)
-    return save(out, 0, model, recipe.to_toml(), state={"step": 0})
+    recipe.train.out_dir = str(out)  # so that `lab run OUT/recipe.toml` fine-tunes in this folder
+    with RunLock(out, f"lab import-hf {hf_dir} --out {out}"):
+        check_out(out)  # again, now that no other lab process can write there
+        # The checkpoint holds weights and step 0 alone: `lab run` fine-tunes it with a fresh optimizer.
+        ckpt = save(out, 0, model, recipe.to_toml(), state={"step": 0})
+        write_text_atomically(out / "recipe.toml", recipe.to_toml())
+    return ckpt
+
+
+def check_out(out: Path) -> None:
+    """--out must be a new or empty folder: the import writes recipe.toml and checkpoints/ there."""
+    if out.exists() and not out.is_dir():
+        raise LabError(f"--out {out} is a file; give a new folder for the run")
+    if latest(out) is not None:
+        raise LabError(f"{out} already holds a checkpoint ({latest(out)}); choose another --out folder, "
+                       "or delete that one first")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
+        raise LabError(f"--out {out} is a folder of other files; give a new or empty folder for the run")
 
 
 def read_config(hf_dir: Path) -> dict:
@@ -111,9 +128,15 @@ def read_weights(hf_dir: Path) -> dict:
         if safetensors.is_file():
             return load_file(str(safetensors))
         if pickled.is_file():
-            return torch.load(pickled, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
-        raise LabError(f"cannot read the weights in {hf_dir}: {e}") from None
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise LabError(f"{pickled} holds a {type(state).__name__}, not a dict of tensors; save the "
+                               "model with save_pretrained")
+            return state
+    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as e:
+        # Not torch's text: it suggests weights_only=False, which would let the file run code.
+        raise LabError(f"cannot read the weights in {hf_dir} ({type(e).__name__}): the file is damaged or "
+                       "not a PyTorch/safetensors weights file; save the model again with save_pretrained") from None
     raise LabError(f"{hf_dir} has a config.json but no model.safetensors or pytorch_model.bin "
                    "(sharded checkpoints are not read); save the model with save_pretrained")
 
@@ -121,6 +144,8 @@ def read_weights(hf_dir: Path) -> dict:
 def load_hf_weights(model: GPT, hf_state: dict, hf_dir: Path) -> None:
     state = to_lab(hf_state, model.config.n_layer, str(hf_dir))
     head = hf_state.get("lm_head.weight")
+    if head is not None and not isinstance(head, torch.Tensor):
+        raise LabError(f"{hf_dir}: lm_head.weight is a {type(head).__name__}, not a tensor")
     if head is not None and not torch.equal(head.float(), state["tok_emb.weight"]):
         raise LabError(f"{hf_dir}: lm_head.weight differs from wte.weight, but lab's GPT-2 ties them; "
                        "this model cannot be imported")
@@ -133,6 +158,7 @@ def load_hf_weights(model: GPT, hf_state: dict, hf_dir: Path) -> None:
 
 def cli_import(args) -> int:
     ckpt = import_hf(args.hf_dir, args.out)
-    print(f"imported {args.hf_dir} into {ckpt}\ntry: lab generate {args.out} --prompt \"Hello\"",
-          file=sys.stderr)
+    print(f"imported {args.hf_dir} into {ckpt}\ntry: lab generate {args.out} --prompt \"Hello\"\n"
+          f"fine-tune it: lab run {Path(args.out) / 'recipe.toml'} --set data.path=YOUR_DATA "
+          "--set train.max_steps=200", file=sys.stderr)
     return 0

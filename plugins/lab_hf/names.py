@@ -4,6 +4,8 @@ transformers' GPT-2 keeps its linear layers as Conv1D, whose weight is stored (i
 transpose of nn.Linear's (out, in). Files saved from GPT2LMHeadModel prefix every name with
 "transformer."; the original OpenAI-converted files (the hub's gpt2 .. gpt2-xl) do not.
 """
+import torch
+
 from lab.errors import LabError
 
 PREFIX = "transformer."
@@ -35,7 +37,11 @@ def to_lab(hf_state: dict, n_layer: int, source: str) -> dict:
         if theirs not in hf_state:
             raise LabError(f"{source} has no tensor '{theirs}' (nor '{PREFIX}{theirs}'), which a GPT-2 "
                            f"with n_layer = {n_layer} needs; the weights file does not match config.json")
-        tensor = hf_state[theirs].float()
+        tensor = hf_state[theirs]
+        if not isinstance(tensor, torch.Tensor):
+            raise LabError(f"{source}: '{theirs}' is a {type(tensor).__name__}, not a tensor; the weights "
+                           "file is not a model's state dict")
+        tensor = tensor.float()
         out[ours] = tensor.t().contiguous() if transposed else tensor
     out["head.weight"] = out["tok_emb.weight"]
     return out
