@@ -14,7 +14,7 @@ import torch
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, ignore_index: int):
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, ignore_index: int, softcap):
         # x (N, C), weight (V_padded, C), targets (N,). Columns past vocab_size are padding: never a target.
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -26,6 +26,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # One buffer for every chunk's logits: a fresh (chunk, V) tensor per chunk costs more in page
         # faults than the softmax itself.
         buffer = torch.empty(min(chunk, x.size(0)), weight.size(0), dtype=acc, device=x.device)
+        # With a soft-cap, d capped / d logits = 1 - tanh^2, kept per chunk for the gradient.
+        slope = torch.empty_like(buffer) if softcap and need_grad else None
         for start in range(0, x.size(0), chunk):
             xc, tc = x[start:start + chunk], targets[start:start + chunk]
             logits = buffer[: len(tc)]  # (n, V_padded)
@@ -33,6 +35,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(xc, w.t(), out=logits)
             else:
                 logits.copy_(xc @ w.t())
+            if softcap:  # cap * tanh(logits / cap), in place
+                logits.div_(softcap).tanh_()
+                if slope is not None:
+                    torch.mul(logits, logits, out=slope[: len(tc)]).neg_().add_(1.0)
+                logits.mul_(softcap)
             if vocab_size < logits.size(1):
                 logits[:, vocab_size:] = float("-inf")
             ignored = tc == ignore_index
@@ -48,6 +55,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(tc), device=x.device), safe_t] -= 1.0
                 if ignored.any():
                     probs[ignored] = 0.0
+                if slope is not None:
+                    probs.mul_(slope[: len(tc)])
                 grad_x[start:start + chunk] = probs.to(x.dtype) @ w
                 if probs.dtype == x.dtype:
                     grad_w.addmm_(probs.t(), xc)  # accumulate in place: no (V, C) temporary
@@ -60,14 +69,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
 
 
 def chunked_cross_entropy(x, weight, targets, vocab_size: int | None = None, chunk: int = 1024,
-                          ignore_index: int = -1) -> torch.Tensor:
-    """Mean cross-entropy of (x @ weight.T) against targets, over the rows whose target is not
-    ignore_index. x (..., C), weight (V, C), targets (...)."""
+                          ignore_index: int = -1, softcap: float | None = None) -> torch.Tensor:
+    """Mean cross-entropy of (x @ weight.T), soft-capped if softcap is set, against targets, over
+    the rows whose target is not ignore_index. x (..., C), weight (V, C), targets (...)."""
     vocab_size = vocab_size or weight.size(0)
     return _ChunkedLinearCrossEntropy.apply(
-        x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), vocab_size, chunk, ignore_index
+        x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), vocab_size, chunk, ignore_index, softcap
     )
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) (Gemma 2, modded-nanogpt): logits squashed into (-cap, cap), nearly
+    unchanged well inside it. None: the logits as they are."""
+    if not cap:
+        return logits
+    return (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)  # tanh in fp32 even under autocast

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab.errors import LabError
-from lab.fused_loss import chunked_cross_entropy
+from lab.fused_loss import chunked_cross_entropy, soft_cap
 from lab.recipe import ModelConfig, Part, Recipe
 
 
@@ -49,8 +49,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """GPT-2's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, and
-        N(0, 0.02 / sqrt(2 * n_layer)) for residual projections. Separate from __init__ so a model
-        built on the meta device, or re-initialised, gets the same weights."""
+        N(0, 0.02 / sqrt(2 * n_layer)) for residual projections, or zeros with model.zero_init_residual.
+        Separate from __init__ so a model built on the meta device, or re-initialised, gets the same weights."""
         std = 0.02
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -60,7 +60,9 @@ class GPT(nn.Module):
             elif module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()  # norms: ones and zeros
         for module in self.modules():
-            if getattr(module, "residual_projection", False):
+            if getattr(module, "residual_projection", False) and self.config.zero_init_residual:
+                nn.init.zeros_(module.weight)  # each block starts as the identity; gradients still reach it
+            elif getattr(module, "residual_projection", False):
                 nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()  # a component with an initialisation of its own
@@ -86,8 +88,9 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         if targets is not None and self.config.loss_chunk:
-            return None, chunked_cross_entropy(x, self.head.weight, targets, chunk=self.config.loss_chunk)
-        logits = self.head(x)  # (B, T, vocab)
+            return None, chunked_cross_entropy(x, self.head.weight, targets, chunk=self.config.loss_chunk,
+                                               softcap=self.config.logit_softcap)
+        logits = soft_cap(self.head(x), self.config.logit_softcap)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)

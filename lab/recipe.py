@@ -9,9 +9,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from lab.errors import LabError, did_you_mean
 from lab.interfaces import SLOTS
@@ -54,6 +55,14 @@ class ModelConfig(Section):
     loss_chunk: NonNegativeInt = Field(
         256, description="rows per chunk of the fused LM head + loss (full logits never held); 0: plain path"
     )
+    logit_softcap: Optional[float] = Field(
+        None, description="squash the logits into (-cap, cap) with cap * tanh(logits / cap), in training "
+        "and sampling (Gemma 2: 30, modded-nanogpt: 15); unset: no cap"
+    )
+    zero_init_residual: bool = Field(
+        False, description="residual output projections start at zero, so every block starts as the "
+        "identity (modded-nanogpt, nanochat); false: GPT-2's scaled normal"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -63,6 +72,14 @@ class ModelConfig(Section):
                 f"of them (e.g. n_embd = {self.n_head * max(1, round(self.n_embd / self.n_head))})"
             )
         return self
+
+    @field_validator("logit_softcap")
+    @classmethod
+    def _positive_cap(cls, cap):
+        if cap is not None and not cap > 0:  # also catches nan
+            raise ValueError("the logit soft-cap must be > 0 (logits are squashed into (-cap, cap)); "
+                             "leave logit_softcap out for no cap, or use e.g. 15 or 30")
+        return cap
 
     @property
     def head_dim(self) -> int:

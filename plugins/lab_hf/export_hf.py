@@ -47,6 +47,8 @@ def refuse_non_gpt2(recipe: Recipe, source) -> None:
         reasons.append("model.bias = false (GPT-2's linear layers and norms have biases)")
     if not recipe.model.tie_embeddings:
         reasons.append("model.tie_embeddings = false (GPT-2's head is its token embedding)")
+    if recipe.model.logit_softcap:
+        reasons.append(f"model.logit_softcap = {recipe.model.logit_softcap} (GPT-2's logits are not capped)")
     if reasons:
         raise LabError(f"{source} is not a GPT-2, so export-hf cannot write it: " + "; ".join(reasons))
 
