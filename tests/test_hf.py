@@ -155,7 +155,7 @@ def write_config(folder, **config):
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing", "is not a folder"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "has no config.json"),
-    (lambda d: write_config(d / "llama", model_type="llama"), "model_type = 'llama'; import-hf reads GPT-2"),
+    (lambda d: write_config(d / "mistral", model_type="mistral"), "model_type = 'mistral'; import-hf reads GPT-2"),
     (lambda d: write_config(d / "noweights", model_type="gpt2"), "no model.safetensors or pytorch_model.bin"),
     (lambda d: write_config(d / "relu", model_type="gpt2", activation_function="relu"),
      "activation_function = 'relu' has no lab equivalent"),

@@ -1,5 +1,5 @@
-"""`lab export-hf`: a lab run folder whose components are GPT-2's -> a folder that transformers'
-GPT2LMHeadModel.from_pretrained (and GPT2TokenizerFast.from_pretrained) loads."""
+"""`lab export-hf`: a lab run folder whose components are GPT-2's or Llama's -> a folder that
+transformers' GPT2LMHeadModel or LlamaForCausalLM from_pretrained (and AutoTokenizer) loads."""
 import json
 import shutil
 import sys
@@ -12,6 +12,7 @@ from lab.errors import LabError
 from lab.files import usual_mode
 from lab.recipe import Recipe
 from lab_gpt2 import HERE as GPT2_FILES
+from lab_hf import llama
 from lab_hf.names import to_hf
 
 # The components GPT-2 is made of. Both attentions compute the same softmax attention.
@@ -22,23 +23,45 @@ ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
 
 def export_hf(run_dir, out) -> Path:
     recipe, model, ckpt = load_run(run_dir)
-    refuse_non_gpt2(recipe, ckpt / "recipe.toml")
+    family = pick_family(recipe, ckpt / "recipe.toml")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LabError(f"{out} exists and is not an empty folder; choose a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf(model.state_dict(), recipe.model.n_layer), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    if family == "llama":
+        weights, config = llama.to_hf(model.state_dict(), recipe.model), llama.hf_config(recipe)
+    else:
+        weights, config = to_hf(model.state_dict(), recipe.model.n_layer), hf_config(recipe)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     usual_mode(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_config(recipe), indent=2) + "\n")
-    # transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names.
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names. A Llama
+    # folder says which tokenizer class reads them, or AutoTokenizer would look for Llama's own.
     shutil.copyfile(GPT2_FILES / "encoder.json", out / "vocab.json")
     shutil.copyfile(GPT2_FILES / "vocab.bpe", out / "merges.txt")
+    eot = "<|endoftext|>"
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+         "model_max_length": recipe.model.block_size, "add_prefix_space": False}, indent=2) + "\n")
     return out
 
 
-def refuse_non_gpt2(recipe: Recipe, source) -> None:
-    """Every way the recipe leaves GPT-2's architecture, in one message."""
+def pick_family(recipe: Recipe, source) -> str:
+    """"gpt2" or "llama": the family the run belongs to, or one message with every part that keeps it
+    out of the closer one (rotary positions make it a Llama candidate, anything else a GPT-2 one)."""
+    llama_reasons, gpt2_reasons = llama.refusals(recipe), gpt2_refusals(recipe)
+    if not gpt2_reasons:
+        return "gpt2"
+    if not llama_reasons:
+        return "llama"
+    family, reasons = (("a Llama", llama_reasons) if recipe.parts["position"].name == "rope"
+                       else ("a GPT-2", gpt2_reasons))
+    raise LabError(f"{source} is not {family}, so export-hf cannot write it: " + "; ".join(reasons)
+                   + ". Export writes GPT-2 and Llama models; train a recipe without these parts")
+
+
+def gpt2_refusals(recipe: Recipe) -> list[str]:
+    """Every way the recipe leaves GPT-2's architecture."""
     reasons = [
         f"{slot} '{recipe.parts[slot].name}' (GPT-2's is {' or '.join(names)})"
         for slot, names in GPT2_PARTS.items() if recipe.parts[slot].name not in names
@@ -49,8 +72,7 @@ def refuse_non_gpt2(recipe: Recipe, source) -> None:
         reasons.append("model.tie_embeddings = false (GPT-2's head is its token embedding)")
     if recipe.model.logit_softcap:
         reasons.append(f"model.logit_softcap = {recipe.model.logit_softcap} (GPT-2's logits are not capped)")
-    if reasons:
-        raise LabError(f"{source} is not a GPT-2, so export-hf cannot write it: " + "; ".join(reasons))
+    return reasons
 
 
 def hf_config(recipe: Recipe) -> dict:
@@ -79,6 +101,7 @@ def hf_config(recipe: Recipe) -> dict:
 
 def cli_export(args) -> int:
     out = export_hf(args.run_dir, args.out)
-    print(f"wrote {out}/config.json and model.safetensors; load it with "
-          f"GPT2LMHeadModel.from_pretrained({str(out)!r})", file=sys.stderr)
+    model = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"wrote {out}/config.json, model.safetensors and tokenizer files; load it with "
+          f"transformers' {model}.from_pretrained({str(out)!r})", file=sys.stderr)
     return 0

@@ -1,5 +1,5 @@
-"""`lab import-hf`: a local transformers GPT-2 folder (config.json + weights) -> a lab run folder
-whose step-0 checkpoint `lab generate` samples from and `lab run` can fine-tune."""
+"""`lab import-hf`: a local transformers GPT-2 or Llama folder (config.json + weights) -> a lab run
+folder whose step-0 checkpoint `lab generate` samples from and `lab run` can fine-tune."""
 import json
 import pickle
 import sys
@@ -15,6 +15,7 @@ from lab.files import write_text_atomically
 from lab.model import GPT
 from lab.recipe import Recipe, resolve
 from lab.runlock import LOCK, RunLock
+from lab_hf import llama
 from lab_hf.names import to_lab
 
 # transformers' activation names -> the gelu MLP's `approximate`. gelu_new is GPT-2's tanh formula.
@@ -28,14 +29,14 @@ HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer
 
 
 def import_hf(hf_dir, out) -> Path:
-    """Write a lab run folder from a transformers GPT-2 folder; return the checkpoint folder."""
+    """Write a lab run folder from a transformers GPT-2 or Llama folder; return the checkpoint folder."""
     hf_dir, out = Path(hf_dir), Path(out)
     config = read_config(hf_dir)
     check_out(out)
     recipe = recipe_from_config(config, hf_dir)
     weights = read_weights(hf_dir)  # before building the model: a missing file is found at once
     model = GPT(recipe)
-    load_hf_weights(model, weights, hf_dir)
+    load_hf_weights(model, weights, hf_dir, config["model_type"])
     recipe.train.out_dir = str(out)  # so that `lab run OUT/recipe.toml` fine-tunes in this folder
     with RunLock(out, f"lab import-hf {hf_dir} --out {out}"):
         check_out(out)  # again, now that no other lab process can write there
@@ -68,30 +69,23 @@ def read_config(hf_dir: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LabError(f"cannot parse {path}: {e}") from None
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+    if not isinstance(config, dict) or config.get("model_type") not in ("gpt2", "llama"):
         found = config.get("model_type") if isinstance(config, dict) else None
-        raise LabError(f"{path} has model_type = {found!r}; import-hf reads GPT-2 models only "
-                       "(model_type \"gpt2\")")
-    return {**HF_DEFAULTS, **config}
+        raise LabError(f"{path} has model_type = {found!r}; import-hf reads GPT-2 and Llama models "
+                       "(model_type \"gpt2\" or \"llama\")")
+    return {**HF_DEFAULTS, **config} if config["model_type"] == "gpt2" else config
 
 
 def recipe_from_config(config: dict, hf_dir: Path) -> Recipe:
-    """GPT-2's shape from config.json, GPT-2's components, and the default training tables."""
+    """The model's shape and components from config.json, and the default training tables."""
     source = str(hf_dir / "config.json")
-    refuse_unsupported(config, source)
-    n_inner = config["n_inner"] or 4 * config["n_embd"]
+    if config["model_type"] == "llama":
+        model = llama.recipe_table(config, source)
+    else:
+        model = gpt2_model_table(config, source)
     raw = {
         "name": hf_dir.resolve().name,
-        "model": {
-            "vocab_size": config["vocab_size"], "block_size": config["n_positions"],
-            "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
-            "dropout": config["resid_pdrop"], "bias": True, "tie_embeddings": True,
-            "attention": {"name": "sdpa"},
-            "mlp": {"name": "gelu", "expansion": n_inner // config["n_embd"],
-                    "approximate": ACTIVATIONS[config["activation_function"]]},
-            "norm": {"name": "layernorm", "eps": config["layer_norm_epsilon"]},
-            "position": {"name": "learned"},
-        },
+        "model": model,
         "tokenizer": {"name": "gpt2"},
         "data": {"name": "memmap"},
         "optimizer": {"name": "adamw"},
@@ -103,6 +97,22 @@ def recipe_from_config(config: dict, hf_dir: Path) -> Recipe:
         raise LabError(f"{source}: vocab_size = {recipe.model.vocab_size} is smaller than GPT-2's tokenizer "
                        f"({vocab}); this model uses another tokenizer, which import-hf cannot bring along")
     return recipe
+
+
+def gpt2_model_table(config: dict, source: str) -> dict:
+    """The [model] table of a lab recipe for a config.json of model_type "gpt2"."""
+    refuse_unsupported(config, source)
+    n_inner = config["n_inner"] or 4 * config["n_embd"]
+    return {
+        "vocab_size": config["vocab_size"], "block_size": config["n_positions"],
+        "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
+        "dropout": config["resid_pdrop"], "bias": True, "tie_embeddings": True,
+        "attention": {"name": "sdpa"},
+        "mlp": {"name": "gelu", "expansion": n_inner // config["n_embd"],
+                "approximate": ACTIVATIONS[config["activation_function"]]},
+        "norm": {"name": "layernorm", "eps": config["layer_norm_epsilon"]},
+        "position": {"name": "learned"},
+    }
 
 
 def refuse_unsupported(config: dict, source: str) -> None:
@@ -141,14 +151,17 @@ def read_weights(hf_dir: Path) -> dict:
                    "(sharded checkpoints are not read); save the model with save_pretrained")
 
 
-def load_hf_weights(model: GPT, hf_state: dict, hf_dir: Path) -> None:
-    state = to_lab(hf_state, model.config.n_layer, str(hf_dir))
-    head = hf_state.get("lm_head.weight")
-    if head is not None and not isinstance(head, torch.Tensor):
-        raise LabError(f"{hf_dir}: lm_head.weight is a {type(head).__name__}, not a tensor")
-    if head is not None and not torch.equal(head.float(), state["tok_emb.weight"]):
-        raise LabError(f"{hf_dir}: lm_head.weight differs from wte.weight, but lab's GPT-2 ties them; "
-                       "this model cannot be imported")
+def load_hf_weights(model: GPT, hf_state: dict, hf_dir: Path, model_type: str = "gpt2") -> None:
+    if model_type == "llama":
+        state = llama.to_lab(hf_state, model.config, str(hf_dir))
+    else:
+        state = to_lab(hf_state, model.config.n_layer, str(hf_dir))
+        head = hf_state.get("lm_head.weight")
+        if head is not None and not isinstance(head, torch.Tensor):
+            raise LabError(f"{hf_dir}: lm_head.weight is a {type(head).__name__}, not a tensor")
+        if head is not None and not torch.equal(head.float(), state["tok_emb.weight"]):
+            raise LabError(f"{hf_dir}: lm_head.weight differs from wte.weight, but lab's GPT-2 ties them; "
+                           "this model cannot be imported")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # a tensor of another shape than config.json says
