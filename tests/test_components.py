@@ -11,7 +11,7 @@ from lab.interfaces import Position
 from lab.plugins import registry
 from lab.model import GPT
 from lab.recipe import ModelConfig, load_recipe
-from lab.testing import build
+from lab.testing import assert_close_to_scale, build
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, bias=True)
@@ -39,9 +39,10 @@ def test_rope_matches_the_complex_rotation(fraction):
     pos = torch.tensor([0, 3, 100, 5000])
     q2, k2 = rope.rotate(q, k, pos)
     dims = int(8 * fraction)
-    # float32 angles, as in LLaMA: at position 5000 they are off by up to ~3e-4 radians
-    torch.testing.assert_close(q2.double(), rope_reference(q, pos, 500.0, dims), atol=5e-4, rtol=0)
-    torch.testing.assert_close(k2.double(), rope_reference(k, pos, 500.0, dims), atol=5e-4, rtol=0)
+    # float32 angles, as in LLaMA: at position 5000 they are off by up to ~3e-4 radians, which moves
+    # a rotated pair by that fraction of its length: a tolerance relative to the values' scale
+    assert_close_to_scale(q2, rope_reference(q, pos, 500.0, dims), 5e-4, "rotated q")
+    assert_close_to_scale(k2, rope_reference(k, pos, 500.0, dims), 5e-4, "rotated k")
 
 
 def test_rope_scores_depend_only_on_the_distance():
@@ -53,7 +54,9 @@ def test_rope_scores_depend_only_on_the_distance():
         _, k2 = rope.rotate(k, k, torch.tensor([n]))
         return (q2 * k2).sum()
 
-    torch.testing.assert_close(score(7, 3), score(1007, 1003), atol=1e-4, rtol=1e-4)
+    # The float32 angles at ~1000 are off by ~1e-4 radians: relative to |q| |k|, the size of the
+    # terms (the score itself may be near zero)
+    assert_close_to_scale(score(7, 3), score(1007, 1003), 1e-4, "score", scale=(q.norm() * k.norm()).item())
     assert not torch.allclose(score(7, 3), score(7, 4))
     assert rope.max_len is None
 
@@ -90,8 +93,8 @@ def test_rmsnorm_matches_torch(dtype):
     x = 3 * torch.randn(2, 5, 32) + 1
     y = norm.to(dtype)(x.to(dtype))
     assert y.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.float(), reference(x.to(dtype).float()), atol=tol, rtol=tol)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16 keeps 8 bits: ~0.4% per rounding
+    assert_close_to_scale(y.float(), reference(x.to(dtype).float()), tol, f"{dtype} output")
     assert [n for n, _ in norm.named_parameters()] == ["weight"]  # no bias
 
 
@@ -114,7 +117,7 @@ def test_swiglu_matches_the_formula_and_drops_biases():
     wg, wu = mlp.fc.weight.double()[:H], mlp.fc.weight.double()[H:]
     xd = x.double()
     expected = (F.silu(xd @ wg.T) * (xd @ wu.T)) @ mlp.proj.weight.double().T
-    torch.testing.assert_close(mlp(x).double(), expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(mlp(x), expected, 1e-5, "output")  # float32 against float64: relative
     assert getattr(mlp.proj, "residual_projection", False)
 
 
@@ -153,17 +156,18 @@ def test_sliding_window_full_and_cached_match_the_reference():
     attn = component("attention", "sliding", MODEL, window=3).eval()
     x, pos = torch.randn(2, 10, 32), torch.arange(10)
     expected = reference_attention(attn, x, window=3)
-    torch.testing.assert_close(attn(x, pos, Position()).double(), expected, atol=1e-5, rtol=1e-5)
+    # float32 against float64, relative to the values' scale (rounding grows with it, and differs by CPU)
+    assert_close_to_scale(attn(x, pos, Position()), expected, 1e-5, "full forward")
     cache = attn.new_cache(2, 10, x.device, x.dtype)
     steps = [attn(x[:, :4], pos[:4], Position(), cache)]
     steps += [attn(x[:, t : t + 1], pos[t : t + 1], Position(), cache) for t in range(4, 10)]
-    torch.testing.assert_close(torch.cat(steps, 1).double(), expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(torch.cat(steps, 1), expected, 1e-5, "cached decoding")
 
 
 def test_sliding_with_a_wide_window_is_plain_causal_attention():
     attn = component("attention", "sliding", MODEL, window=64, backend="sdpa").eval()
     x = torch.randn(2, 10, 32)
-    torch.testing.assert_close(attn(x, torch.arange(10), Position()).double(), reference_attention(attn, x), atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(attn(x, torch.arange(10), Position()), reference_attention(attn, x), 1e-5, "output")
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -179,7 +183,7 @@ def test_flex_sliding_kernel_matches_the_reference(with_bias):
     expected = scores.masked_fill(~((j <= i) & (i - j < 5)), float("-inf")).softmax(-1) @ v
     with torch.no_grad():
         got = flex_sliding(q.float(), k.float(), v.float(), 5, None if bias is None else bias.float())
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(got, expected, 1e-5, "output")  # float32 against float64: relative
 
 
 # --- the llama_style recipe --------------------------------------------------------------------
@@ -196,4 +200,4 @@ def test_llama_style_builds_and_decodes_with_a_cache():
     caches = model.new_caches(2, 40)
     steps = [model(idx[:, :30], caches=caches)[0]]
     steps += [model(idx[:, t : t + 1], caches=caches, start_pos=t)[0] for t in range(30, 40)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+    assert_close_to_scale(torch.cat(steps, 1), full, 1e-5, "cached logits")  # relative: logits of any size

@@ -16,6 +16,7 @@ from lab.cli import main
 from lab.generate import generate
 from lab.model import GPT
 from lab.recipe import load_recipe
+from lab.testing import assert_close_to_scale
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,7 +110,8 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path, capsy
     assert hf.config.activation_function == "gelu" and hf.config.n_inner == 64
     idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (hf(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
+        # relative to the logits' scale: float32 rounding grows with the values, and differs by CPU
+        assert_close_to_scale(hf(idx).logits, model(idx)[0], 1e-5, "logits")
 
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "hf")
     text = "Hello world, it's 2024 — naïve café"
