@@ -8,6 +8,7 @@ from lab import decoding
 from lab.generate import generate
 from lab.model import GPT
 from lab.recipe import load_recipe
+from lab.testing import assert_close_to_scale
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "model.vocab_size=301"]
 
@@ -44,8 +45,9 @@ def test_same_logits_and_greedy_tokens_state_dict_untouched(gpt_small_path, alwa
     with torch.inference_mode():
         for rows in (prompt[:1, :1], prompt[:, :1]):  # one and two rows: the copy's path
             a, b = trained(rows)[0], laid_out(rows)[0]
-            # Another summation order: within a few ulps of the logits' scale (1e-6 relative).
-            assert (a - b).abs().max() <= 1e-6 * a.abs().max()
+            # Another summation order: a few ulps of the logits' scale. Measured 3.4e-7 of it with
+            # AVX-512 or AVX2 kernels, 4.8e-7 with ATEN_CPU_CAPABILITY=default: checked at 1e-5.
+            assert_close_to_scale(b, a, 1e-5, "logits of the laid-out model")
     assert torch.equal(generate(trained, prompt, 30, temperature=0), generate(laid_out, prompt, 30, temperature=0))
 
 
