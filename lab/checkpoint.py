@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab.errors import LabError
-from lab.files import fsync, usual_mode
+from lab.files import cannot_write, disk_error, fsync, remove_stale_temporaries, usual_mode
 
 MARKER = "COMPLETE"
 FILES = ("model.safetensors", "state.pt", "recipe.toml")  # what a checkpoint cannot do without
@@ -72,21 +72,21 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
     full state dict (what `gather` returns on rank 0)."""
     weights = model.state_dict() if isinstance(model, nn.Module) else model
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    for debris in root.glob(".tmp_step_*"):  # half-written by a process that was killed
-        shutil.rmtree(debris, ignore_errors=True)
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    tmp.mkdir()
-    save_file(_one_name_per_tensor(weights), str(tmp / "model.safetensors"))
-    usual_mode(tmp / "model.safetensors")
-    torch.save(state, tmp / "state.pt")
-    (tmp / "recipe.toml").write_text(recipe_toml)
-    for name in ("model.safetensors", "state.pt", "recipe.toml"):
-        fsync(tmp / name)
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": manifest(tmp)}, indent=1) + "\n")
-    fsync(tmp / MARKER)
-    fsync(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        clear_debris(run_dir)
+        tmp.mkdir()
+        write_files(tmp, step, weights, recipe_toml, state)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # The half-written files go at once (the disk may be full); the last good checkpoint is untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = tensor_bytes(weights) + tensor_bytes(state)
+        error = disk_error(e, root, needed)
+        if error is None:
+            raise
+        raise cannot_write(f"checkpoint {final}", error, needed) from None
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
         old = root / f".old_{final.name}_{os.getpid()}"
         os.replace(final, old)
@@ -98,6 +98,39 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
     for stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         remove(stale)
     return final
+
+
+def write_files(folder: Path, step: int, weights: dict, recipe_toml: str, state: dict) -> None:
+    save_file(_one_name_per_tensor(weights), str(folder / "model.safetensors"))
+    usual_mode(folder / "model.safetensors")
+    torch.save(state, folder / "state.pt")
+    (folder / "recipe.toml").write_text(recipe_toml)
+    for name in FILES:
+        fsync(folder / name)
+    (folder / MARKER).write_text(json.dumps({"step": step, "files": manifest(folder)}, indent=1) + "\n")
+    fsync(folder / MARKER)
+    fsync(folder)
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nested dict / list: about what saving it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def clear_debris(run_dir) -> None:
+    """Remove what processes killed mid-write left: half-written checkpoints, the old copy of a
+    checkpoint saved twice, hidden temporary files. Only the run's writer calls it (it holds the lock)."""
+    root = Path(run_dir) / "checkpoints"
+    for debris in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
+        shutil.rmtree(debris, ignore_errors=True)
+    if Path(run_dir).is_dir():
+        remove_stale_temporaries(run_dir)
 
 
 def remove(ckpt) -> None:

@@ -107,6 +107,13 @@ def main(argv=None) -> int:
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk that a command did not name itself
+        from lab.files import DISK_ERRORS, cannot_write
+
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {cannot_write(e.filename or 'a file', e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

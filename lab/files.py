@@ -1,15 +1,21 @@
 """Writing files so that a crash never leaves half of one: write beside the target, fsync, rename."""
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+from lab.errors import LabError
 
 
 def write_text_atomically(path, text: str) -> None:
     """path holds the old text or the new, never part of either."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -41,3 +47,95 @@ def usual_mode(path) -> None:
     umask = os.umask(0)  # the only portable way to read the umask is to set it
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+# Writes that fail ---------------------------------------------------------------------------------
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def temporary(path) -> tuple[int, str]:
+    """(fd, name) of a new hidden file beside `path`, named .NAME.PID.XXXXXXXX.tmp: the pid tells
+    remove_stale_temporaries whether the process writing it is still alive."""
+    path = Path(path)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+
+
+def remove_stale_temporaries(folder) -> None:
+    """Remove the hidden temporary files that processes killed while writing left in `folder`
+    (those of live processes are being written, and stay)."""
+    for path in Path(folder).glob(".*.tmp"):
+        match = re.search(r"\.(\d+)\.[a-z0-9_]{8}\.tmp$", path.name)
+        if match is None or not alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process, alive
+        pass
+    return True
+
+
+def disk_error(error: Exception, where, needed: int | None = None) -> OSError | None:
+    """The OSError behind a failed write, or None if it was not one: the error itself, the one a Rust
+    writer (safetensors) names in its text, or, for a C++ writer whose text says nothing useful
+    (torch.save: 'unexpected pos'), a full disk when less than `needed` bytes are free at `where`."""
+    if isinstance(error, OSError):
+        return error
+    match = re.search(r"os error (\d+)", str(error))
+    if match:
+        return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
+    if needed is not None and free_bytes(where) < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+@contextmanager
+def writing(path, fix: str = ""):
+    """An OSError in the block becomes cannot_write's one message about `path`."""
+    try:
+        yield
+    except OSError as e:
+        raise cannot_write(path, e, fix=fix) from None
+
+
+def cannot_write(path, error: OSError, needed: int | None = None, fix: str = "") -> LabError:
+    """One message for a write that failed: the path, why, the space needed where known, the fix."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f", about {size(needed)} needed" if needed else ""
+        why = f"the disk is full ({size(free_bytes(path))} free{need})"
+        how = "free some space (old runs, checkpoints, caches)"
+    elif error.errno in (errno.EACCES, errno.EPERM):
+        why, how = "permission denied", "make the folder writable (chmod u+w) or write somewhere else"
+    elif error.errno == errno.EROFS:
+        why, how = "the file system is read-only", "write to a folder on a writable disk"
+    else:
+        why, how = error.strerror or str(error), "check the disk and the folder, or write somewhere else"
+    return LabError(f"cannot write {path}: {why}. {fix or how[0].upper() + how[1:]}")
+
+
+def free_bytes(path) -> int:
+    """Free space on the disk that holds path (or the nearest folder above it that exists)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def size(n: float) -> str:
+    """1234567 -> '1.2 MB'."""
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            break
+        n /= 1000
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"

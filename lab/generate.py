@@ -7,6 +7,7 @@ each new token alone, at its absolute position.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=Non
 
 
 def check_sampling(temperature, top_k, top_p) -> None:
-    if temperature < 0:
+    if not math.isfinite(temperature) or temperature < 0:
         raise LabError(f"temperature must be >= 0 (0 is greedy), got {temperature}; e.g. --temperature 0.8")
     if top_k is not None and top_k < 0:
         raise LabError(f"top_k must be >= 0 (0 keeps every token), got {top_k}; e.g. --top-k 200")
@@ -218,8 +219,11 @@ def settings(args, defaults) -> Settings:
     if args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LabError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise LabError(f"--prompt-file {args.prompt_file} is not UTF-8 text (bad byte at offset {e.start}); "
+                           "give a text file") from None
+        except OSError as e:
+            raise LabError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
 
     def pick(flag, default):
         return default if flag is None else flag
@@ -242,6 +246,10 @@ def settings(args, defaults) -> Settings:
 
 
 def prompt_ids(tokenizer, prompt: str, vocab_size: int) -> list[int]:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        raise LabError("the prompt is not valid UTF-8 text; give it as UTF-8 (or use --prompt-file)") from None
     ids = tokenizer.encode(prompt)
     if not ids:
         # Nothing to continue: start where a new document starts, as GPT-2's unconditional samples do.

@@ -30,7 +30,6 @@ import json
 import mmap
 import multiprocessing
 import os
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -41,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lab.errors import LabError
-from lab.files import fsync, usual_mode, write_text_atomically
+from lab.files import cannot_write, fsync, remove_stale_temporaries, temporary, usual_mode, write_text_atomically
 from lab.interfaces import Tokenizer
 
 SPLITS = ("train", "val")
@@ -52,7 +51,12 @@ INPUT_HELP = "lab prepare takes text files, folders of .txt files, and .jsonl fi
 
 def cli_prepare(args) -> int:
     tokenizer = build_tokenizer(args.tokenizer)
-    meta = prepare(args.inputs, args.out, tokenizer, args.val_fraction, args.workers)
+    refuse_foreign_files(Path(args.out).expanduser())
+    try:
+        meta = prepare(args.inputs, args.out, tokenizer, args.val_fraction, args.workers)
+    except OSError as e:  # the half-written files are gone already (Output.discard)
+        raise cannot_write(e.filename or args.out, e, fix="Free some space, or give --out a folder on "
+                           "another disk") from None
     print(f"wrote {args.out}: " + ", ".join(
         f"{split}.bin {meta[f'{split}_tokens']:,} tokens ({_count(meta[f'{split}_documents'], 'document')})"
         for split in SPLITS) + f"; {meta['dtype']}, tokenizer {meta['tokenizer']}")
@@ -147,7 +151,24 @@ def make_folder(out) -> Path:
     except PermissionError:
         raise LabError(f"cannot create the --out folder {out}: permission denied; choose a folder you "
                        "can write") from None
+    remove_stale_temporaries(out)  # left by a lab prepare that was killed
     return out
+
+
+def refuse_foreign_files(out: Path) -> None:
+    """`lab prepare` overwrites the train.bin, val.bin and meta.json it wrote before, never files of
+    those names that it did not write: it wrote them if meta.json is its own."""
+    ours = [name for name in (*(f"{split}.bin" for split in SPLITS), "meta.json") if (out / name).exists()]
+    if not ours:
+        return
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        if isinstance(meta, dict) and {"tokenizer", "vocab_size", "dtype", "train_tokens"} <= meta.keys():
+            return
+    except (OSError, ValueError):
+        pass
+    raise LabError(f"--out {out} holds {', '.join(ours)} that lab prepare did not write (no meta.json of "
+                   "its own beside them); it will not overwrite them. Give --out a new folder")
 
 
 @dataclass
@@ -424,7 +445,7 @@ class TokenWriter:
 
     def __init__(self, path: Path, dtype: np.dtype, eot_id: int | None):
         self.path, self.dtype, self.eot_id = path, dtype, eot_id
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temporary(path)
         self.tmp = Path(tmp)
         self.file = os.fdopen(fd, "wb")
         self.tokens = self.documents = 0

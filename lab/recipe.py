@@ -6,6 +6,7 @@ the file, the table, the key and the fix.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,11 @@ def read_toml(path: str) -> dict:
         raise LabError(f"{path} is a folder; give a recipe .toml file") from None
     except tomllib.TOMLDecodeError as e:
         raise LabError(f"cannot parse {path}: {e}. Fix the TOML syntax there") from None
+    except UnicodeDecodeError as e:
+        raise LabError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); a recipe is a TOML file, "
+                       "saved as UTF-8") from None
+    except OSError as e:
+        raise LabError(f"cannot read recipe file {path}: {e.strerror}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -252,6 +258,8 @@ def _resolve_part(raw: dict, slot: str, source: str, plugins: Registry) -> Part:
     parent = raw
     for key in path[:-1]:
         parent = parent.get(key, {})
+        if not isinstance(parent, dict):
+            raise LabError(f"{source}: '{key}' must be a table ([{key}]), got {parent!r}")
     table = parent.pop(path[-1], None)
     available = ", ".join(sorted(plugins.components[slot])) or "none installed"
     if not isinstance(table, dict) or "name" not in table:
@@ -276,10 +284,25 @@ def _validate(cls: type[BaseModel], table: Any, source: str, where: str, compone
                 f"unknown key '{key}' in {source} [{where}]{label}.{did_you_mean(key, cls.model_fields)}"
                 f" Valid keys: {known}"
             )
+    for key, value in table.items():
+        if not _finite(value):
+            raise LabError(f"{source} [{where}] {key} = {value!r}: a number must be finite (not nan or inf). "
+                           f"Fix it in the file or with --set {where}.{key}=...")
     try:
         return cls.model_validate(table)
     except ValidationError as err:
         raise LabError(_explain(err, source, where)) from None
+
+
+def _finite(value) -> bool:
+    """No nan or inf anywhere in a setting: TOML allows them, and no setting means them."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    return True
 
 
 def _explain(err: ValidationError, source: str, where: str) -> str:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from lab.files import write_text_atomically
+from lab.files import cannot_write, temporary, usual_mode, write_text_atomically
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -24,21 +24,33 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS
         self.plot_path = Path(run_dir) / PLOT
         self.records = [r for r in read_metrics(self.path) if r["step"] <= keep_through]
-        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self.file = open(self.path, "a")
+        try:
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
 
     def write(self, record: dict) -> None:
         self.records.append(record)
         # One line per write, flushed: a kill leaves at most one partial last line, which
         # read_metrics skips.
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
 
     def plot(self) -> None:
-        plot_losses(self.records, self.plot_path, title=self.path.parent.name)
+        try:
+            plot_losses(self.records, self.plot_path, title=self.path.parent.name)
+        except OSError as e:
+            raise cannot_write(self.plot_path, e) from None
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # a full disk, already reported by the write that met it
+            pass
 
 
 def read_metrics(path) -> list[dict]:
@@ -77,7 +89,12 @@ def plot_losses(records: list[dict], path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees half a picture
+    fd, tmp = temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        usual_mode(tmp)
+        os.replace(tmp, path)  # a reader never sees half a picture
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)

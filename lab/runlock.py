@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lab.errors import LabError
+from lab.files import cannot_write
 
 try:
     import fcntl
@@ -42,8 +43,7 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise LabError(f"cannot create the run folder '{self.run_dir}' ({e.strerror}); set "
-                           "train.out_dir to a folder you can write") from None
+            raise cannot_write(self.run_dir, e, fix="Set train.out_dir to a folder you can write") from None
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

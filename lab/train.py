@@ -34,6 +34,7 @@ from lab import checkpoint
 from lab import device as devices
 from lab import distributed
 from lab.errors import LabError
+from lab.files import writing
 from lab.precision import pick_dtype
 from lab.generate import generate
 from lab.interfaces import DataContext
@@ -95,6 +96,7 @@ def find_checkpoint(recipe: Recipe, command: str, held: ExitStack) -> tuple[Path
     The folder's lock is taken first and added to `held`: no other run writes there until it closes."""
     run_dir = run_folder(recipe)
     held.enter_context(RunLock(run_dir, command))
+    checkpoint.clear_debris(run_dir)  # before anything is written: on a full disk it frees the space
     ckpt, _ = checkpoint.newest_intact(run_dir, lambda ckpt: checkpoint.check_same_shape(ckpt, recipe, run_dir))
     return run_dir, ckpt
 
@@ -296,7 +298,8 @@ class Trainer:
     def open_run_folder(self, resumed: bool) -> None:
         make_folder(self.run_dir, self.recipe)
         self.log = MetricsLog(self.run_dir, keep_through=self.step if resumed else -1)
-        (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
+        with writing(self.run_dir / "recipe.toml"):
+            (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
 
     def train_step(self) -> tuple[float, float, float, float]:
         """One optimizer update: (loss, grad norm, lr, seconds), the loss and grad norm those of the
@@ -378,13 +381,19 @@ class Trainer:
         if self.main:
             state = {"step": self.step, "optimizer": optimizer, "data": self.data.state_dict(),
                      "rng": checkpoint.rng_state(self.device)}
-            path = checkpoint.save(self.run_dir, self.step, weights, self.recipe.to_toml(), state)
+            try:
+                path = checkpoint.save(self.run_dir, self.step, weights, self.recipe.to_toml(), state)
+            except LabError as e:
+                raise LabError(f"{e}; then run `{self.command}` to continue. {self.last_good()}") from None
             tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | saved {path}")
         self.saved_step = self.step
 
-    def stop_on_nonfinite(self, loss: float, grad_norm: float):
+    def last_good(self) -> str:
         last = checkpoint.latest(self.run_dir)
-        kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint was saved yet"
+        return f"The last good checkpoint, {last}, is kept" if last else "No checkpoint was saved yet"
+
+    def stop_on_nonfinite(self, loss: float, grad_norm: float):
+        kept = self.last_good()
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
         raise LabError(
             f"the training {what} at step {self.step + 1}: the run stopped without updating the "
@@ -408,7 +417,8 @@ class Trainer:
             return
         texts = [self.tokenizer.decode(row.tolist()) for row in out]
         report = "".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts))
-        (self.run_dir / "generated.txt").write_text(report)
+        with writing(self.run_dir / "generated.txt"):
+            (self.run_dir / "generated.txt").write_text(report)
         print(report, end="")
 
     def prompt_ids(self) -> list[int]:

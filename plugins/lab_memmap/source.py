@@ -24,7 +24,7 @@ META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
 
 class MemmapData(DataSource):
     def __init__(self, config, context: DataContext):
-        self.block_size = context.block_size
+        self.block_size, self.vocab_size = context.block_size, context.vocab_size
         self.seed = context.seed % 2**64  # numpy seeds are non-negative; a negative seed still works
         folder = Path(config.path).expanduser() if config.path else tinyshakespeare(context.tokenizer)
         check_folder(folder)
@@ -32,7 +32,8 @@ class MemmapData(DataSource):
         if meta is not None:
             check_meta_matches(meta, folder, context)
         dtype = np.dtype(meta["dtype"] if meta else config.dtype)
-        self.tokens = {split: open_tokens(folder / f"{split}.bin", dtype, meta) for split in SPLITS}
+        self.paths = {split: folder / f"{split}.bin" for split in SPLITS}
+        self.tokens = {split: open_tokens(self.paths[split], dtype, meta) for split in SPLITS}
         max_id = meta.get("max_token_id") if meta else None
         if max_id is None:
             max_id = max(largest_id(tokens) for tokens in self.tokens.values())
@@ -49,6 +50,10 @@ class MemmapData(DataSource):
         windows = np.empty((len(rows), T + 1), dtype=np.int64)
         for i, start in enumerate(self.window_starts(split, step, rows)):
             windows[i] = tokens[start : start + T + 1]
+        if windows.max(initial=0) >= self.vocab_size:  # meta.json's max_token_id was trusted: check what is read
+            raise LabError(f"{self.paths[split]} holds token id {windows.max()}, beyond the model's vocabulary of "
+                           f"{self.vocab_size} tokens, though its meta.json says otherwise: the file was changed "
+                           f"after lab prepare wrote it. Run lab prepare again into {self.paths[split].parent}")
         x, y = windows[:, :-1].copy(), windows[:, 1:].copy()  # y is x one token later
         return torch.from_numpy(x), torch.from_numpy(y)
 

@@ -1,5 +1,5 @@
 """AdamW with GPT-2's weight-decay groups."""
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, Field, PositiveFloat
@@ -7,9 +7,12 @@ from pydantic import BaseModel, Field, PositiveFloat
 from lab import hookimpl
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class AdamWConfig(BaseModel):
     lr: PositiveFloat = Field(6e-4, description="peak learning rate (the schedule scales it)")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam's moment decay rates")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="Adam's moment decay rates")
     eps: PositiveFloat = Field(1e-8, description="added to the denominator")
     weight_decay: float = Field(0.1, ge=0.0, description="decoupled decay, for tensors of rank >= 2")
     implementation: Literal["auto", "fused", "foreach", "loop"] = Field(

@@ -3,6 +3,7 @@ import math
 from pydantic import BaseModel, Field, NonNegativeInt
 
 from lab.interfaces import Schedule
+from lab_schedule.warmup import warn_if_longer_than_the_run
 
 
 class CosineConfig(BaseModel):
@@ -14,6 +15,7 @@ class CosineConfig(BaseModel):
 class Cosine(Schedule):
     def __init__(self, config: CosineConfig, max_steps: int):
         self.warmup = config.warmup_steps
+        warn_if_longer_than_the_run(self.warmup, max_steps)
         self.decay_end = config.decay_steps or max_steps
         self.floor = config.min_lr_ratio
 

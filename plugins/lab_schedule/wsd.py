@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, NonNegativeInt
 
 from lab.interfaces import Schedule
+from lab_schedule.warmup import warn_if_longer_than_the_run
 
 
 class WSDConfig(BaseModel):
@@ -21,6 +22,7 @@ class WSDConfig(BaseModel):
 class WSD(Schedule):
     def __init__(self, config: WSDConfig, max_steps: int):
         self.warmup = config.warmup_steps
+        warn_if_longer_than_the_run(self.warmup, max_steps)
         self.decay_steps = round(config.decay_fraction * max_steps)
         self.decay_start = max_steps - self.decay_steps
         self.floor = config.min_lr_ratio
