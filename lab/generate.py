@@ -17,6 +17,7 @@ import torch
 
 from lab.device import pick_device
 from lab.errors import LabError
+from lab.recipe import SEEDS
 
 
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
@@ -70,10 +71,16 @@ def stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=Non
 def check_sampling(temperature, top_k, top_p) -> None:
     if not math.isfinite(temperature) or temperature < 0:
         raise LabError(f"temperature must be >= 0 (0 is greedy), got {temperature}; e.g. --temperature 0.8")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise LabError(f"temperature {temperature} is too small to sample with (the logits over it overflow); "
+                       "use 0 for greedy, or e.g. --temperature 0.8")
     if top_k is not None and top_k < 0:
         raise LabError(f"top_k must be >= 0 (0 keeps every token), got {top_k}; e.g. --top-k 200")
     if top_p is not None and not 0 < top_p <= 1:
         raise LabError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}; e.g. --top-p 0.9")
+
+
+MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy in all but float rounding; far below, logits / t overflow
 
 
 def check_fits(model, prompt_len: int, max_new_tokens: int) -> None:
@@ -118,6 +125,7 @@ def candidates(logits, top_k=None, top_p=None):
         probs = torch.softmax(sorted_logits, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the likelier tokens
         drop_sorted = before >= top_p  # the set already reached top_p without this token
+        drop_sorted[..., 0] = False  # a top_p too small for float32 (1e-320 is 0 there) must not drop all
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to the candidates' order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits, ids
@@ -237,6 +245,8 @@ def settings(args, defaults) -> Settings:
         top_p=pick(args.top_p, defaults.top_p),
         seed=pick(args.seed, defaults.seed),
     )
+    if not SEEDS[0] <= s.seed <= SEEDS[1]:
+        raise LabError(f"--seed must be between {SEEDS[0]} and {SEEDS[1]}, got {s.seed}")
     if s.num_samples < 1:
         raise LabError(f"--num-samples must be at least 1, got {s.num_samples}")
     if s.max_new_tokens < 1:

@@ -10,7 +10,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
                       model_validator)
@@ -36,6 +36,11 @@ TABLES: dict[str, tuple[str, ...]] = {
     "schedule": ("schedule",),
 }
 assert set(TABLES) == set(SLOTS)
+
+
+# What torch.manual_seed takes.
+SEEDS = (-(2**63), 2**64 - 1)
+Seed = Annotated[int, Field(ge=SEEDS[0], le=SEEDS[1])]
 
 
 class Section(BaseModel):
@@ -108,7 +113,7 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast where the device runs it well, else fp32"
     )
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables")
-    seed: int = Field(1337, description="seeds weights, data order and dropout")
+    seed: Seed = Field(1337, description="seeds weights, data order and dropout")
     compile: Union[bool, Literal["auto"]] = Field(
         "auto", description="torch.compile the model; auto: on for CUDA, off on CPU"
     )
@@ -130,7 +135,7 @@ class GenerateConfig(Section):
     top_k: int = Field(200, ge=0, description="sample from the k likeliest tokens; 0: all")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="sample from the likeliest tokens "
                                 "whose probabilities add up to top_p (nucleus sampling); unset: all")
-    seed: int = Field(1337, description="the same seed gives the same text")
+    seed: Seed = Field(1337, description="the same seed gives the same text")
 
 
 SECTIONS: dict[str, type[Section]] = {

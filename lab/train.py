@@ -36,7 +36,7 @@ from lab import distributed
 from lab.errors import LabError
 from lab.files import writing
 from lab.precision import pick_dtype
-from lab.generate import generate
+from lab.generate import check_sampling, generate
 from lab.interfaces import DataContext
 from lab.metrics import device_peak
 from lab.model import GPT
@@ -423,6 +423,10 @@ class Trainer:
 
     def prompt_ids(self) -> list[int]:
         g, where = self.recipe.generate, f"{self.recipe.source} [generate]"
+        try:
+            check_sampling(g.temperature, g.top_k, g.top_p)
+        except LabError as e:
+            raise LabError(f"{where}: {e}") from None
         ids = self.tokenizer.encode(g.prompt)
         if not ids and self.tokenizer.eot_id is not None:
             ids = [self.tokenizer.eot_id]  # no prompt: start where a new document would

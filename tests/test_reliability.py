@@ -340,9 +340,13 @@ def test_generate_refuses_bad_flags_in_one_line(tmp_path, capsys, trained):
     for args, message in ((["--temperature", "nan"], "temperature must be >= 0"),
                           (["--temperature", "inf"], "temperature must be >= 0"),
                           (["--prompt-file", tmp_path / "binary"], "is not UTF-8 text (bad byte at offset 128)"),
-                          (["--prompt", "caf\udce9"], "the prompt is not valid UTF-8 text")):
+                          (["--prompt", "caf\udce9"], "the prompt is not valid UTF-8 text"),
+                          (["--temperature", "1e-320"], "temperature 1e-320 is too small to sample with"),
+                          (["--seed", str(10**30)], "--seed must be between")):
         status, _, err = run_lab(capsys, "generate", run, *args)
         assert status == 2 and message in err and err.count("\n") == 1, err
+    # 1e-320 is 0 in float32: the likeliest token still stays, rather than none (and a NaN)
+    assert run_lab(capsys, "generate", run, "--top-p", "1e-320", "--max-new-tokens", "2")[0] == 0
 
 
 def test_warmup_longer_than_the_run_is_a_warning_with_the_fix(tmp_path, capsys):
