@@ -15,6 +15,7 @@ from benchmarks.test_train_step import autocast, loss_on, random_batch, train_st
 from lab.model import GPT
 from lab.precision import pick_dtype
 from lab.recipe import load_recipe
+from lab.roles import build_optimizer
 
 VARIANTS = {
     "plain": (["model.loss_chunk=0", "train.precision='fp32'"]),
@@ -56,7 +57,7 @@ def test_speed_path(timed, benchmark, device, size, peak, gpt_small, reference_l
     tolerance = 1e-5 if dtype == torch.float32 else 0.01 * reference_loss
     assert abs(loss - reference_loss) <= tolerance, (variant, loss, reference_loss)
 
-    optimizer = recipe.parts["optimizer"].build(model)
+    optimizer = build_optimizer(recipe.parts["optimizer"], model)
     step = train_step(model, model, optimizer, recipe.train.grad_clip, device, dtype)
     benchmark.group = f"gpt_small training step, {B}x{T} tokens ({device.type})"
     benchmark.extra_info.update(variant=variant, reference="plain", dtype=str(dtype).removeprefix("torch."))

@@ -16,6 +16,7 @@ from benchmarks import machine
 from lab.model import GPT
 from lab.recipe import load_recipe
 from lab.precision import pick_dtype
+from lab.roles import build_optimizer
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
 REFERENCE = "gpt_small"
@@ -28,7 +29,7 @@ def test_train_step(timed, benchmark, device, size, peak, path):
     dtype = pick_dtype(recipe, device)
     torch.manual_seed(0)
     model = GPT(recipe).to(device).train()
-    optimizer = recipe.parts["optimizer"].build(model)
+    optimizer = build_optimizer(recipe.parts["optimizer"], model)
     compiled = recipe.train.compile is True or (recipe.train.compile == "auto" and device.type == "cuda")
     forward = torch.compile(model) if compiled else model
     step = train_step(model, forward, optimizer, recipe.train.grad_clip, device, dtype)

@@ -6,7 +6,7 @@ on the slot:
     attention, mlp, norm, position   factory(config, model)       model: lab.recipe.ModelConfig
     tokenizer                        factory(config)
     data                             factory(config, context)     context: DataContext
-    optimizer                        factory(config, model)       model: the nn.Module to train
+    optimizer                        factory(config, params, model)  params: [lab.roles.Param(name, param, role)]
     schedule                         factory(config, max_steps)
 
 `config` is the plugin's own pydantic Config, validated from the recipe's table.

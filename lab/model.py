@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab.errors import LabError
+from lab.extras import Extras, attach
 from lab.fused_loss import chunked_cross_entropy, soft_cap
 from lab.recipe import ModelConfig, Part, Recipe
+from lab.roles import set_role
 
 
 class Block(nn.Module):
@@ -44,6 +46,11 @@ class GPT(nn.Module):
             # One matrix reads tokens in and writes them out: fewer parameters, and it trains better
             # at small scale (Press & Wolf 2017), as in GPT-2.
             self.head.weight = self.tok_emb.weight
+        # The core's parameter roles; the components' are theirs to set (lab/roles.py).
+        set_role(self.tok_emb, "embedding")
+        set_role(self.head, "embedding" if config.tie_embeddings else "head")
+        set_role(self.position, "position")
+        self.extras = attach(self, Extras())  # extra loss terms and scalars of the latest forward
         self.init_weights()
 
     @torch.no_grad()
@@ -81,6 +88,7 @@ class GPT(nn.Module):
                 f"({limit}); shorten the prompt or generate fewer tokens"
             )
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        self.extras.begin()
         x = self.drop(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, pos, self.position, None if caches is None else caches[i])
@@ -112,7 +120,21 @@ class GPT(nn.Module):
                 n -= self.tok_emb.weight.numel()
         return n
 
+    def active_params(self) -> int:
+        """Non-embedding parameters one token passes through. A component that uses only some of its
+        parameters per token (a mixture of experts) says how many with an `active_params()` method."""
+        return _active(self) - (self.num_params(non_embedding=False) - self.num_params())
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T,
+        N the active parameters."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+        return 6 * self.active_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+
+def _active(module: nn.Module, seen=None) -> int:
+    seen = set() if seen is None else seen
+    if hasattr(module, "active_params") and not isinstance(module, GPT):
+        return module.active_params()
+    n = sum(p.numel() for p in module.parameters(recurse=False) if id(p) not in seen and not seen.add(id(p)))
+    return n + sum(_active(child, seen) for child in module.children())

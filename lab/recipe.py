@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from torch import nn
+
 from lab.errors import LabError, did_you_mean
 from lab.interfaces import SLOTS
 from lab.plugins import Component, Registry, registry
@@ -156,14 +158,24 @@ class Part:
     def name(self) -> str:
         return self.component.name
 
+    @property
+    def label(self) -> str:
+        return f"{self.component.slot} '{self.name}' from package '{self.component.package}'"
+
     def build(self, *args):
-        built = self.component.factory(self.config, *args)
+        try:
+            built = self.component.factory(self.config, *args)
+        except LabError as e:
+            if str(e).startswith(self.label):
+                raise
+            raise LabError(f"{self.label}: {e}") from None
         expected = SLOTS[self.component.slot]
         if not isinstance(built, expected) and not (self.component.slot == "schedule" and callable(built)):
             raise TypeError(
-                f"{self.component.slot} '{self.name}' from package '{self.component.package}' built a "
-                f"{type(built).__name__}, which is not a {expected.__module__}.{expected.__name__}"
+                f"{self.label} built a {type(built).__name__}, which is not a {expected.__module__}.{expected.__name__}"
             )
+        if isinstance(built, nn.Module):
+            built.lab_component = self.label  # named in messages about what it adds (lab/extras.py)
         return built
 
 
@@ -254,7 +266,28 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
                 f"Tables are: {', '.join(sorted(allowed))}"
             )
     sections = {key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()}
-    return Recipe(name=str(name), source=source, parts=parts, **sections)
+    recipe = Recipe(name=str(name), source=source, parts=parts, **sections)
+    check_parts(recipe)
+    return recipe
+
+
+def check_parts(recipe: Recipe) -> None:
+    """Each component's settings checked against the rest of the recipe (the model's shape, the
+    training layout) now, when the recipe is read, not when the model is built. A component's Config
+    may define `check_recipe(self, recipe)`, raising ValueError("what is wrong and how to fix it")."""
+    for slot, part in recipe.parts.items():
+        where = f"{recipe.source} [{'.'.join(TABLES[slot])}] ({part.label})"
+        check = getattr(part.config, "check_recipe", None)
+        if check is not None:
+            try:
+                check(recipe)
+            except ValueError as e:
+                raise LabError(f"{where}: {e}") from None
+    optimizer = recipe.parts["optimizer"]
+    if recipe.train.parallel == "fsdp" and not getattr(optimizer.config, "works_on_shards", True):
+        raise LabError(f"{recipe.source} [train] parallel = \"fsdp\": {optimizer.label} needs whole parameters, "
+                       "and FSDP2 hands each process a shard of every one. Set train.parallel = \"ddp\", or "
+                       "choose another optimizer")
 
 
 def _resolve_part(raw: dict, slot: str, source: str, plugins: Registry) -> Part:

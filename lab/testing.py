@@ -322,48 +322,143 @@ def schedule_finite_non_negative(component):
     assert any(schedule(s) > 0 for s in range(SCHEDULE_STEPS)), "the multiplier is 0 at every step"
 
 
-# --- optimizer ---------------------------------------------------------------------------------
+# --- optimizer ----------------------------------------------------------------------------------
 
-def _regression():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    x = torch.randn(64, 8)
-    return model, x, x.sum(dim=1, keepdim=True).sin()
+def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
+    """A 2-layer GPT of the first installed component of every model slot (lab's own first, which
+    are known to work together), or `swap` in its slot: the core's roles and the components'."""
+    from lab.model import GPT
+    from lab.recipe import Recipe, GenerateConfig, TrainConfig
+
+    plugins = plugins or registry()
+    parts = {}
+    for slot in ("attention", "mlp", "norm", "position"):
+        found = plugins.components[slot]
+        if not found:
+            raise unittest.SkipTest(f"no {slot} component installed to build a GPT with")
+        component = min(found.values(), key=lambda c: (c.package != "lab", c.name))
+        parts[slot] = Part(component, component.Config())
+    if swap is not None:
+        parts[swap.slot] = Part(swap, swap.Config())
+    model = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
+                        loss_chunk=0)
+    return GPT(Recipe("tiny", "lab.testing", model, TrainConfig(), GenerateConfig(), parts))
+
+
+def _gpt_batch():
+    idx = torch.randint(0, 64, (4, 16))
+    return idx[:, :-1], idx[:, 1:]
+
+
+def role_split(optimizer, params) -> dict[str, list[str]]:
+    """{group name: the roles of its parameters}: how an optimizer grouped the roles."""
+    role_of = {id(p.param): p.role for p in params}
+    return {str(g.get("name", i)): sorted({role_of.get(id(p), "?") for p in g["params"]})
+            for i, g in enumerate(optimizer.param_groups)}
+
+
+def _build_optimizer(component, model):
+    from lab.roles import parameters
+
+    params = parameters(model)
+    return build(component, params, model), params
+
+
+@_seeded
+def optimizer_roles(component):
+    """On a tiny GPT: every trainable parameter is in exactly one group, and none is left out. The
+    split of roles into groups is printed (pytest -s shows it)."""
+    model = tiny_gpt()
+    optimizer, params = _build_optimizer(component, model)
+    counted: dict[int, int] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            counted[id(p)] = counted.get(id(p), 0) + 1
+    for p in params:
+        n = counted.get(id(p.param), 0)
+        assert n == 1, f"parameter {p.name} (role {p.role}) is in {n} parameter groups, expected 1"
+    print(f"optimizer '{component.name}' groups roles as {role_split(optimizer, params)}")
 
 
 @_seeded
 def optimizer_reduces_loss(component):
-    model, x, y = _regression()
-    optimizer = build(component, model)
+    model = tiny_gpt()
+    optimizer, _ = _build_optimizer(component, model)
+    x, y = _gpt_batch()
 
     def loss():
-        return torch.nn.functional.mse_loss(model(x), y)
+        return model(x, y)[1]
 
     start = loss().item()
-    for _ in range(30):
+    for _ in range(10):
         optimizer.zero_grad()
         loss().backward()
         optimizer.step()
-    assert loss().item() < start, f"30 steps took the loss from {start:.4f} to {loss().item():.4f}"
+    assert loss().item() < start, f"10 steps on one batch took the loss from {start:.4f} to {loss().item():.4f}"
 
 
 @_seeded
 def optimizer_state_round_trip(component):
     """What resume relies on: a fresh optimizer loaded from state_dict() takes the same next step."""
-    model, x, y = _regression()
-    optimizer = build(component, model)
+    model = tiny_gpt()
+    x, y = _gpt_batch()
+    optimizer, _ = _build_optimizer(component, model)
     for _ in range(3):
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        model(x, y)[1].backward()
         optimizer.step()
     twin = copy.deepcopy(model)
-    twin_optimizer = build(component, twin)
+    twin_optimizer, _ = _build_optimizer(component, twin)
     twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     for m, opt in ((model, optimizer), (twin, twin_optimizer)):
         opt.zero_grad()
-        torch.nn.functional.mse_loss(m(x), y).backward()
+        m(x, y)[1].backward()
         opt.step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(a, b), f"after loading the state, parameter {name} took a different step"
+
+
+# --- extra loss terms (lab/extras.py), for mlp, norm and attention -------------------------------
+
+@_seeded
+def extra_loss_gradients(component):
+    """A component that adds loss terms, in its slot of a tiny GPT: each term is a finite scalar, its
+    gradient reaches the component's own parameters, and two micro-batches through the trainer's
+    step give (sum of the micro-batches' cross-entropy + weight * term gradients) / 2."""
+    from lab.train import micro_backward
+
+    slot = component.slot
+    model = tiny_gpt(swap=component)
+    x, y = _gpt_batch()
+    try:
+        model(x[:2], y[:2])
+    except LabError as e:  # a pairing this component refuses (linear attention and ALiBi)
+        raise unittest.SkipTest(f"{slot} '{component.name}' refuses the tiny GPT's components: {e}") from None
+    terms = dict(model.extras.terms)
+    if not terms:
+        raise unittest.SkipTest(f"{slot} '{component.name}' adds no extra loss term")
+    for name, term in terms.items():
+        assert torch.isfinite(term).all(), f"extra loss '{name}' is {term}"
+        assert term.requires_grad, f"extra loss '{name}' has no gradient (detached?): it cannot train anything"
+    owned = [p for m in model.modules() if getattr(m, "lab_component", None) and component.name in m.lab_component
+             for p in m.parameters()]
+    reach = torch.autograd.grad(model.extras.loss(), owned, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in reach), (
+        f"the extra loss terms {sorted(terms)} give no gradient to the parameters of {slot} '{component.name}'")
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p) for p in params]
+    for half in (slice(0, 2), slice(2, 4)):  # the reference: each micro-batch's gradient, averaged
+        _, ce = model(x[half], y[half])
+        for e, g in zip(expected, torch.autograd.grad(ce + model.extras.loss(), params, allow_unused=True)):
+            if g is not None:
+                e += g / 2
+    model.zero_grad(set_to_none=True)
+    for half in (slice(0, 2), slice(2, 4)):
+        micro_backward(model, model, x[half], y[half], accum=2)
+    for (name, p), e in zip(model.named_parameters(), expected):
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert_close(got, e, rtol=1e-4, atol=1e-6 * (e.abs().max().item() + 1e-12),
+                     msg=lambda m: f"gradient of {name} under grad_accum = 2 is not the micro-batches' mean: {m}")
 
 
 # --- tokenizer and data ------------------------------------------------------------------------
@@ -411,13 +506,13 @@ def data_batches(component, plugins: Registry):
 
 CHECKS: dict[str, list[Callable]] = {
     "attention": [attention_shapes, attention_causality, attention_gradients, attention_dtypes,
-                  attention_cached_decoding],
+                  attention_cached_decoding, extra_loss_gradients],
     "position": [position_shapes, position_rotate_preserves_norms, position_token_by_token,
                  position_max_len, position_gradients],
-    "mlp": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients],
-    "norm": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients],
+    "mlp": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
+    "norm": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
     "schedule": [schedule_pure, schedule_finite_non_negative],
-    "optimizer": [optimizer_reduces_loss, optimizer_state_round_trip],
+    "optimizer": [optimizer_roles, optimizer_reduces_loss, optimizer_state_round_trip],
     "tokenizer": [tokenizer_round_trip],
     "data": [data_batches],
 }

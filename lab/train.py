@@ -42,6 +42,7 @@ from lab.metrics import device_peak
 from lab.model import GPT
 from lab.recipe import Recipe, load_recipe, read_toml
 from lab.report import METRICS, MetricsLog
+from lab.roles import build_optimizer
 from lab.runlock import LOCK, RunLock
 
 
@@ -140,6 +141,17 @@ def micro_rows(micro: int, batch_size: int, rank: int = 0, world_size: int = 1) 
     return range(start, start + batch_size)
 
 
+def micro_backward(forward, model, x, y, accum: int, autocast=None) -> dict:
+    """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
+    components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
+    the processes: the mean over the global batch). Returns the detached loss and extras."""
+    with autocast or nullcontext():
+        _, loss = forward(x, y)
+    extras = model.extras  # what the components added during this forward (lab/extras.py)
+    ((loss + extras.loss()) / accum).backward()
+    return {"loss": loss.detach(), **extras.values()}
+
+
 def accumulation(recipe: Recipe, world_size: int) -> int:
     """Micro-batches per optimizer step on each process: train.grad_accum, or what keeps
     train.global_batch_size on this many processes."""
@@ -181,6 +193,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # the initial weights, the same in every process
         self.model = GPT(recipe).to(self.device)
         self.num_params = self.model.num_params()  # counted before FSDP2 turns parameters into shards
+        self.active_params = self.model.active_params()
         self.flops_per_token = self.model.flops_per_token(recipe.model.block_size)
         self.parallel = "ddp" if self.cfg.parallel == "auto" else self.cfg.parallel
         # What the steps run: DDP around the model, or the model itself sharded by FSDP2. self.model
@@ -189,9 +202,10 @@ class Trainer:
         if layout.world_size > 1:
             self.wrapped = distributed.parallelize(self.model, self.parallel, self.device, self.dtype)
         self.prompt = self.prompt_ids()  # a sampling setting that cannot work fails now, not after training
-        self.optimizer = recipe.parts["optimizer"].build(self.model)  # after sharding: over the shards
+        self.optimizer = build_optimizer(recipe.parts["optimizer"], self.model)  # after sharding: over the shards
         # The schedule scales each group's own base lr, so groups may start from different lrs.
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.group_names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
         self.schedule = recipe.parts["schedule"].build(self.cfg.max_steps)
         use_compile = self.device.type == "cuda" if self.cfg.compile == "auto" else self.cfg.compile
         self.forward = torch.compile(self.wrapped) if use_compile else self.wrapped
@@ -208,7 +222,8 @@ class Trainer:
         r, c, world = self.recipe, self.cfg, self.layout.world_size
         processes = f"{world} processes ({self.parallel})" if world > 1 else "1 process"
         print(f"run {r.name} ({r.source}) -> {self.run_dir}")
-        print(f"model: {self.num_params / 1e6:.2f}M parameters (non-embedding), "
+        active = f", {self.active_params / 1e6:.2f}M active per token" if self.active_params != self.num_params else ""
+        print(f"model: {self.num_params / 1e6:.2f}M parameters (non-embedding){active}, "
               f"{self.flops_per_token / 1e6:.1f} MFLOP per token")
         print(f"device {self.device}, {'bf16 autocast' if self.dtype == torch.bfloat16 else 'fp32'}, "
               f"compile {'on' if use_compile else 'off'}; batch {c.batch_size} x {r.model.block_size} tokens "
@@ -301,48 +316,66 @@ class Trainer:
         with writing(self.run_dir / "recipe.toml"):
             (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
 
-    def train_step(self) -> tuple[float, float, float, float]:
-        """One optimizer update: (loss, grad norm, lr, seconds), the loss and grad norm those of the
-        whole global batch."""
+    def train_step(self) -> tuple[float, float, dict, float, dict]:
+        """One optimizer update: (loss, grad norm, {group: lr}, seconds, extras), the loss (the
+        cross-entropy), grad norm and extras (the components' loss terms and scalars, lab/extras.py)
+        those of the whole global batch."""
         started, accum = time.perf_counter(), self.grad_accum
         lr_scale = self.schedule(self.step)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * lr_scale
-        total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             rows = micro_rows(micro, self.cfg.batch_size, self.layout.rank, self.layout.world_size)
             x, y = self.batch("train", self.step, rows)
             with distributed.gradient_sync(self.wrapped, sync=micro == accum - 1):
-                with self.autocast():
-                    _, loss = self.forward(x, y)
-                # Gradients of the mean loss, as one big batch gives (DDP and FSDP2 then average them
-                # over the processes: the mean over the global batch).
-                (loss / accum).backward()
-            total += loss.detach()
+                values = micro_backward(self.forward, self.model, x, y, accum, self.autocast())
+            for name, value in values.items():
+                sums[name] = sums[name] + value if name in sums else value
         # The norm of the whole gradient, the same on every process: DDP's gradients are already
         # averaged; FSDP2's are DTensor shards, whose norm clip_grad_norm_ reduces over the processes.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
-        loss, grad_norm = distributed.mean(total / accum).item(), grad_norm.item()
+        means = dict(zip(sums, distributed.mean(torch.stack(list(sums.values())) / accum).tolist()))
+        loss, grad_norm = means.pop("loss"), grad_norm.item()
+        self.check_extras(means)  # a component's own term first: its message names the component
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.stop_on_nonfinite(loss, grad_norm)  # before the update: the weights stay good
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss, grad_norm, self.base_lrs[0] * lr_scale, time.perf_counter() - started
+        lrs = {name: base_lr * lr_scale for name, base_lr in zip(self.group_names, self.base_lrs)}
+        return loss, grad_norm, lrs, time.perf_counter() - started, means
 
-    def record(self, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
+    def check_extras(self, means: dict) -> None:
+        for name, value in means.items():
+            if not math.isfinite(value):
+                owner = self.model.extras.owners.get(name.removeprefix("loss."), "a component")
+                kept = checkpoint.latest(self.run_dir)
+                raise LabError(
+                    f"{owner} gave the extra {'loss term' if name.startswith('loss.') else 'scalar'} "
+                    f"'{name.removeprefix('loss.')}' = {value} at step {self.step + 1}: the run stopped without "
+                    f"updating the weights or saving ({f'{kept} is kept' if kept else 'no checkpoint yet'}). "
+                    "Fix the component so it gives a finite number (e.g. add an eps before a log or a division)"
+                )
+
+    def record(self, loss: float, grad_norm: float, lrs: dict, seconds: float, extras: dict | None = None) -> None:
         """The step's line in metrics.jsonl, the progress bar, and every log_interval a log line."""
         if not self.main:
             return
         tokens_per_s = self.tokens_per_step / seconds
         # MFU against one device's peak, so per process: every process runs its share of the tokens.
         mfu = self.peak.mfu(self.flops_per_token, tokens_per_s / self.layout.world_size)
-        self.log.write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_per_s, "mfu": mfu})
+        lr = next(iter(lrs.values()))
+        groups = {f"lr.{name}": value for name, value in lrs.items()} if len(lrs) > 1 else {}
+        extras = extras or {}
+        self.log.write({"step": self.step, "loss": loss, "lr": lr, **groups, "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s, "mfu": mfu, **extras})
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.bar.update(1)
         if self.step % self.cfg.log_interval == 0 or self.step == self.cfg.max_steps:
-            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            lr_text = " ".join(f"{v:.2e}" for v in lrs.values())
+            extra_text = "".join(f" | {name} {value:.4g}" for name, value in extras.items())
+            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | loss {loss:.4f}{extra_text} | lr {lr_text} | "
                        f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
 
     def batch(self, split: str, step: int, rows: range):
@@ -366,11 +399,15 @@ class Trainer:
         for step in range(self.layout.rank, math.ceil(self.cfg.eval_batches / world) * world, world):
             x, y = self.batch("val", step, range(self.cfg.batch_size))
             with self.autocast():
-                losses.append(self.forward(x, y)[1])
+                loss = self.forward(x, y)[1]
+            terms = {n: v for n, v in self.model.extras.values().items() if n.startswith("loss.")}
+            losses.append(torch.stack([loss.float(), *terms.values()]))
         self.model.train()
-        val_loss = distributed.mean(torch.stack(losses).mean()).item()
+        # The val loss is the cross-entropy; the components' loss terms are reported beside it.
+        means = distributed.mean(torch.stack(losses).mean(0)).tolist()
+        val_loss, terms = means[0], {f"val_{n}": v for n, v in zip(terms, means[1:])}
         if self.main:
-            self.log.write({"step": self.step, "val_loss": val_loss})
+            self.log.write({"step": self.step, "val_loss": val_loss, **terms})
             self.log.plot()
             tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | val loss {val_loss:.4f}")
 

@@ -80,8 +80,13 @@ class Counting(Schedule):
         return 1.0 / self.calls
 
 
-def frozen(config, model):
+def frozen(config, params, model):
     return torch.optim.SGD(model.parameters(), lr=0.0)
+
+
+def matrices_only(config, params, model):
+    """Leaves every parameter that is not a matrix out: they would never train."""
+    return torch.optim.SGD([p.param for p in params if p.role == "matrix"], lr=0.1)
 
 
 class Lowercasing(Tokenizer):
@@ -107,6 +112,7 @@ class Broken:
         register("norm", "over_time", norm_over_time, Empty, "")
         register("schedule", "counting", Counting, Empty, "")
         register("optimizer", "frozen", frozen, Empty, "")
+        register("optimizer", "matrices_only", matrices_only, Empty, "")
         register("tokenizer", "lowercasing", Lowercasing, Empty, "")
 
 
@@ -123,6 +129,7 @@ def broken():
     ("norm", "over_time", "token_map_per_token"),
     ("schedule", "counting", "schedule_pure"),
     ("optimizer", "frozen", "optimizer_reduces_loss"),
+    ("optimizer", "matrices_only", "optimizer_roles"),
     ("tokenizer", "lowercasing", "tokenizer_round_trip"),
 ])
 def test_the_checks_catch_a_broken_component(broken, slot, name, check):

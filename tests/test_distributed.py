@@ -18,6 +18,7 @@ from lab.recipe import load_recipe
 from lab.report import read_metrics
 from lab.testing import assert_close_to_scale
 from lab.train import accumulation, micro_rows
+from lab.roles import build_optimizer
 from tiny import tiny_recipe
 
 # A global batch of 8 sequences: one process takes it as 2 micro-batches of 4, two processes as one
@@ -195,12 +196,12 @@ def test_checkpoints_from_before_name_the_optimizer_state(folder):
 
     recipe = load_recipe(folder / "tiny.toml")
     model = GPT(recipe)
-    optimizer = recipe.parts["optimizer"].build(model)
+    optimizer = build_optimizer(recipe.parts["optimizer"], model)
     model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     old = optimizer.state_dict()
-    fresh = recipe.parts["optimizer"].build(model)
+    fresh = build_optimizer(recipe.parts["optimizer"], model)
     checkpoint.restore(model, fresh, model.state_dict(), old)
     for p in model.parameters():
         torch.testing.assert_close(fresh.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])

@@ -8,6 +8,7 @@ import lab.precision as precision
 from lab.interfaces import DataContext
 from lab.model import GPT
 from lab.recipe import load_recipe
+from lab.roles import build_optimizer
 
 SMALL = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.block_size=128"]
 
@@ -16,7 +17,7 @@ def train_losses(recipe, dtype, steps=20):
     """Losses of `steps` AdamW steps on the shipped tinyshakespeare, autocast to dtype."""
     torch.manual_seed(0)
     model = GPT(recipe)
-    optimizer = recipe.parts["optimizer"].build(model)
+    optimizer = build_optimizer(recipe.parts["optimizer"], model)
     tokenizer = recipe.parts["tokenizer"].build()
     data = recipe.parts["data"].build(DataContext(recipe.model.block_size, recipe.model.vocab_size, tokenizer, 0))
     losses = []

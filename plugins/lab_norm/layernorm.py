@@ -1,6 +1,8 @@
 from pydantic import BaseModel, Field, PositiveFloat
 from torch import nn
 
+from lab.roles import set_role
+
 
 class LayerNormConfig(BaseModel):
     eps: PositiveFloat = Field(1e-5, description="added to the variance before the square root")
@@ -8,4 +10,4 @@ class LayerNormConfig(BaseModel):
 
 def layernorm(config: LayerNormConfig, model) -> nn.LayerNorm:
     # model.bias = false drops the bias too, as in nanoGPT: slightly faster, no worse
-    return nn.LayerNorm(model.n_embd, eps=config.eps, bias=model.bias)
+    return set_role(nn.LayerNorm(model.n_embd, eps=config.eps, bias=model.bias), "gain", "weight")

@@ -3,6 +3,8 @@ import torch
 from pydantic import BaseModel, Field, PositiveFloat
 from torch import nn
 
+from lab.roles import set_role
+
 
 class RMSNormConfig(BaseModel):
     eps: PositiveFloat = Field(1e-5, description="added to the mean square before the square root")
@@ -13,6 +15,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = config.eps
         self.weight = nn.Parameter(torch.ones(model.n_embd))
+        set_role(self, "gain")
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
