@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lab.interfaces import Attention, mark_residual
+from lab.roles import set_role
 
 
 class KVCache:
@@ -18,7 +19,8 @@ class KVCache:
         self.length = 0  # a Python int: reading it never syncs with the GPU
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v (B, nh, T, hs); return all keys and values so far, (B, nh, length, hs)."""
+        """Append k, v (B, nh, T, hs); return all keys and values so far, (B, nh, length, hs).
+        nh is the key/value heads: n_kv_head, fewer than the query heads under grouped-query attention."""
         start, end = self.length, self.length + k.size(2)
         if end > self.k.size(2):
             raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked to reach {end}")
@@ -42,28 +44,55 @@ def additive_mask(seen: torch.Tensor, bias: torch.Tensor | None, dtype) -> torch
     return mask if bias is None else mask + bias.to(dtype)
 
 
-class SelfAttention(Attention):
-    """Multi-head self-attention with GPT-2's layout: one qkv projection, one output projection.
+def repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, n_kv_head, T, hs) -> (B, n_head, T, hs): each key/value head shared by its group of
+    n_head / n_kv_head query heads (grouped-query attention), as separate heads."""
+    groups = n_head // x.size(1)
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
-    Subclasses implement attend(q, k, v, q_pos, k_pos, bias) -> (B, nh, Tq, hs)."""
+
+class SelfAttention(Attention):
+    """Multi-head self-attention with GPT-2's layout: one fused qkv projection, one output projection.
+
+    Grouped-query attention ([model] n_kv_head < n_head; 1 is multi-query): the projection makes
+    n_head query heads and n_kv_head key and value heads, ordered [q | k | v] (n_embd + 2 * n_kv_head *
+    head_dim outputs), and the KV cache holds n_kv_head heads. QK-norm ([model] qk_norm = true) puts an
+    RMSNorm with a learned gain over each head's q and k, before the positions rotate them.
+
+    Subclasses implement attend(q, k, v, q_pos, k_pos, bias) -> (B, nh, Tq, hs). k and v come with
+    n_head heads, each repeated for its group, unless the subclass sets `grouped_kv = True`: then
+    they come with n_kv_head heads (SDPA's enable_gqa takes them so, without the copies)."""
+
+    grouped_kv = False
 
     def __init__(self, model):
         super().__init__()
-        self.n_head, self.head_dim = model.n_head, model.head_dim
-        self.qkv = nn.Linear(model.n_embd, 3 * model.n_embd, bias=model.bias)
+        self.n_head, self.n_kv_head, self.head_dim = model.n_head, model.kv_heads, model.head_dim
+        self.kv_dim = self.n_kv_head * self.head_dim
+        self.qkv = nn.Linear(model.n_embd, model.n_embd + 2 * self.kv_dim, bias=model.bias)
         self.proj = mark_residual(nn.Linear(model.n_embd, model.n_embd, bias=model.bias))
+        if model.qk_norm:
+            self.q_norm = set_role(nn.RMSNorm(self.head_dim, eps=1e-6), "gain")
+            self.k_norm = set_role(nn.RMSNorm(self.head_dim, eps=1e-6), "gain")
+        self.qk_norm = model.qk_norm
         self.dropout = model.dropout
         self.resid_drop = nn.Dropout(model.dropout)
 
     def forward(self, x, pos, position, cache=None):
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = position.rotate(q, k, pos)
         k_pos = pos
         if cache is not None:
             k, v = cache.update(k, v)
             k_pos = torch.arange(k.size(2), device=x.device)
+        if not self.grouped_kv:
+            k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
         y = self.attend(q, k, v, pos, k_pos, position.bias(pos, k_pos))
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_drop(self.proj(y))
@@ -72,4 +101,4 @@ class SelfAttention(Attention):
         raise NotImplementedError
 
     def new_cache(self, batch, max_len, device, dtype):
-        return KVCache(batch, self.n_head, self.head_dim, max_len, device, dtype)
+        return KVCache(batch, self.n_kv_head, self.head_dim, max_len, device, dtype)

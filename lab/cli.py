@@ -75,17 +75,26 @@ def cmd_plugins(args) -> int:
     from lab.recipe import load_recipe
 
     plugins = registry()
-    used = {}
+    used: dict[tuple[str, str], list[int] | None] = {}  # (slot, name) -> the layers it is on; None: all
     if args.recipe:
-        used = {slot: part.name for slot, part in load_recipe(args.recipe, plugins=plugins).parts.items()}
+        recipe = load_recipe(args.recipe, plugins=plugins)
+        for slot, part in recipe.parts.items():
+            used[slot, part.name] = None
+        for layer in range(recipe.model.n_layer):
+            for slot, part in recipe.layer_parts.get(layer, {}).items():
+                used.setdefault((slot, part.name), [])
+                if used[slot, part.name] is not None:
+                    used[slot, part.name].append(layer)
     for slot, components in plugins.components.items():
         print(f"{slot}:")
         if not components:
             print("    (none installed)")
         width = max((len(n) for n in components), default=0)
         for name, c in sorted(components.items()):
-            mark = "*" if used.get(slot) == name else " "
-            print(f"  {mark} {name:<{width}}  [{c.package}]  {c.description}")
+            mark = "*" if (slot, name) in used else " "
+            layers = used.get((slot, name))
+            on = f"  (layers {', '.join(map(str, layers))})" if layers else ""
+            print(f"  {mark} {name:<{width}}  [{c.package}]  {c.description}{on}")
     if args.recipe:
         print(f"\n* used by {args.recipe}")
     for package, error in plugins.failures:
@@ -96,7 +105,10 @@ def cmd_plugins(args) -> int:
 def cmd_recipe(args) -> int:
     from lab.recipe import load_recipe
 
-    print(load_recipe(args.recipe, args.overrides).to_toml(), end="")
+    recipe = load_recipe(args.recipe, args.overrides)
+    for note in recipe.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(recipe.to_toml(), end="")
     return 0
 
 

@@ -39,7 +39,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.position = parts["position"].build(config)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, parts) for _ in range(config.n_layer))
+        # Each block's components know their layer (config.layer) and may differ by layer ([model.layers]).
+        self.blocks = nn.ModuleList(Block(config.for_layer(i), recipe.layer(i)) for i in range(config.n_layer))
         self.norm_f = parts["norm"].build(config)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:

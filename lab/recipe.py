@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
 from torch import nn
 
@@ -38,6 +38,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "schedule": ("schedule",),
 }
 assert set(TABLES) == set(SLOTS)
+# The slots a recipe may set per layer, in [model.layers.N.SLOT] (N: 3, "0-2", "1,3", -1 for the last).
+LAYER_SLOTS = ("attention", "mlp", "norm")
 
 
 # What torch.manual_seed takes.
@@ -56,6 +58,12 @@ class ModelConfig(Section):
     block_size: PositiveInt = Field(1024, description="longest context, in tokens")
     n_layer: PositiveInt = Field(12, description="transformer blocks")
     n_head: PositiveInt = Field(12, description="attention heads")
+    n_kv_head: PositiveInt | None = Field(
+        None, description="key/value heads, shared by groups of query heads (grouped-query attention); "
+        "1: multi-query; unset: n_head. Must divide n_head"
+    )
+    qk_norm: bool = Field(False, description="RMSNorm (with a learned gain) on each head's queries and keys, "
+                          "before positions are applied (OLMo 2, Qwen 3, Gemma 3)")
     n_embd: PositiveInt = Field(768, description="residual stream width")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability in training")
     bias: bool = Field(True, description="biases in linear layers and norms")
@@ -79,6 +87,12 @@ class ModelConfig(Section):
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one "
                 f"of them (e.g. n_embd = {self.n_head * max(1, round(self.n_embd / self.n_head))})"
             )
+        if self.n_head % self.kv_heads:
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise ValueError(
+                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each key/value head "
+                f"serves a group of query heads; set n_kv_head to one of {divisors}"
+            )
         return self
 
     @field_validator("logit_softcap")
@@ -88,6 +102,23 @@ class ModelConfig(Section):
             raise ValueError("the logit soft-cap must be > 0 (logits are squashed into (-cap, cap)); "
                              "leave logit_softcap out for no cap, or use e.g. 15 or 30")
         return cap
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    _layer: int | None = PrivateAttr(None)
+
+    @property
+    def layer(self) -> int | None:
+        """The index of the block a component is built for (0 .. n_layer - 1); None outside the blocks
+        (the position, the final norm). A factory that varies by depth reads it with model.n_layer."""
+        return self._layer
+
+    def for_layer(self, layer: int) -> "ModelConfig":
+        config = self.model_copy()
+        config._layer = layer
+        return config
 
     @property
     def head_dim(self) -> int:
@@ -187,6 +218,12 @@ class Recipe:
     train: TrainConfig
     generate: GenerateConfig
     parts: dict[str, Part]  # slot -> Part
+    layer_parts: dict[int, dict[str, Part]] = field(default_factory=dict)  # layer -> slot -> its own Part
+    notes: list[str] = field(default_factory=list)  # what reading it changed that the user should know
+
+    def layer(self, index: int) -> dict[str, Part]:
+        """The parts of block `index`: the recipe's, with that layer's own where [model.layers] sets them."""
+        return {**self.parts, **self.layer_parts.get(index, {})}
 
     def to_dict(self) -> dict:
         """The resolved recipe, every default filled in, nested as in the TOML file."""
@@ -197,6 +234,10 @@ class Recipe:
             table = _table(out, TABLES[slot])
             table["name"] = part.name
             table.update(part.config.model_dump(mode="json"))
+        for layer, parts in sorted(self.layer_parts.items()):
+            for slot, part in parts.items():
+                out["model"].setdefault("layers", {}).setdefault(str(layer), {})[slot] = {
+                    "name": part.name, **part.config.model_dump(mode="json")}
         return _drop_none(out)
 
     def to_toml(self) -> str:
@@ -241,9 +282,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def apply_overrides(raw: dict, overrides) -> dict:
-    for text in overrides:
-        keys, value = parse_override(text)
+def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
+    """Set each section.key=value. `--set SLOT.name=X` that changes the component starts X's table
+    afresh: X's defaults plus the keys set for it on the same command line, never the old component's
+    settings (which it names in `notes`)."""
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for text, keys, value in parsed:
+        if keys[-1] == "name" and _is_component_table(keys[:-1]):
+            old = _get(raw, keys[:-1])
+            if isinstance(old, dict) and old.get("name") != value:
+                dropped = [k for k in old if k != "name"]
+                if dropped and notes is not None:
+                    notes.append(f"--set {text}: [{'.'.join(keys[:-1])}] starts from {value}'s defaults; "
+                                 f"dropped {old.get('name')}'s {', '.join(dropped)}")
+                old.clear()
+    for text, keys, value in parsed:
         table = raw
         for i, k in enumerate(keys[:-1]):
             table = table.setdefault(k, {})
@@ -253,11 +306,27 @@ def apply_overrides(raw: dict, overrides) -> dict:
     return raw
 
 
+def _is_component_table(path: list[str]) -> bool:
+    return tuple(path) in TABLES.values() or (
+        len(path) == 4 and path[:2] == ["model", "layers"] and path[3] in LAYER_SLOTS)
+
+
+def _get(raw: dict, path: list[str]):
+    for key in path:
+        if not isinstance(raw, dict):
+            return None
+        raw = raw.get(key)
+    return raw
+
+
 def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = None) -> Recipe:
     plugins = plugins or registry()
-    raw = apply_overrides(_copy(raw), overrides)
+    notes: list[str] = []
+    raw = apply_overrides(_copy(raw), overrides, notes)
     name = raw.pop("name", None) or Path(source).stem
+    base_tables = {slot: _copy(_get(raw, list(TABLES[slot])) or {}) for slot in LAYER_SLOTS}
     parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
+    layers = raw.get("model", {}).pop("layers", {}) if isinstance(raw.get("model"), dict) else {}
     allowed = set(SECTIONS) | {t[0] for t in TABLES.values()}
     for key in raw:
         if key not in allowed:
@@ -266,17 +335,70 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
                 f"Tables are: {', '.join(sorted(allowed))}"
             )
     sections = {key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()}
-    recipe = Recipe(name=str(name), source=source, parts=parts, **sections)
+    layer_parts = _resolve_layers(layers, base_tables, sections["model"].n_layer, source, plugins)
+    recipe = Recipe(name=str(name), source=source, parts=parts, layer_parts=layer_parts, notes=notes, **sections)
     check_parts(recipe)
     return recipe
+
+
+def _resolve_layers(layers, base_tables: dict, n_layer: int, source: str, plugins: Registry) -> dict:
+    """[model.layers.N.SLOT] tables -> {layer: {slot: Part}}. Without a name, a layer's table changes
+    the recipe's settings of that slot for that layer; with another name, it is that component's
+    table (its defaults plus the keys given)."""
+    if not isinstance(layers, dict):
+        raise LabError(f"{source}: [model.layers] must be a table of layers, e.g. [model.layers.3.attention]")
+    out: dict[int, dict[str, Part]] = {}
+    for spec, slots in layers.items():
+        where = f"[model.layers.{spec}]"
+        indices = _layer_indices(str(spec), n_layer, f"{source} {where}")
+        if not isinstance(slots, dict):
+            raise LabError(f"{source} {where} must be a table of slots, e.g. [model.layers.{spec}.attention]")
+        for slot, table in slots.items():
+            if slot not in LAYER_SLOTS:
+                raise LabError(f"{source} {where}: '{slot}' cannot be set per layer.{did_you_mean(slot, LAYER_SLOTS)} "
+                               f"Per-layer slots: {', '.join(LAYER_SLOTS)}")
+            if not isinstance(table, dict):
+                raise LabError(f"{source} {where}.{slot} must be a table, e.g. [model.layers.{spec}.{slot}]")
+            base = base_tables[slot]
+            table = dict(table) if "name" in table and table["name"] != base.get("name") else {**base, **table}
+            component = plugins.get(slot, str(table.pop("name")), where=f"{source} {where}.{slot}")
+            part = Part(component, _validate(component.Config, table, source, f"model.layers.{spec}.{slot}", component))
+            for i in indices:
+                out.setdefault(i, {})[slot] = part
+    return out
+
+
+def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
+    """'3' -> [3]; '0-2' -> [0, 1, 2]; '1,3' -> [1, 3]; '-1' -> the last layer."""
+    indices = []
+    try:
+        for piece in spec.split(","):
+            piece = piece.strip()
+            if "-" in piece[1:]:
+                lo, hi = piece[0] + piece[1:].split("-", 1)[0], piece[1:].split("-", 1)[1]
+                indices += range(int(lo), int(hi) + 1)
+            else:
+                i = int(piece)
+                indices.append(i + n_layer if i < 0 else i)
+    except ValueError:
+        raise LabError(f"{where}: '{spec}' is not a layer; write an index (3), a range (0-2), a list (1,3) or "
+                       f"-1 for the last layer") from None
+    wrong = [i for i in indices if not 0 <= i < n_layer]
+    if wrong or not indices:
+        raise LabError(f"{where}: the model has {n_layer} layers (0 to {n_layer - 1}), so layer {spec} does not "
+                       f"exist; use an index below {n_layer} or raise [model] n_layer")
+    return sorted(set(indices))
 
 
 def check_parts(recipe: Recipe) -> None:
     """Each component's settings checked against the rest of the recipe (the model's shape, the
     training layout) now, when the recipe is read, not when the model is built. A component's Config
     may define `check_recipe(self, recipe)`, raising ValueError("what is wrong and how to fix it")."""
-    for slot, part in recipe.parts.items():
-        where = f"{recipe.source} [{'.'.join(TABLES[slot])}] ({part.label})"
+    every = [(f"[{'.'.join(TABLES[slot])}]", part) for slot, part in recipe.parts.items()]
+    every += [(f"[model.layers.{i}.{slot}]", part) for i, parts in recipe.layer_parts.items()
+              for slot, part in parts.items()]
+    for table, part in every:
+        where = f"{recipe.source} {table} ({part.label})"
         check = getattr(part.config, "check_recipe", None)
         if check is not None:
             try:

@@ -38,6 +38,8 @@ from lab.recipe import ModelConfig, Part
 
 # Small enough to run every check in well under a second on a CPU.
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+# Grouped-query attention with QK-norm: 4 query heads share 2 key/value heads.
+GQA = MODEL.model_copy(update={"n_kv_head": 2, "qk_norm": True})
 B, T = 2, 12
 SCHEDULE_STEPS = 100
 TEXTS = ["Hello, world!", "  two  spaces,\ttabs\nand lines\n\n", "naïve café — 東京 🙂", ""]
@@ -116,18 +118,18 @@ def _run_attention(attn, x, pos, position, what):
 
 
 @_seeded
-def attention_shapes(component, position: Position | None = None):
-    attn, x_pos = build(component, MODEL), _attention_input()
+def attention_shapes(component, position: Position | None = None, model: ModelConfig = MODEL):
+    attn, x_pos = build(component, model), _attention_input()
     y = _run_attention(attn, *x_pos, position or Position(), component.name)
     assert y.shape == (B, T, MODEL.n_embd), f"output shape {tuple(y.shape)}, expected {(B, T, MODEL.n_embd)}"
     assert torch.isfinite(y).all(), "output has inf or nan"
 
 
 @_seeded
-def attention_causality(component, position: Position | None = None):
+def attention_causality(component, position: Position | None = None, model: ModelConfig = MODEL):
     """Changing token t changes no output before t, and does change the output at t."""
     position = position or Position()
-    attn, (x, pos) = build(component, MODEL).eval(), _attention_input()
+    attn, (x, pos) = build(component, model).eval(), _attention_input()
     y = _run_attention(attn, x, pos, position, component.name)
     t = T // 2
     x2 = x.clone()
@@ -160,10 +162,10 @@ def attention_dtypes(component):
 
 
 @_seeded
-def attention_cached_decoding(component, position: Position | None = None):
+def attention_cached_decoding(component, position: Position | None = None, model: ModelConfig = MODEL):
     """A prefill, then one token at a time through new_cache, gives the full forward's outputs."""
     position = position or Position()
-    attn, (x, pos) = build(component, MODEL).eval(), _attention_input()
+    attn, (x, pos) = build(component, model).eval(), _attention_input()
     full = _run_attention(attn, x, pos, position, component.name)
     cache = attn.new_cache(B, T, x.device, x.dtype)
     prefill = 5
@@ -173,15 +175,31 @@ def attention_cached_decoding(component, position: Position | None = None):
     assert_close_to_scale(torch.cat(steps, dim=1), full, 1e-5, "cached decoding against the full forward")
 
 
-def attention_with_position(component, position_component):
+def attention_with_position(component, position_component, model: ModelConfig = MODEL):
     """Forward, causality and cached decoding with a real position component (rope, alibi...)."""
     @_seeded
     def with_position():
-        position = build(position_component, MODEL).eval()
-        attention_shapes(component, position)
-        attention_causality(component, position)
-        attention_cached_decoding(component, position)
+        position = build(position_component, model).eval()
+        attention_shapes(component, position, model)
+        attention_causality(component, position, model)
+        attention_cached_decoding(component, position, model)
     return with_position
+
+
+def _attention_build(component, model):
+    try:
+        return build(component, model)
+    except LabError as e:  # e.g. an attention without grouped heads says so
+        raise unittest.SkipTest(f"{component.name} refuses these settings: {e}") from None
+
+
+@_seeded
+def attention_grouped_query(component):
+    """[model] n_kv_head = 2 of n_head = 4, with qk_norm: shapes, causality and cached decoding."""
+    _attention_build(component, GQA)
+    attention_shapes(component, model=GQA)
+    attention_causality(component, model=GQA)
+    attention_cached_decoding(component, model=GQA)
 
 
 # --- position ----------------------------------------------------------------------------------
@@ -207,6 +225,21 @@ def position_shapes(component):
             expected = (MODEL.n_head, len(q_pos), T)
             assert tuple(bias.shape) == expected, f"bias shape {tuple(bias.shape)}, expected (nh, Tq, Tk) = {expected}"
             assert torch.isfinite(bias).all(), "bias has inf or nan"
+
+
+@_seeded
+def position_grouped_heads(component):
+    """Grouped-query attention hands rotate q with n_head heads and k with fewer (here 4 and 2):
+    each is rotated as it would be alone."""
+    p, pos = build(component, MODEL).eval(), torch.arange(T)
+    q, k = _qk()
+    k_few = k[:, :2]
+    q2, k2 = p.rotate(q, k_few, pos)
+    assert q2.shape == q.shape and k2.shape == k_few.shape, (
+        f"rotate(q {tuple(q.shape)}, k {tuple(k_few.shape)}) gave {tuple(q2.shape)}, {tuple(k2.shape)}")
+    q_same, k_same = p.rotate(q, k, pos)
+    assert_close(q2, q_same, msg=lambda m: f"q rotated with fewer k heads differs: {m}")
+    assert_close(k2, k_same[:, :2], msg=lambda m: f"k with fewer heads is rotated differently: {m}")
 
 
 @_seeded
@@ -506,8 +539,8 @@ def data_batches(component, plugins: Registry):
 
 CHECKS: dict[str, list[Callable]] = {
     "attention": [attention_shapes, attention_causality, attention_gradients, attention_dtypes,
-                  attention_cached_decoding, extra_loss_gradients],
-    "position": [position_shapes, position_rotate_preserves_norms, position_token_by_token,
+                  attention_cached_decoding, attention_grouped_query, extra_loss_gradients],
+    "position": [position_shapes, position_grouped_heads, position_rotate_preserves_norms, position_token_by_token,
                  position_max_len, position_gradients],
     "mlp": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
     "norm": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],

@@ -49,6 +49,8 @@ from lab.runlock import LOCK, RunLock
 def cli_run(args) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        for note in recipe.notes if distributed.layout().main else ():
+            print(f"note: {note}", file=sys.stderr)
         command = shlex.join(["lab", "run", args.recipe] + [a for o in args.overrides for a in ("--set", o)])
         return train(recipe, launcher() + command)
     except LabError:

@@ -137,7 +137,7 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, capsys, gpt_small_pat
     monkeypatch.setattr(plugins, "_registry", plugins.build_registry(extra_plugins={"lab-test": Plugin}))
     recipe = load_recipe(gpt_small_path, ["model.n_layer=1", "model.n_embd=32", "model.mlp.name=identity",
                                           "model.tie_embeddings=false", "model.bias=false",
-                                          "model.logit_softcap=30"])
+                                          "model.logit_softcap=30", "model.n_kv_head=2", "model.qk_norm=true"])
     save(tmp_path / "run", 0, GPT(recipe), recipe.to_toml(), {"step": 0})
 
     status, _, err = run_lab(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "hf")
@@ -145,6 +145,7 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, capsys, gpt_small_pat
     assert "mlp 'identity' (GPT-2's is gelu)" in err
     assert "model.tie_embeddings = false" in err and "model.bias = false" in err
     assert "model.logit_softcap = 30.0 (GPT-2's logits are not capped)" in err
+    assert "model.n_kv_head = 2" in err and "model.qk_norm = true" in err
     assert not (tmp_path / "hf").exists()
 
 

@@ -17,6 +17,13 @@ class SlidingConfig(BaseModel):
     window: PositiveInt = Field(256, description="keys each token sees, itself included")
     backend: Literal["auto", "sdpa"] = Field("auto", description="auto: FlexAttention on CUDA, masked SDPA elsewhere; sdpa: always masked SDPA")
 
+    def check_recipe(self, recipe):
+        """A window as long as the context is plain causal attention, more slowly: surely a mistake."""
+        if self.window >= recipe.model.block_size:
+            raise ValueError(f"window = {self.window} is not shorter than [model] block_size = "
+                             f"{recipe.model.block_size}, so every token sees its whole context: set window "
+                             f"below {recipe.model.block_size}, or use full attention (name = \"sdpa\")")
+
 
 class SlidingAttention(SelfAttention):
     def __init__(self, config: SlidingConfig, model):

@@ -72,6 +72,10 @@ def gpt2_refusals(recipe: Recipe) -> list[str]:
         reasons.append("model.tie_embeddings = false (GPT-2's head is its token embedding)")
     if recipe.model.logit_softcap:
         reasons.append(f"model.logit_softcap = {recipe.model.logit_softcap} (GPT-2's logits are not capped)")
+    if recipe.model.kv_heads != recipe.model.n_head:
+        reasons.append(f"model.n_kv_head = {recipe.model.n_kv_head} (GPT-2 gives every query head its own keys and values)")
+    if recipe.model.qk_norm:
+        reasons.append("model.qk_norm = true (GPT-2 has no norm on queries and keys)")
     return reasons
 
 

@@ -27,6 +27,8 @@ def refusals(recipe: Recipe) -> list[str]:
         reasons.append("model.bias = true (Llama's linear layers and norms have no biases)")
     if m.logit_softcap:
         reasons.append(f"model.logit_softcap = {m.logit_softcap} (Llama's logits are not capped)")
+    if getattr(m, "qk_norm", False):
+        reasons.append("model.qk_norm = true (Llama has no norm on queries and keys)")
     position = recipe.parts["position"]
     if position.name == "rope" and position.config.fraction != 1.0:
         reasons.append(f"model.position.fraction = {position.config.fraction} (Llama rotates every dim)")
