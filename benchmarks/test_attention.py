@@ -1,11 +1,16 @@
 """Every registered attention, built-in or installed later, timed against "manual" at each shape.
 
-Each attention is built by its plugin's factory with its default Config and called through the
-interface: attn(x, pos, position, cache=None), with a plain Position (no positional effect).
+Each attention is built by its plugin's factory with its default Config, and again with each entry of
+its Config's `extra_settings`, and called through the interface: attn(x, pos, position, cache=None),
+with a plain Position (no positional effect). Every softmax attention (a lab.attention.SelfAttention)
+is checked against "manual" given the same weights (its q/k/v and output projections, QK-norm gains);
+any other is timed unchecked, and the note says so.
 Forward runs under no_grad (inference); fwd+bwd is one training call. On CUDA, attentions that
 call torch SDPA are also timed with each SDPA backend forced.
 
-FLOPs per call, counted as useful work (a multiply-add is 2; the masked half is not work):
+FLOPs per call come from the attention's own `flops(batch, seq_len, backward)` where it has one
+(SelfAttention counts its grouped projections and the pairs its mask lets through); otherwise, as
+useful work (a multiply-add is 2; the masked half is not work):
     projections  qkv (C -> 3C) and output (C -> C):  2*B*T*C*4C = 8*B*T*C^2,  backward 2x forward
     attention    q@k^T and weights@v, 2*B*H*T*T*D each, halved by causality: 2*B*H*T*T*D,
                  backward 2.5x forward (as FlashAttention counts it: 4 matmuls plus q@k^T recomputed)
@@ -18,9 +23,11 @@ import torch
 from pydantic import ValidationError
 
 from benchmarks import machine
+from lab.attention import SelfAttention
 from lab.interfaces import Position
 from lab.plugins import registry
 from lab.recipe import ModelConfig
+from lab.testing import with_settings
 
 REFERENCE = "manual"
 MODES = ("fwd", "fwd+bwd")
@@ -48,8 +55,26 @@ def pytest_generate_tests(metafunc):
         backends += list(sdpa_backends())
     metafunc.parametrize("mode", MODES)
     metafunc.parametrize("shape", size.attention, ids=lambda s: "B{}H{}T{}D{}".format(*s))
-    metafunc.parametrize("name", sorted(registry().components["attention"]))
+    metafunc.parametrize("name", variants())
     metafunc.parametrize("backend", backends)
+
+
+def variants() -> list[str]:
+    """Every attention's name, then name[key=value,...] for each entry of its Config's extra_settings."""
+    out = []
+    for name, component in sorted(registry().components["attention"].items()):
+        out += [name] + [with_settings(component, s).name for s in getattr(component.Config, "extra_settings", [])]
+    return out
+
+
+def component_of(variant: str):
+    """The component a variant id names, with its settings."""
+    name = variant.split("[")[0]
+    component = registry().components["attention"][name]
+    for settings in getattr(component.Config, "extra_settings", []):
+        if with_settings(component, settings).name == variant:
+            return with_settings(component, settings)
+    return component
 
 
 def test_attention(timed, benchmark, device, mode, shape, name, backend):
@@ -70,7 +95,7 @@ def test_attention(timed, benchmark, device, mode, shape, name, backend):
         benchmark.extra_info["note"] = check(attn, reference, x, pos, position, mode)
         _, mean = timed(call)
         benchmark.extra_info["peak_mem_mib"] = machine.peak_memory_mib(call, device)
-    flops = attention_flops(B, H, T, D, backward=mode == "fwd+bwd")
+    flops = flops_of(attn, B, H, T, D, backward=mode == "fwd+bwd")
     benchmark.extra_info["gflop"] = flops / 1e9
     benchmark.extra_info["tflops"] = flops / mean / 1e12 if mean else None
 
@@ -99,20 +124,27 @@ def attention_flops(B, H, T, D, backward: bool) -> float:
     return projections + attention
 
 
-def build_pair(name: str, shape, device):
+def flops_of(attn, B, H, T, D, backward: bool) -> float:
+    """The attention's own count where it reports one, else the formula of the module docstring."""
+    if hasattr(attn, "flops"):
+        return attn.flops(B, T, backward=backward)
+    return attention_flops(B, H, T, D, backward)
+
+
+def build_pair(name: str, shape, device, model_settings: dict | None = None):
     """(the attention to time, fp32 "manual" with the same weights to check it against, or None
-    when its parameters are laid out differently or manual is not installed)."""
+    when it is not a softmax attention (not a SelfAttention) or manual is not installed)."""
     B, H, T, D = shape
-    model = ModelConfig(n_embd=H * D, n_head=H, block_size=T, dropout=0.0)
+    model = ModelConfig(n_embd=H * D, n_head=H, block_size=T, dropout=0.0, **(model_settings or {}))
     components = registry().components["attention"]
     torch.manual_seed(0)
-    attn = build(components[name], model).to(device)
-    if REFERENCE not in components:
+    attn = build(component_of(name), model).to(device)
+    if REFERENCE not in components or not isinstance(attn, SelfAttention):
         return attn, None
     reference = build(components[REFERENCE], model).to(device).eval()
-    if not same_layout(attn, reference):
-        return attn, None
-    attn.load_state_dict(reference.state_dict())
+    # The reference takes the attention's own weights: the softmax attention's projections and gains.
+    shared = {k: v for k, v in attn.state_dict().items() if k in reference.state_dict()}
+    reference.load_state_dict(shared)
     return attn, reference
 
 
@@ -124,14 +156,6 @@ def build(component, model):
     return component.factory(config, model)
 
 
-def same_layout(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return layout(a) == layout(b)
-
-
-def layout(module: torch.nn.Module) -> dict:
-    return {key: tensor.shape for key, tensor in module.state_dict().items()}
-
-
 def check(attn, reference, x, pos, position, mode) -> str:
     """Compare with fp32 manual on the same weights; returns a note for the summary.
 
@@ -139,7 +163,7 @@ def check(attn, reference, x, pos, position, mode) -> str:
     on purpose (a sliding window, a linear approximation) matches only on its first tokens: that is
     noted, not failed; one that differs from the very first token has a bug."""
     if reference is None:
-        return f"unchecked: parameters laid out unlike {REFERENCE}'s"
+        return f"unchecked: not a softmax attention (lab.attention.SelfAttention) like {REFERENCE}"
     T = min(x.size(1), CHECK_TOKENS)
     x, pos = x[:2, :T].detach(), pos[:T]
     grad = torch.randn_like(x)

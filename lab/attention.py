@@ -100,5 +100,20 @@ class SelfAttention(Attention):
     def attend(self, q, k, v, q_pos, k_pos, bias):
         raise NotImplementedError
 
+    def flops(self, batch: int, seq_len: int, backward: bool = False) -> float:
+        """Useful FLOPs of one call on batch x seq_len tokens (a multiply-add is 2): the projections,
+        2*B*T*C*(C + 2*kv_dim) + 2*B*T*C*C, and score_flops; backward is 2x the projections and 2.5x
+        the scores (FlashAttention's count: four matmuls plus q@k^T recomputed)."""
+        C = self.n_head * self.head_dim
+        projections = 2 * batch * seq_len * C * (C + 2 * self.kv_dim) + 2 * batch * seq_len * C * C
+        scores = self.score_flops(batch, seq_len)
+        return 3 * projections + 3.5 * scores if backward else projections + scores
+
+    def score_flops(self, batch: int, seq_len: int) -> float:
+        """q @ k^T and weights @ v over the (query, key) pairs a query sees: causal, T(T+1)/2 pairs,
+        4*B*H*D FLOPs each. An attention that sees fewer pairs (a window) overrides this."""
+        pairs = seq_len * (seq_len + 1) / 2
+        return 4 * batch * self.n_head * self.head_dim * pairs
+
     def new_cache(self, batch, max_len, device, dtype):
         return KVCache(batch, self.n_kv_head, self.head_dim, max_len, device, dtype)

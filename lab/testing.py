@@ -23,6 +23,7 @@ bias), or a data source whose default settings need files that are not there.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import unittest
@@ -551,8 +552,11 @@ CHECKS: dict[str, list[Callable]] = {
 }
 
 
-def cases(slot: str | None = None, name: str | None = None, plugins: Registry | None = None) -> list[Case]:
-    """Every check for every installed component (or only those of one slot / one name)."""
+def cases(slot: str | None = None, name: str | None = None, plugins: Registry | None = None,
+          settings: dict | None = None) -> list[Case]:
+    """Every check for every installed component (or only those of one slot / one name), with each
+    component's Config defaults and with every entry of its Config's `extra_settings` (a ClassVar
+    list of dicts). `settings` runs one component's checks on those settings instead."""
     plugins = plugins or registry()
     if name is not None:
         plugins.get(slot, name)  # an unknown name raises, listing what is installed
@@ -560,8 +564,23 @@ def cases(slot: str | None = None, name: str | None = None, plugins: Registry | 
     for s, components in plugins.components.items():
         for n, component in sorted(components.items()):
             if slot in (None, s) and name in (None, n):
-                found += _cases_for(component, plugins)
+                variants = [settings] if settings is not None else [{}, *getattr(component.Config, "extra_settings", [])]
+                for variant in variants:
+                    found += _cases_for(with_settings(component, variant), plugins)
     return found
+
+
+def with_settings(component: Component, settings: dict) -> Component:
+    """The component as if its Config's defaults were `settings` (validated when it is built); its
+    name carries them, so a case id says which settings failed: moe[experts=8,top_k=1]."""
+    if not settings:
+        return component
+    component.Config(**settings)  # a wrong setting fails here, with pydantic's message
+
+    def factory(config, *args):
+        return component.factory(component.Config(**{**settings, **config.model_dump(exclude_unset=True)}), *args)
+    label = ",".join(f"{k}={v}" for k, v in settings.items())
+    return dataclasses.replace(component, name=f"{component.name}[{label}]", factory=factory)
 
 
 def _cases_for(component: Component, plugins: Registry) -> list[Case]:
@@ -576,10 +595,10 @@ def _cases_for(component: Component, plugins: Registry) -> list[Case]:
     return out
 
 
-def check(slot: str, name: str, plugins: Registry | None = None) -> list[str]:
+def check(slot: str, name: str, plugins: Registry | None = None, settings: dict | None = None) -> list[str]:
     """Run every check for one component; raise on the first failure. Returns the skip reasons."""
     skipped = []
-    for case in cases(slot, name, plugins):
+    for case in cases(slot, name, plugins, settings):
         try:
             case()
         except unittest.SkipTest as e:

@@ -61,6 +61,16 @@ class Stretching(Position):
         return 2 * q, k
 
 
+class OneHeadCount(Position):
+    """Rotates k as if it had q's heads: breaks grouped-query attention (fewer k heads)."""
+
+    def __init__(self, config, model):
+        super().__init__()
+
+    def rotate(self, q, k, pos):
+        return q, k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+
+
 def norm_over_time(config, model):
     """Normalises across tokens, not features: token t's output depends on every token."""
     class OverTime(torch.nn.Module):
@@ -109,6 +119,7 @@ class Broken:
         register("attention", "forgetful", Forgetful, Empty, "")
         register("attention", "upcasting", Upcasting, Empty, "")
         register("position", "stretching", Stretching, Empty, "")
+        register("position", "one_head_count", OneHeadCount, Empty, "")
         register("norm", "over_time", norm_over_time, Empty, "")
         register("schedule", "counting", Counting, Empty, "")
         register("optimizer", "frozen", frozen, Empty, "")
@@ -126,6 +137,7 @@ def broken():
     ("attention", "forgetful", "attention_cached_decoding"),
     ("attention", "upcasting", "attention_dtypes"),
     ("position", "stretching", "position_rotate_preserves_norms"),
+    ("position", "one_head_count", "position_grouped_heads"),
     ("norm", "over_time", "token_map_per_token"),
     ("schedule", "counting", "schedule_pure"),
     ("optimizer", "frozen", "optimizer_reduces_loss"),

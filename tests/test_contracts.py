@@ -29,6 +29,7 @@ ROUTER = declare_role("router", "a mixture of experts' router matrix")
 
 
 class MoEConfig(BaseModel):
+    extra_settings: ClassVar[list[dict]] = [{"experts": 8, "top_k": 1}]  # checked beside the defaults
     experts: int = Field(4, description="experts per layer")
     top_k: int = Field(2, description="experts per token")
     balance: float = Field(0.01, description="weight of the load-balancing loss")
@@ -92,12 +93,65 @@ class WholeConfig(BaseModel):
     lr: float = 1e-2
 
 
+class MuonConfig(BaseModel):
+    works_on_shards: ClassVar[bool] = False  # orthogonalises whole matrices: not on FSDP2 shards
+    lr: float = Field(0.02, description="lr of the hidden matrices")
+    adam_lr: float = Field(3e-3, description="lr of everything else (AdamW)")
+    momentum: float = 0.95
+
+
+def newton_schulz(G, steps=5):
+    """The nearest semi-orthogonal matrix to G, roughly (Muon's quintic iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + 1e-7)
+    tall = X.size(0) > X.size(1)
+    X = X.T if tall else X
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the hidden matrices (role matrix, rank 2), AdamW for every other role."""
+
+    def __init__(self, config, params):
+        matrices = [p.param for p in params if p.role == "matrix" and p.param.dim() == 2]
+        others = [p.param for p in params if not (p.role == "matrix" and p.param.dim() == 2)]
+        super().__init__([{"name": "muon", "params": matrices, "lr": config.lr, "kind": "muon"},
+                          {"name": "adamw", "params": others, "lr": config.adam_lr, "kind": "adamw"}],
+                         dict(momentum=config.momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["kind"] == "muon":
+                    buf = state.setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.add_(newton_schulz(p.grad + group["momentum"] * buf), alpha=-group["lr"] * scale)
+                else:
+                    state.setdefault("step", torch.zeros(()))
+                    m, v = state.setdefault("m", torch.zeros_like(p)), state.setdefault("v", torch.zeros_like(p))
+                    state["step"] += 1
+                    m.lerp_(p.grad, 0.1)
+                    v.lerp_(p.grad.square(), 0.05)
+                    t = state["step"].item()
+                    p.addcdiv_(m / (1 - 0.9**t), (v / (1 - 0.95**t)).sqrt() + 1e-8, value=-group["lr"])
+
+
 class Package:
     @hookimpl
     def lab_components(self, register):
         register("mlp", "toy_moe", MoE, MoEConfig, "top-2 MoE with a balance loss")
         register("optimizer", "per_role", per_role_sgd, PerRoleConfig, "SGD, a group per role")
         register("optimizer", "whole", per_role_sgd, WholeConfig, "needs whole parameters")
+        register("optimizer", "muon", lambda config, params, model: Muon(config, params), MuonConfig,
+                 "Muon for hidden matrices, AdamW for the rest")
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +314,7 @@ def test_extra_loss_gradient_is_scaled_like_the_loss_under_grad_accum(plugins):
     """The trainer's micro-steps: grad_accum = 2 on halves gives the whole batch's gradient of
     CE + weight * balance (both are means over the batch's tokens... the balance loss is not linear
     in the batch, so the reference is the mean of the two halves' gradients)."""
-    [case] = [c for c in cases("mlp", "toy_moe", plugins) if str(c).endswith("extra_loss_gradients")]
+    [case] = [c for c in cases("mlp", "toy_moe", plugins) if str(c) == "mlp-toy_moe-extra_loss_gradients"]
     case()
 
 
@@ -270,7 +324,7 @@ def test_the_extra_loss_check_catches_a_detached_loss(plugins):
         def lab_components(self, register):
             register("mlp", "detached", lambda c, m: MoE(MoEConfig(broken="detach"), m), MoEConfig, "")
     broken = build_registry({"lab-broken": P()}, warn=False)
-    [case] = [c for c in cases("mlp", "detached", broken) if str(c).endswith("extra_loss_gradients")]
+    [case] = [c for c in cases("mlp", "detached", broken) if str(c) == "mlp-detached-extra_loss_gradients"]
     with pytest.raises(AssertionError, match="no gradient"):
         case()
 
@@ -303,3 +357,21 @@ def test_extras_survive_torch_compile(plugins):
     total = compiled(x, x)[1] + model.extras.loss()
     torch.testing.assert_close(total, eager)
     assert set(model.extras.values()) == set(eager_terms)
+
+
+def test_declared_extra_settings_are_checked_too(plugins):
+    ids = [str(c) for c in cases("mlp", "toy_moe", plugins)]
+    assert "mlp-toy_moe-extra_loss_gradients" in ids
+    assert "mlp-toy_moe[experts=8,top_k=1]-extra_loss_gradients" in ids
+    [case] = [c for c in cases("mlp", "toy_moe", plugins) if str(c) == "mlp-toy_moe[experts=8,top_k=1]-token_map_per_token"]
+    case()
+    # and settings given by hand replace them
+    ids = [str(c) for c in cases("mlp", "toy_moe", plugins, settings={"experts": 2})]
+    assert ids and all("toy_moe[experts=2]" in i for i in ids)
+
+
+def test_a_muon_written_from_the_docs_passes_the_optimizer_checks(plugins, capsys):
+    for case in cases("optimizer", "muon", plugins):
+        case()
+    assert "optimizer 'muon' groups roles as {'muon': ['matrix'], 'adamw': ['bias', 'embedding', 'gain', 'head'" \
+        in capsys.readouterr().out

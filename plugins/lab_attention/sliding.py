@@ -30,6 +30,12 @@ class SlidingAttention(SelfAttention):
         super().__init__(model)
         self.window, self.backend = config.window, config.backend
 
+    def score_flops(self, batch, seq_len):
+        """Query i sees min(i + 1, window) keys."""
+        w = min(self.window, seq_len)
+        pairs = w * (w + 1) / 2 + (seq_len - w) * w
+        return 4 * batch * self.n_head * self.head_dim * pairs
+
     def attend(self, q, k, v, q_pos, k_pos, bias):
         dropout = self.dropout if self.training else 0.0
         # Flex when q and k are the same tokens (no cache, or the prefill): positions then line up

@@ -31,6 +31,9 @@ class LinearState:
 class LinearAttention(Attention):
     def __init__(self, config: LinearConfig, model):
         super().__init__()
+        if model.kv_heads != model.n_head or model.qk_norm:
+            raise LabError("linear attention has one key/value head per query head and no QK-norm; "
+                           "unset [model] n_kv_head and qk_norm, or use a softmax attention (sdpa)")
         self.n_head, self.head_dim = model.n_head, model.head_dim
         self.chunk, self.eps = config.chunk, config.eps
         self.qkv = nn.Linear(model.n_embd, 3 * model.n_embd, bias=model.bias)
@@ -55,6 +58,16 @@ class LinearAttention(Attention):
             cache.z = cache.z + k.sum(2)[..., None]
         y = (num / (den + self.eps)).to(x.dtype).transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
+
+    def flops(self, batch, seq_len, backward=False):
+        """Useful FLOPs of one call: the projections (8*B*T*C^2) and, per token and head, its chunk's
+        masked scores and weighted sum (2 * 2*chunk*d, half masked) and the running sums (3 * 2*d*d:
+        k^T v, q @ before, and the normaliser's share)."""
+        C, d = self.n_head * self.head_dim, self.head_dim
+        chunk = min(self.chunk, seq_len)
+        projections = 8 * batch * seq_len * C * C
+        mixing = batch * seq_len * self.n_head * (2 * chunk * d + 6 * d * d)
+        return 3 * (projections + mixing) if backward else projections + mixing
 
     def new_cache(self, batch, max_len, device, dtype):
         return LinearState(batch, self.n_head, self.head_dim, device)  # fixed size: max_len unused
