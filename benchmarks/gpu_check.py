@@ -347,11 +347,9 @@ def train_step(model, recipe, device: torch.device, compiled: bool, dtype=None):
 
 def build_optimizer(recipe, model):
     """The recipe's optimizer over the model, as the trainer builds it."""
-    from lab import train
+    from lab.roles import build_optimizer as build
 
-    if hasattr(train, "build_optimizer"):
-        return train.build_optimizer(recipe, model)
-    return recipe.parts["optimizer"].build(model)
+    return build(recipe.parts["optimizer"], model)
 
 
 def nanogpt_step(path: str, recipe, device: torch.device):
