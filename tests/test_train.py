@@ -84,7 +84,7 @@ def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):
     _, model, _ = checkpoint.load_run(run)
     assert model.config.n_layer == 2
 
-    assert "MFU is measured against the CPU fp32 peak measured with a 1024x1024 matmul" in out
+    assert "MFU is measured against the " in out and "fp32 peak measured with a 1024x1024 matmul" in out
     assert "step     2/8 | loss " in out and "tok/s | MFU " in out and "grad norm" in out
     assert "step     8/8 | val loss " in out
 
