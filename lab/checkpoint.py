@@ -86,7 +86,7 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
         error = disk_error(e, root, needed)
         if error is None:
             raise
-        raise cannot_write(f"checkpoint {final}", error, needed) from None
+        raise cannot_write(final, error, needed, what="checkpoint ") from None
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
         old = root / f".old_{final.name}_{os.getpid()}"
         os.replace(final, old)

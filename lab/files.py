@@ -105,8 +105,8 @@ def writing(path, fix: str = ""):
         raise cannot_write(path, e, fix=fix) from None
 
 
-def cannot_write(path, error: OSError, needed: int | None = None, fix: str = "") -> LabError:
-    """One message for a write that failed: the path, why, the space needed where known, the fix."""
+def cannot_write(path, error: OSError, needed: int | None = None, fix: str = "", what: str = "") -> LabError:
+    """One message for a write that failed: what and its path, why, the space needed where known, the fix."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         need = f", about {size(needed)} needed" if needed else ""
         why = f"the disk is full ({size(free_bytes(path))} free{need})"
@@ -117,7 +117,7 @@ def cannot_write(path, error: OSError, needed: int | None = None, fix: str = "")
         why, how = "the file system is read-only", "write to a folder on a writable disk"
     else:
         why, how = error.strerror or str(error), "check the disk and the folder, or write somewhere else"
-    return LabError(f"cannot write {path}: {why}. {fix or how[0].upper() + how[1:]}")
+    return LabError(f"cannot write {what}{path}: {why}. {fix or how[0].upper() + how[1:]}")
 
 
 def free_bytes(path) -> int:

@@ -4,6 +4,7 @@ leaving the last good checkpoint as it was."""
 import errno
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,6 +289,8 @@ def test_a_real_full_disk_stops_the_run_and_the_next_one_continues(tmp_path, cap
     status, out, err = run_lab(capsys, "run", recipe)
     assert status == 2 and "Traceback" not in err
     assert f"cannot write checkpoint {small_disk / 'run' / 'checkpoints' / 'step_0000004'}: the disk is full" in err
+    free, needed = map(float, re.search(r"\(([\d.]+) MB free, about ([\d.]+) MB needed\)", err).groups())
+    assert free < 30 < free + needed  # the tmpfs's free space, not another disk's
     ckpts = small_disk / "run" / "checkpoints"
     assert os.listdir(ckpts) == ["step_0000002"] and checkpoint.damage(ckpts / "step_0000002") == []
     subprocess.run(["mount", "-o", "remount,size=80m", str(small_disk)], check=True)  # space freed
