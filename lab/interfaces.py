@@ -58,12 +58,29 @@ class Attention(nn.Module):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a model trained on conversations saw them: each message as `turn` with {role} and
+    {content} filled in, then `reply` opens the assistant's turn, which ends at any of `stop`.
+    E.g. turn = "<|{role}|>\n{content}<|end|>\n", reply = "<|assistant|>\n", stop = ("<|end|>",)."""
+
+    turn: str
+    reply: str
+    stop: tuple[str, ...] = ()
+
+    def render(self, messages: list[dict]) -> str:
+        return "".join(self.turn.format(role=m["role"], content=m["content"]) for m in messages) + self.reply
+
+
 class Tokenizer:
     """Text <-> token ids."""
 
     name: str
     vocab_size: int
     eot_id: int | None  # the end-of-text token put between documents, if the tokenizer has one
+    # A tokenizer of a model trained on conversations says how they were laid out; without one
+    # (GPT-2's BPE, plain text) `lab serve` refuses chat completions rather than guess a format.
+    chat_template: ChatTemplate | None = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError

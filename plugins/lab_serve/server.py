@@ -1,0 +1,49 @@
+"""`lab serve`: check the arguments, say what is served and to whom, run uvicorn.
+
+FastAPI on uvicorn: a well-kept ASGI stack whose StreamingResponse gives server-sent events, with
+request bodies checked by pydantic, which lab already uses for recipes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from lab.device import pick_device
+from lab.errors import LabError
+
+from lab_serve.api import Limits, make_app
+from lab_serve.runs import ModelPool, RunTable
+
+LOCAL = ("127.0.0.1", "localhost", "::1")
+
+
+def build(paths, device="cpu", max_models=2, max_batch=16, limits: Limits | None = None, api_key=None):
+    """The ASGI app serving these run folders (what tests and the load test run under uvicorn)."""
+    table = RunTable(paths)
+    pool = ModelPool(table, device, max_models, max_batch)
+    return make_app(table, pool, limits or Limits(), api_key), pool
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    for flag, value in (("--max-models", args.max_models), ("--max-batch", args.max_batch),
+                        ("--max-queue", args.max_queue), ("--port", args.port)):
+        if value < 1:
+            raise LabError(f"{flag} must be at least 1, got {value}")
+    api_key = args.api_key or os.environ.get("LAB_API_KEY") or None
+    device = pick_device(args.device, f"--device {args.device}", "use --device cpu")
+    app, pool = build(args.paths, device, args.max_models, args.max_batch, Limits(max_queue=args.max_queue), api_key)
+    runs = ", ".join(app.app.state.table.runs) if hasattr(app, "app") else ""
+    print(f"serving {runs} on {device}", file=sys.stderr)
+    if args.host not in LOCAL:
+        print(f"warning: listening on {args.host}, so other machines can reach this server", file=sys.stderr)
+        if api_key is None:
+            print("warning: no --api-key: the API is open to anyone who can reach it", file=sys.stderr)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"open http://{host}:{args.port}/ (OpenAI API at http://{host}:{args.port}/v1)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        pool.close()
+    return 0
