@@ -73,6 +73,9 @@ def test_completion_is_greedy_decoding_and_streams_the_same_text(client, served)
                                             temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == got.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+    with_usage = list(client.completions.create(model="alpha", prompt="Hi", max_tokens=5, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 5
 
 
 def test_stream_is_openai_sse_ending_in_done(served):
