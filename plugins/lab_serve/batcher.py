@@ -1,15 +1,17 @@
 """Decoding many requests on one model at once: a worker thread per model, requests as rows of batches.
 
 Each request's completion is a Job. The worker takes waiting jobs at a step boundary and starts
-those whose prompts have the same length together, as the rows of one batch (a Group) with one set of
-caches: on CPU a decoding step is bound by reading the weights, which the rows share, so 8 rows cost
-little more than 1. Prompts of different lengths cannot share a cache (every row of a cache sits at
-the same position), so they make separate groups, and the worker steps every group in turn: a long
-request never holds up a short one for more than a step each.
+them together as the rows of one batch (a Group) with one set of caches: on CPU a decoding step is
+bound by reading the weights, which the rows share, so 8 rows cost little more than 1. Every row of
+a cache sits at the same position, so prompts of different lengths go in step: a row whose prompt
+is longer than the group's shortest is fed its remaining prompt tokens one step at a time while the
+others sample. Prompts far longer than the rest make a group of their own, and the worker steps
+every group in turn. A job arriving while a group decodes starts in a new group at the next step
+boundary (joining a group mid-way would need its cache rows filled: not done).
 
 Generation runs here, off the server's event loop, which stays free to accept and stream. A job
 whose client went away, or whose text hit a stop string, is marked done and gets no more tokens; its
-row is dropped from the batch when the group's other rows finish.
+row stays in the batch, unused, until the group's other rows finish.
 """
 from __future__ import annotations
 
@@ -67,13 +69,16 @@ class Job:
 
 
 class Group:
-    """Jobs whose prompts have the same length, decoded as the rows of one batch."""
+    """Jobs decoded as the rows of one batch. Every row of a cache sits at the same position, so
+    prompts of different lengths go in step: all are prefilled up to the shortest, then a row still
+    inside its prompt is fed its next prompt token where the others are fed their last sample."""
 
     def __init__(self, model, jobs: list[Job], eos_id: int | None):
         self.model, self.jobs, self.eos_id = model, jobs, eos_id
-        self.prompt = torch.tensor([j.ids for j in jobs], device=model.tok_emb.weight.device)
+        self.device = model.tok_emb.weight.device
+        self.start = min(len(j.ids) for j in jobs)
         self.caches = None
-        self.pos = 0  # tokens in the caches
+        self.pos = 0  # tokens in the caches: the index of the token each row chooses next
         self.last = None  # (B, 1) the tokens fed next
 
     @property
@@ -87,34 +92,34 @@ class Group:
                 j.finish("cancelled")
         if self.finished:
             return
-        if self.caches is None:  # prefill: every prompt in one pass
-            B, T = self.prompt.shape
-            self.caches = self.model.new_caches(B, T + max(j.max_tokens for j in self.jobs))
-            logits, _ = self.model(self.prompt, caches=self.caches, start_pos=0, last_only=True)
-            self.pos = T
+        if self.caches is None:  # prefill: every prompt's first `start` tokens in one pass
+            size = max(len(j.ids) + j.max_tokens for j in self.jobs)
+            self.caches = self.model.new_caches(len(self.jobs), size)
+            prompt = torch.tensor([j.ids[:self.start] for j in self.jobs], device=self.device)
+            logits, _ = self.model(prompt, caches=self.caches, start_pos=0, last_only=True)
         else:
             logits, _ = self.model(self.last, caches=self.caches, start_pos=self.pos, last_only=True)
-            self.pos += 1
-        tokens = self.sample(logits[:, -1, :])
-        for job, token in zip(self.jobs, tokens.tolist()):
-            if not job.done:
-                job.take(token, self.eos_id)
-        self.last = tokens[:, None]
+        self.pos += self.start if self.pos == 0 else 1
+        ready = [r for r, j in enumerate(self.jobs) if not j.done and self.pos >= len(j.ids)]
+        tokens = [j.ids[self.pos] if self.pos < len(j.ids) else 0 for j in self.jobs]
+        if ready:
+            for r, t in zip(ready, self.sample(logits[:, -1, :], ready).tolist()):
+                tokens[r] = t
+                self.jobs[r].take(t, self.eos_id)
+        self.last = torch.tensor(tokens, device=self.device)[:, None]
 
-    def sample(self, logits) -> torch.Tensor:
-        """(B, vocab) -> (B,): each row with its own settings. Rows without a seed that share their
-        settings are drawn in one call; a seeded row draws from its own generator."""
+    def sample(self, logits, rows: list[int]) -> torch.Tensor:
+        """(B, vocab) -> (len(rows),): each row with its own settings. Rows without a seed that
+        share their settings are drawn in one call; a seeded row draws from its own generator."""
         out = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
         together: dict[tuple, list[int]] = {}
-        for r, j in enumerate(self.jobs):
-            if j.done:
-                continue
+        for r in rows:
+            j = self.jobs[r]
             key = (j.temperature, j.top_k, j.top_p, id(j) if j.generator is not None else None)
             together.setdefault(key, []).append(r)
-        for (temperature, top_k, top_p, _), rows in together.items():
-            gen = self.jobs[rows[0]].generator
-            out[rows] = sample(logits[rows], temperature, top_k, top_p, gen)[:, 0]
-        return out
+        for (temperature, top_k, top_p, _), same in together.items():
+            out[same] = sample(logits[same], temperature, top_k, top_p, self.jobs[same[0]].generator)[:, 0]
+        return out[rows]
 
     def fail(self, message: str) -> None:
         for j in self.jobs:
@@ -180,10 +185,14 @@ class Batcher:
             j.finish("cancelled")
 
 
-def form_groups(model, jobs: list[Job], max_batch: int, eos_id) -> list[Group]:
-    """Jobs with prompts of the same length, in arrival order, max_batch to a group."""
-    by_length: dict[int, list[Job]] = {}
-    for j in jobs:
-        by_length.setdefault(len(j.ids), []).append(j)
-    return [Group(model, same[i:i + max_batch], eos_id)
-            for same in by_length.values() for i in range(0, len(same), max_batch)]
+def form_groups(model, jobs: list[Job], max_batch: int, eos_id, slack: int = 32) -> list[Group]:
+    """Up to max_batch jobs a group, whose prompt lengths differ by at most `slack` tokens: a row
+    longer than the shortest feeds its extra prompt tokens one step at a time, which delays its
+    first token by as many steps, so far longer prompts get a group of their own."""
+    groups, current = [], []
+    for j in sorted(jobs, key=lambda j: len(j.ids)):  # sorted() is stable: arrival order within a length
+        if current and (len(current) == max_batch or len(j.ids) - len(current[0].ids) > slack):
+            groups.append(Group(model, current, eos_id))
+            current = []
+        current.append(j)
+    return groups + ([Group(model, current, eos_id)] if current else [])
