@@ -1,0 +1,160 @@
+"""Load test of `lab serve`: concurrent streaming clients over loopback against a gpt_small run.
+
+    python benchmarks/serve_load.py                          # a random-init gpt_small-shaped run, 16 clients, 60 s
+    python benchmarks/serve_load.py --run runs/gpt_small     # a trained run
+    python benchmarks/serve_load.py --max-batch 1            # every request decoded alone, to compare
+
+It starts `lab serve` in a subprocess on a free port, and each client thread asks for streamed
+completions one after another until the time is up. It reports errors, completed requests, time to
+first token (p50, p99), aggregate new tokens/s (from the usage each stream ends with), and the server's
+resident memory after start, after the model loaded, and at the end. Figures, not asserts: a loaded
+machine moves them, so compare variants run on the same machine at the same time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["Once upon a time,", "The king said to", "ROMEO: What light", "First Citizen: Before we proceed"]
+
+
+def random_gpt_small(folder: Path) -> Path:
+    """A gpt_small-shaped run folder with its initial (random) weights: what matters for speed is the shape."""
+    from lab.checkpoint import save
+    from lab.model import GPT
+    from lab.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "gpt_small.toml")
+    torch.manual_seed(0)
+    save(folder, 0, GPT(recipe), recipe.to_toml(), {})
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def client(url, model, max_tokens, stop_at, results, lock, k):
+    with httpx.Client(timeout=120) as http:
+        i = 0
+        while time.monotonic() < stop_at:
+            body = {"model": model, "prompt": PROMPTS[(k + i) % len(PROMPTS)], "max_tokens": max_tokens,
+                    "temperature": 0.8, "top_k": 200, "stream": True, "stream_options": {"include_usage": True}}
+            i += 1
+            started, first, tokens, ok = time.monotonic(), None, 0, False
+            try:
+                with http.stream("POST", url + "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+                    for line in r.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            ok = ok or line == "data: [DONE]"
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        elif first is None and chunk["choices"][0]["text"]:
+                            first = time.monotonic()
+                if not ok:
+                    raise RuntimeError("stream ended without [DONE]")
+                with lock:
+                    results["done"].append((first - started if first else None, tokens, time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - counted, and the client goes on
+                with lock:
+                    results["errors"].append(f"{type(e).__name__}: {e}")
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, help="a run folder (default: a random-init gpt_small-shaped one)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
+    args = ap.parse_args(argv)
+
+    tmp = tempfile.TemporaryDirectory()
+    run = args.run or random_gpt_small(Path(tmp.name) / "gpt_small")
+    model = run.resolve().name
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "lab", "serve", str(run), "--port", str(port),
+                               "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/v1/models", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"lab serve did not start:\n{server.stderr.read()}")
+                time.sleep(0.2)
+        mem_start = rss_mib(server.pid)
+        httpx.post(url + "/v1/completions", json={"model": model, "prompt": "warm", "max_tokens": 2},
+                   timeout=120).raise_for_status()
+        mem_loaded = rss_mib(server.pid)
+
+        results, lock = {"done": [], "errors": []}, threading.Lock()
+        began = time.monotonic()
+        stop_at = began + args.seconds
+        threads = [threading.Thread(target=client, args=(url, model, args.max_tokens, stop_at, results, lock, k))
+                   for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - began
+        mem_end = rss_mib(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    done = results["done"]
+    ttft = [d[0] for d in done if d[0] is not None]
+    tokens = sum(d[1] for d in done)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    print(f"lab serve load test: {args.clients} streaming clients, {args.seconds:.0f} s, max_tokens "
+          f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} ({'given' if args.run else 'random init'})")
+    print(f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    print(f"errors:              {len(results['errors'])}" + (f" (first: {results['errors'][0]})" if results['errors'] else ""))
+    print(f"completed requests:  {len(done)} in {elapsed:.1f} s")
+    print(f"time to first token: p50 {percentile(ttft, 50):.2f} s, p99 {percentile(ttft, 99):.2f} s")
+    print(f"aggregate tokens/s:  {tokens / elapsed:.1f} ({tokens} new tokens)")
+    print(f"server memory (RSS): {mem_start:.0f} MiB at start, {mem_loaded:.0f} MiB with the model loaded, "
+          f"{mem_end:.0f} MiB at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
