@@ -107,13 +107,16 @@ def writing(path, fix: str = ""):
 
 def cannot_write(path, error: OSError, needed: int | None = None, fix: str = "", what: str = "") -> LabError:
     """One message for a write that failed: what and its path, why, the space needed where known, the fix."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    code = error.errno
+    if code is None and free_bytes(path) < max(needed or 0, 1 << 20):
+        code = errno.ENOSPC  # numpy's tofile: OSError('N requested and 0 written'), no errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
         need = f", about {size(needed)} needed" if needed else ""
         why = f"the disk is full ({size(free_bytes(path))} free{need})"
         how = "free some space (old runs, checkpoints, caches)"
-    elif error.errno in (errno.EACCES, errno.EPERM):
+    elif code in (errno.EACCES, errno.EPERM):
         why, how = "permission denied", "make the folder writable (chmod u+w) or write somewhere else"
-    elif error.errno == errno.EROFS:
+    elif code == errno.EROFS:
         why, how = "the file system is read-only", "write to a folder on a writable disk"
     else:
         why, how = error.strerror or str(error), "check the disk and the folder, or write somewhere else"

@@ -258,6 +258,12 @@ def test_torch_saves_own_error_on_a_full_disk_is_recognised(tmp_path, monkeypatc
     assert os.listdir(tmp_path / "checkpoints") == []
 
 
+def test_numpys_full_disk_error_without_an_errno_is_recognised(tmp_path, monkeypatch):
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    message = str(files.cannot_write(tmp_path / "train.bin", OSError("301962 requested and 0 written")))
+    assert message.startswith(f"cannot write {tmp_path / 'train.bin'}: the disk is full (0 B free)")
+
+
 def test_stale_temporaries_of_killed_runs_are_removed_at_the_next_start(tmp_path, capsys):
     recipe = write_recipe(tmp_path)
     assert run_lab(capsys, "run", recipe, "--set", "train.max_steps=2")[0] == 0
