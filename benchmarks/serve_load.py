@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops the server
 
     tmp = tempfile.TemporaryDirectory()
     run = args.run or random_gpt_small(Path(tmp.name) / "gpt_small")
@@ -109,6 +111,7 @@ def main(argv=None) -> int:
     server = subprocess.Popen([sys.executable, "-m", "lab", "serve", str(run), "--port", str(port),
                                "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)],
                               stderr=subprocess.PIPE, text=True)
+    print(f"lab serve started on {url}; {args.clients} clients for {args.seconds:.0f} s", flush=True)
     try:
         deadline = time.monotonic() + 120
         while True:
