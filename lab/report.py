@@ -1,7 +1,8 @@
 """What a run writes down as it goes: metrics.jsonl and loss.png in its run folder.
 
 metrics.jsonl holds one JSON object per line: {"step", "loss", "lr", "grad_norm", "tokens_per_s",
-"mfu"} for each optimizer step and {"step", "val_loss"} for each evaluation. Step k is the k-th
+"mfu"} for each optimizer step and {"step", "val_loss", "val_bpb"} for each evaluation (val_bpb:
+the val loss in bits per UTF-8 byte of the val text, which compares runs whose tokenizers differ). Step k is the k-th
 optimizer update; the evaluation at step k sees the model after it (step 0: before any training).
 A resumed run first drops the lines after its checkpoint's step, so the file holds each step once.
 """
@@ -70,7 +71,8 @@ def read_metrics(path) -> list[dict]:
 
 
 def plot_losses(records: list[dict], path, title: str = "") -> None:
-    """Train loss per step and val loss per evaluation, on one chart."""
+    """Train loss per step and val loss per evaluation, on one chart; val bits per byte on a second
+    axis at the right, when the records have it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none opened
@@ -83,11 +85,18 @@ def plot_losses(records: list[dict], path, title: str = "") -> None:
         ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="val", linewidth=1.5, markersize=4)
+    bpb = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+    lines = ax.get_lines()
+    if bpb:
+        right = ax.twinx()
+        lines += right.plot(*zip(*bpb), "s--", color="tab:green", label="val bits per byte", linewidth=1,
+                            markersize=3)
+        right.set_ylabel("val bits per byte")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(lines, [line.get_label() for line in lines])
     fig.tight_layout()
     fd, tmp = temporary(path)
     try:

@@ -34,6 +34,7 @@ from lab import checkpoint
 from lab import device as devices
 from lab import distributed
 from lab.errors import LabError
+from lab.evaluate import bits_per_byte, utf8_bytes
 from lab.files import writing
 from lab.precision import pick_dtype
 from lab.generate import check_sampling, generate
@@ -215,6 +216,7 @@ class Trainer:
                                 * layout.world_size)
         self.peak = device_peak(self.device, self.dtype) if self.main else None
         self.resumed_rng = None
+        self.val_bytes = None  # UTF-8 bytes the val batches' targets spell, per process (see evaluate)
         self.saved_step = None  # the step of the checkpoint this process last saved or resumed from
         self.log = None  # metrics.jsonl, rank 0's
         if self.main:
@@ -396,7 +398,7 @@ class Trainer:
         Every process runs as many (FSDP2 needs them all in every forward), so eval_batches is rounded
         up to a multiple of the processes."""
         self.model.eval()
-        losses = []
+        losses, targets = [], []
         world = self.layout.world_size
         for step in range(self.layout.rank, math.ceil(self.cfg.eval_batches / world) * world, world):
             x, y = self.batch("val", step, range(self.cfg.batch_size))
@@ -404,14 +406,19 @@ class Trainer:
                 loss = self.forward(x, y)[1]
             terms = {n: v for n, v in self.model.extras.values().items() if n.startswith("loss.")}
             losses.append(torch.stack([loss.float(), *terms.values()]))
+            targets.append(y)
         self.model.train()
         # The val loss is the cross-entropy; the components' loss terms are reported beside it.
         means = distributed.mean(torch.stack(losses).mean(0)).tolist()
         val_loss, terms = means[0], {f"val_{n}": v for n, v in zip(terms, means[1:])}
+        if self.val_bytes is None:  # the val batches never change: their bytes are counted once
+            self.val_bytes = distributed.mean(torch.tensor(float(utf8_bytes(self.tokenizer, torch.cat(targets))),
+                                                           device=self.device)).item()
+        val_bpb = bits_per_byte(val_loss, sum(y.numel() for y in targets), self.val_bytes)
         if self.main:
-            self.log.write({"step": self.step, "val_loss": val_loss, **terms})
+            self.log.write({"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb, **terms})
             self.log.plot()
-            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | val loss {val_loss:.4f}")
+            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
 
     def save(self) -> None:
         if self.saved_step == self.step:

@@ -72,6 +72,10 @@ def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps)
     assert [r["step"] for r in evals] == [0, 4, 8]  # first, every eval_interval, last
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2
+    # bits per byte: the val loss in bits times the val tokens over the UTF-8 bytes they decode to
+    tokens, num_bytes = val_tokens_and_bytes(recipe, batches=2, rows=4)
+    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * tokens / num_bytes, rel=1e-12)
+               for r in evals)
 
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_recipe(run / "recipe.toml").to_dict() == load_recipe(recipe).to_dict()
@@ -86,7 +90,20 @@ def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):
 
     assert "MFU is measured against the " in out and "fp32 peak measured with a 1024x1024 matmul" in out
     assert "step     2/8 | loss " in out and "tok/s | MFU " in out and "grad norm" in out
-    assert "step     8/8 | val loss " in out
+    assert "step     8/8 | val loss " in out and f"| val bpb {evals[-1]['val_bpb']:.4f}" in out
+
+
+def val_tokens_and_bytes(recipe_path: str, batches: int, rows: int) -> tuple[int, int]:
+    """The val batches' target tokens and the bytes of each row's text, counted here one row at a time."""
+    from lab.interfaces import DataContext
+
+    recipe = load_recipe(recipe_path)
+    tokenizer = recipe.parts["tokenizer"].build()
+    data = recipe.parts["data"].build(DataContext(recipe.model.block_size, recipe.model.vocab_size, tokenizer,
+                                                  recipe.train.seed))
+    targets = [data.batch("val", step, range(rows))[1] for step in range(batches)]
+    rows_text = [tokenizer.decode(row.tolist()) for y in targets for row in y]
+    return sum(y.numel() for y in targets), sum(len(text.encode("utf-8")) for text in rows_text)
 
 
 def test_each_step_sets_lr_to_base_lr_times_the_schedule(tmp_path):

@@ -1,0 +1,30 @@
+"""lab/evaluate.py: bits per byte, checked by hand."""
+import math
+
+import pytest
+
+from lab.evaluate import bits_per_byte, utf8_bytes
+from lab.plugins import registry
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return registry().get("tokenizer", "gpt2").factory(None)
+
+
+def test_bits_per_byte_by_hand(gpt2):
+    # "Hello world" is 2 GPT-2 tokens ("Hello", " world") and 11 bytes. A mean loss of 1 nat per token
+    # is 2 / ln 2 = 2.885 bits in all, over 11 bytes: 0.26231 bits per byte.
+    ids = gpt2.encode("Hello world")
+    assert len(ids) == 2 and utf8_bytes(gpt2, ids) == 11
+    assert bits_per_byte(1.0, 2, 11) == pytest.approx(2 / math.log(2) / 11)
+    assert round(bits_per_byte(1.0, 2, 11), 5) == 0.26231
+
+
+def test_bytes_are_utf8_bytes_not_characters(gpt2):
+    import torch
+
+    text = "café ☕"  # 6 characters, 9 bytes: é is 2 bytes, ☕ is 3
+    assert utf8_bytes(gpt2, gpt2.encode(text)) == 9
+    rows = torch.tensor([gpt2.encode("Hello world"), gpt2.encode("Hello world")])
+    assert utf8_bytes(gpt2, rows) == 22  # a batch: every row's bytes
