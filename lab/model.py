@@ -81,6 +81,21 @@ class GPT(nn.Module):
         which sit at positions start_pos.. ; loss is None without targets. With targets and
         model.loss_chunk > 0 the loss is computed chunk by chunk and logits is None: the full
         logits are never made (see lab/fused_loss.py)."""
+        x = self.hidden(idx, caches, start_pos)
+        if last_only:
+            x = x[:, -1:, :]
+        if targets is not None and self.config.loss_chunk:
+            return None, chunked_cross_entropy(x, self.head.weight, targets, chunk=self.config.loss_chunk,
+                                               softcap=self.config.logit_softcap)
+        logits = self.logits(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def hidden(self, idx, caches=None, start_pos: int = 0) -> torch.Tensor:
+        """idx (B, T) -> the final norm's output (B, T, C), what the LM head reads. Scoring
+        (lab/evaluate.py) applies the head (`logits`) only at the positions it scores."""
         T = idx.size(1)
         limit = self.position.max_len
         if limit is not None and start_pos + T > limit:
@@ -93,17 +108,11 @@ class GPT(nn.Module):
         x = self.drop(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, pos, self.position, None if caches is None else caches[i])
-        x = self.norm_f(x)
-        if last_only:
-            x = x[:, -1:, :]
-        if targets is not None and self.config.loss_chunk:
-            return None, chunked_cross_entropy(x, self.head.weight, targets, chunk=self.config.loss_chunk,
-                                               softcap=self.config.logit_softcap)
-        logits = soft_cap(self.head(x), self.config.logit_softcap)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return self.norm_f(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states (..., C) -> (..., vocab), soft-capped when the model is."""
+        return soft_cap(self.head(x), self.config.logit_softcap)
 
     def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list:
         """One cache per block, made by that block's attention, for cached decoding."""
