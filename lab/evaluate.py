@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lab.errors import LabError
+
 
 def bits_per_byte(loss_nats: float, tokens: int, num_bytes: int) -> float:
     """Mean loss per token (nats) over `tokens` tokens that spell `num_bytes` bytes -> bits per byte."""
@@ -198,3 +200,47 @@ def score_choices(model, tokenizer, items: list[Item], batch_size: int = 16, des
 def argmax(values: list[float]) -> int:
     """The index of the largest value, the first one on ties (as numpy's argmax)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+# During training: the recipe's [eval] table ---------------------------------------------------
+
+class Evaluator:
+    """Scores the [eval] table's text files and tasks; `lab run` calls it with the val loss. The files
+    are read (and every mistake in them reported) when the run starts, not at its first evaluation."""
+
+    def __init__(self, recipe, tokenizer):
+        from pathlib import Path
+
+        from lab.eval_data import read_task, read_token_sequences
+
+        cfg = recipe.eval
+        self.tokenizer, self.batch_size = tokenizer, cfg.batch_size
+        self.stride = cfg.stride or max(1, recipe.model.block_size // 2)
+        if self.stride > recipe.model.block_size:
+            raise LabError(f"{recipe.source} [eval] stride = {cfg.stride} is more than block_size "
+                           f"({recipe.model.block_size}): windows must meet. Set it to at most that, or 0")
+        self.texts = {Path(p).name: read_token_sequences(p, tokenizer) for p in cfg.text}
+        self.tasks = {Path(p).name: read_task(p)[:cfg.limit or None] for p in cfg.tasks}
+
+    def __bool__(self) -> bool:
+        return bool(self.texts or self.tasks)
+
+    def __call__(self, model) -> dict:
+        """{"eval/NAME/METRIC": value} for every file and task (NAME: the file's name)."""
+        scores = {}
+        for name, seqs in self.texts.items():
+            score = score_text(model, self.tokenizer, seqs, self.stride, self.batch_size).to_dict()
+            scores.update({f"eval/{name}/{key}": score[key] for key in ("loss", "perplexity", "bpb")})
+        for name, items in self.tasks.items():
+            score = score_choices(model, self.tokenizer, items, self.batch_size)
+            scores.update({f"eval/{name}/{key}": score[key] for key in ("acc", "acc_norm")})
+        return scores
+
+
+def describe(scores: dict) -> list[str]:
+    """The log's lines for Evaluator's scores: one per file or task."""
+    by_name: dict[str, list[str]] = {}
+    for key, value in scores.items():
+        _, name, metric = key.split("/", 2)
+        by_name.setdefault(name, []).append(f"{metric} {value:.4f}" if metric != "perplexity" else f"{metric} {value:.2f}")
+    return [f"{name}: {' | '.join(parts)}" for name, parts in by_name.items()]

@@ -171,10 +171,23 @@ class GenerateConfig(Section):
     seed: Seed = Field(1337, description="the same seed gives the same text")
 
 
+class EvalConfig(Section):
+    """Evaluation during training, beside the val loss: every eval_interval steps and at the end."""
+
+    text: list[str] = Field([], description="text files, .jsonl files (a \"text\" field per line) or data "
+                            "folders from lab prepare: loss, perplexity and bits per byte of each")
+    tasks: list[str] = Field([], description="multiple-choice .jsonl files ({context, choices, label} or "
+                             "HellaSwag's format): acc and acc_norm of each")
+    stride: NonNegativeInt = Field(0, description="tokens between the starts of text windows; 0: half of block_size")
+    limit: NonNegativeInt = Field(0, description="items scored per task; 0: all")
+    batch_size: PositiveInt = Field(8, description="windows or choices per forward pass")
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "generate": GenerateConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -217,6 +230,7 @@ class Recipe:
     model: ModelConfig
     train: TrainConfig
     generate: GenerateConfig
+    eval: EvalConfig
     parts: dict[str, Part]  # slot -> Part
     layer_parts: dict[int, dict[str, Part]] = field(default_factory=dict)  # layer -> slot -> its own Part
     notes: list[str] = field(default_factory=list)  # what reading it changed that the user should know
@@ -228,7 +242,8 @@ class Recipe:
     def to_dict(self) -> dict:
         """The resolved recipe, every default filled in, nested as in the TOML file."""
         out: dict[str, Any] = {"name": self.name}
-        for key, section in (("model", self.model), ("train", self.train), ("generate", self.generate)):
+        for key, section in (("model", self.model), ("train", self.train), ("generate", self.generate),
+                             ("eval", self.eval)):
             out[key] = section.model_dump()
         for slot, part in self.parts.items():
             table = _table(out, TABLES[slot])

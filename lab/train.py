@@ -34,7 +34,7 @@ from lab import checkpoint
 from lab import device as devices
 from lab import distributed
 from lab.errors import LabError
-from lab.evaluate import bits_per_byte, utf8_bytes
+from lab.evaluate import Evaluator, bits_per_byte, describe, utf8_bytes
 from lab.files import writing
 from lab.precision import pick_dtype
 from lab.generate import check_sampling, generate
@@ -193,6 +193,11 @@ class Trainer:
         context = DataContext(block_size=recipe.model.block_size, vocab_size=recipe.model.vocab_size,
                               tokenizer=self.tokenizer, seed=self.cfg.seed)
         self.data = distributed.main_first(recipe.parts["data"].build, context)
+        self.evaluator = Evaluator(recipe, self.tokenizer)  # the [eval] table: its files read now
+        if self.evaluator and layout.world_size > 1 and self.cfg.parallel == "fsdp":
+            raise LabError(f"{recipe.source} [eval]: evaluation during training runs on rank 0's whole model, "
+                           "which FSDP2 shards; use train.parallel = \"ddp\", or evaluate the run afterwards "
+                           "with lab eval")
         torch.manual_seed(self.cfg.seed)  # the initial weights, the same in every process
         self.model = GPT(recipe).to(self.device)
         self.num_params = self.model.num_params()  # counted before FSDP2 turns parameters into shards
@@ -407,6 +412,10 @@ class Trainer:
             terms = {n: v for n, v in self.model.extras.values().items() if n.startswith("loss.")}
             losses.append(torch.stack([loss.float(), *terms.values()]))
             targets.append(y)
+        scores = {}
+        if self.evaluator and self.main:  # rank 0 alone: the others wait for it in the next step
+            with self.autocast():
+                scores = self.evaluator(self.model)
         self.model.train()
         # The val loss is the cross-entropy; the components' loss terms are reported beside it.
         means = distributed.mean(torch.stack(losses).mean(0)).tolist()
@@ -416,9 +425,11 @@ class Trainer:
                                                            device=self.device)).item()
         val_bpb = bits_per_byte(val_loss, sum(y.numel() for y in targets), self.val_bytes)
         if self.main:
-            self.log.write({"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb, **terms})
+            self.log.write({"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb, **terms, **scores})
             self.log.plot()
             tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
+            for line in describe(scores):
+                tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | {line}")
 
     def save(self) -> None:
         if self.saved_step == self.step:

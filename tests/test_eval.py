@@ -13,6 +13,7 @@ from lab.cli import main
 from lab.evaluate import Item, encode_pair, loglikelihoods, strided_spans
 from lab.model import GPT
 from lab.recipe import load_recipe
+from lab.report import read_metrics
 from tiny import tiny_recipe
 from test_hf import hf_model  # noqa: F401  (a fixture: transformers' GPT-2, shrunk to block 48)
 
@@ -336,3 +337,49 @@ def test_an_unknown_harness_task(gpt2_run, capsys, no_network):
     pytest.importorskip("lm_eval")
     assert_one_message(*run_lab(capsys, "eval", gpt2_run, "--harness", "no_such_task_xyz")[::2],
                        "unknown lm-eval task(s): no_such_task_xyz")
+
+
+# During training: [eval] -------------------------------------------------------------------------
+
+def recipe_with_eval(tmp_path, eval_table: str) -> str:
+    import test_train
+
+    path = test_train.tiny_recipe(tmp_path)
+    with open(path, "a") as f:
+        f.write("\n[eval]\n" + eval_table)
+    return path
+
+
+def test_eval_table_scores_text_and_tasks_with_the_val_loss(tmp_path, capsys):
+    (tmp_path / "play.txt").write_text(TEXT)
+    task = write_jsonl(tmp_path / "copy.jsonl", COPY_ITEMS)
+    recipe = recipe_with_eval(tmp_path, f'text = ["{tmp_path / "play.txt"}"]\ntasks = ["{task}"]\nstride = 16\n')
+    assert main(["run", recipe]) == 0
+    out = capsys.readouterr().out
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8]  # with every val loss: first, every eval_interval, last
+    for r in evals:
+        assert set(r) >= {"eval/play.txt/loss", "eval/play.txt/perplexity", "eval/play.txt/bpb",
+                          "eval/copy.jsonl/acc", "eval/copy.jsonl/acc_norm"}
+        assert r["eval/play.txt/perplexity"] == pytest.approx(math.exp(r["eval/play.txt/loss"]))
+    assert evals[-1]["eval/play.txt/loss"] < evals[0]["eval/play.txt/loss"]
+    last = evals[-1]
+    assert (f"step     8/8 | play.txt: loss {last['eval/play.txt/loss']:.4f} | perplexity "
+            f"{last['eval/play.txt/perplexity']:.2f} | bpb {last['eval/play.txt/bpb']:.4f}") in out
+    assert f"step     8/8 | copy.jsonl: acc {last['eval/copy.jsonl/acc']:.4f} | acc_norm " in out
+
+    # the scores are those lab eval gives the final checkpoint
+    assert main(["eval", str(tmp_path / "run"), "--text", str(tmp_path / "play.txt"), "--stride", "16",
+                 "--device", "cpu"]) == 0
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())["text"][str(tmp_path / "play.txt")]
+    assert saved["loss"] == pytest.approx(last["eval/play.txt/loss"], rel=1e-5)
+
+
+def test_a_bad_eval_file_stops_the_run_before_training(tmp_path, capsys):
+    task = tmp_path / "bad.jsonl"
+    task.write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
+    recipe = recipe_with_eval(tmp_path, f'tasks = ["{task}"]\n')
+    status = main(["run", recipe])
+    err = capsys.readouterr().err
+    assert_one_message(status, err, "bad.jsonl line 1: label 5")
+    assert not (tmp_path / "run" / "checkpoints").exists()
