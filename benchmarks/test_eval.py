@@ -22,7 +22,7 @@ from lab.recipe import load_recipe
 
 GPT_SMALL = Path(__file__).resolve().parent.parent / "recipes" / "gpt_small.toml"
 CORPUS = Path(__file__).resolve().parent.parent / "plugins" / "lab_memmap" / "tinyshakespeare.txt"
-WINDOWS = {"cpu": 16, "gpu": 128}  # windows of block_size scored per call
+WINDOWS = {"cpu": 8, "gpu": 128}  # windows of block_size scored per call
 BATCH = 8
 
 
