@@ -383,7 +383,9 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
 
 
 def load_run(run_dir, device="cpu"):
-    """(recipe, model, checkpoint folder) of a run folder's newest checkpoint, the model in eval mode."""
+    """(recipe, model, checkpoint folder) of a run folder's newest checkpoint, the model in eval mode.
+    recipe.parts["tokenizer"].build() gives the run's tokenizer, from the files the run folder keeps."""
+    from lab import tokenizer_files
     from lab.model import GPT
     from lab.recipe import read_toml, resolve
 
@@ -392,7 +394,9 @@ def load_run(run_dir, device="cpu"):
                        "GPT-2 weights with `lab import-hf HF_DIR --out RUN_DIR`")
     def build(ckpt):
         recipe_file = ckpt / "recipe.toml"
-        recipe = resolve(read_toml(str(recipe_file)), str(recipe_file))
+        raw = read_toml(str(recipe_file))
+        tokenizer_files.use_kept(raw, run_dir)  # the run's own copy: the original may have moved
+        recipe = resolve(raw, str(recipe_file))
         model = GPT(recipe)
         load_weights(ckpt, model)
         return recipe, model

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders of .txt, or .jsonl with a 'text' field")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--tokenizer", default=None, metavar="NAME",
-                   help="a registered tokenizer (`lab plugins` lists them); default: the only one installed")
+                   help="a registered tokenizer (`lab plugins` lists them); default: the only one that needs no settings")
+    p.add_argument("--recipe", default=None, metavar="RECIPE",
+                   help="use this recipe's [tokenizer] with its settings (e.g. a trained tokenizer.json)")
+    _add_set(p)
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of documents held out (default 0.1)")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizing processes (default: one per core on large inputs)")
     p.set_defaults(func=lambda a: _lazy("lab.prepare", "cli_prepare")(a))

@@ -13,7 +13,9 @@ on the slot:
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,7 +75,13 @@ class ChatTemplate:
 
 
 class Tokenizer:
-    """Text <-> token ids."""
+    """Text <-> token ids.
+
+    A tokenizer built from files the user made (a trained tokenizer.json, a character list) names them
+    in files(): a run folder keeps copies, so the run still generates, exports and resumes after the
+    originals move (lab.tokenizer_files), and `lab prepare` records the fingerprint in meta.json, so
+    a run refuses tokens made by another vocabulary.
+    """
 
     name: str
     vocab_size: int
@@ -87,6 +95,24 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+    def files(self) -> dict[str, Path]:
+        """The files it was built from, keyed by the Config setting that names each, e.g.
+        {"path": Path("tok/tokenizer.json")}. Built with that setting pointing at a copy of the file,
+        it must be the same tokenizer. {}: it needs no file but its package's."""
+        return {}
+
+    def fingerprint(self) -> str:
+        """Identifies the vocabulary: the same ids mean the same text exactly when fingerprints match.
+        By default a hash of the name, the size and the bytes of files()."""
+        h = hashlib.sha256(f"{self.name}\0{self.vocab_size}\0{self.eot_id}".encode())
+        for setting, path in sorted(self.files().items()):
+            h.update(f"\0{setting}\0".encode() + Path(path).read_bytes())
+        return h.hexdigest()[:16]
+
+    def hf_json(self) -> str | None:
+        """The tokenizer as a Hugging Face tokenizer.json, for `lab export-hf`; None: it has none."""
+        return None
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ writes three files into the --out folder:
 
     train.bin   token ids, one after another: uint16 when the vocabulary fits in 16 bits, else uint32
     val.bin     the same, for the held-out documents
-    meta.json   tokenizer, vocab_size, dtype, token and document counts, the largest id: what a data
-                source checks the .bin files against before it trusts them
+    meta.json   tokenizer (name, fingerprint, files), vocab_size, dtype, token and document counts, the
+                largest id: what a data source checks the .bin files against before it trusts them
+    tokenizer/  copies of the files a trained tokenizer was built from (lab.tokenizer_files), if any
 
 A document is a .txt file (folders are searched for them recursively) or one line of a .jsonl file
 (its "text" field). The tokenizer's end-of-text token goes between the documents of a split. Each
@@ -39,6 +40,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from lab import tokenizer_files
 from lab.errors import LabError
 from lab.files import cannot_write, fsync, remove_stale_temporaries, temporary, usual_mode, write_text_atomically
 from lab.interfaces import Tokenizer
@@ -50,7 +52,7 @@ INPUT_HELP = "lab prepare takes text files, folders of .txt files, and .jsonl fi
 
 
 def cli_prepare(args) -> int:
-    tokenizer = build_tokenizer(args.tokenizer)
+    tokenizer = build_tokenizer(args.tokenizer, args.recipe, args.overrides)
     refuse_foreign_files(Path(args.out).expanduser())
     try:
         meta = prepare(args.inputs, args.out, tokenizer, args.val_fraction, args.workers)
@@ -67,17 +69,31 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
-def build_tokenizer(name: str | None) -> Tokenizer:
-    """The registered tokenizer `name` with its default settings; with no name, the only one installed."""
+def build_tokenizer(name: str | None, recipe: str | None = None, overrides=()) -> Tokenizer:
+    """The recipe's [tokenizer] (a tokenizer with settings, such as a trained file); else the registered
+    tokenizer `name` with its default settings; with neither, the only one installed that needs no settings."""
     from lab.plugins import registry
 
+    if recipe is not None:
+        if name is not None:
+            raise LabError("give --tokenizer NAME or --recipe RECIPE, not both: the recipe's [tokenizer] "
+                           "table names the tokenizer and its settings")
+        from lab.recipe import load_recipe
+
+        return load_recipe(recipe, overrides).parts["tokenizer"].build()
     installed = registry().components["tokenizer"]
     if name is None:
-        if len(installed) != 1:
+        plain = [n for n, c in installed.items() if not any(f.is_required() for f in c.Config.model_fields.values())]
+        if len(plain) != 1:
             raise LabError(f"--tokenizer NAME is needed to choose among the installed tokenizers: "
-                           f"{', '.join(sorted(installed)) or 'none (pip install -e .)'}")
-        name = next(iter(installed))
+                           f"{', '.join(sorted(installed)) or 'none (pip install -e .)'}; a tokenizer with "
+                           "settings (a trained file) comes from a recipe: --recipe RECIPE")
+        name = plain[0]
     component = registry().get("tokenizer", name, where="--tokenizer")
+    needed = [key for key, f in component.Config.model_fields.items() if f.is_required()]
+    if needed:
+        raise LabError(f"tokenizer '{name}' needs settings ({', '.join(needed)}): name it in a recipe's "
+                       f"[tokenizer] table and give --recipe RECIPE instead of --tokenizer {name}")
     return component.factory(component.Config())
 
 
@@ -115,6 +131,7 @@ def prepare(inputs: Iterable, out, tokenizer: Tokenizer, val_fraction: float = 0
         if output.tokens == 0:
             raise LabError(f"no text in {', '.join(inputs)}: the inputs are empty. {INPUT_HELP}")
         output.keep_both_splits()
+        tokenizer_files.keep(tokenizer, out / tokenizer_files.FOLDER)  # the vocabulary travels with the data
         meta = output.meta(inputs=inputs, input_bytes=total_bytes)
         output.finish(meta)
     finally:
@@ -416,6 +433,8 @@ class Output:
     def meta(self, **extra) -> dict:
         return {
             "tokenizer": self.tokenizer.name,
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "tokenizer_files": {setting: str(path) for setting, path in self.tokenizer.files().items()},
             "vocab_size": self.tokenizer.vocab_size,
             "eot_id": self.tokenizer.eot_id,
             "dtype": self.dtype.name,

@@ -54,7 +54,14 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The model's shape; handed to every model component's factory."""
 
-    vocab_size: PositiveInt = Field(50257, description="tokens the embedding and head cover")
+    vocab_size: Union[PositiveInt, Literal["auto"]] = Field(
+        50257, description="tokens the embedding and head cover; \"auto\": the tokenizer's, rounded up to "
+        "vocab_multiple (resolved when the recipe is read)"
+    )
+    vocab_multiple: PositiveInt = Field(
+        1, description="with vocab_size = \"auto\", round the tokenizer's size up to a multiple of this; 64 "
+        "gives the head matmul-friendly shapes (nanoGPT pads GPT-2's 50257 to 50304)"
+    )
     block_size: PositiveInt = Field(1024, description="longest context, in tokens")
     n_layer: PositiveInt = Field(12, description="transformer blocks")
     n_head: PositiveInt = Field(12, description="attention heads")
@@ -350,6 +357,8 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
                 f"Tables are: {', '.join(sorted(allowed))}"
             )
     sections = {key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()}
+    if sections["model"].vocab_size == "auto":
+        sections["model"].vocab_size = _tokenizer_vocab(parts["tokenizer"], sections["model"].vocab_multiple)
     layer_parts = _resolve_layers(layers, base_tables, sections["model"].n_layer, source, plugins)
     recipe = Recipe(name=str(name), source=source, parts=parts, layer_parts=layer_parts, notes=notes, **sections)
     check_parts(recipe)
@@ -425,6 +434,13 @@ def check_parts(recipe: Recipe) -> None:
         raise LabError(f"{recipe.source} [train] parallel = \"fsdp\": {optimizer.label} needs whole parameters, "
                        "and FSDP2 hands each process a shard of every one. Set train.parallel = \"ddp\", or "
                        "choose another optimizer")
+
+
+def _tokenizer_vocab(tokenizer: Part, multiple: int) -> int:
+    """vocab_size = "auto": the tokenizer's size, rounded up. Known only once the tokenizer is built
+    (a trained BPE's size is in its file), so the recipe builds it here; `lab recipe` shows the number."""
+    size = tokenizer.build().vocab_size
+    return -(-size // multiple) * multiple
 
 
 def _resolve_part(raw: dict, slot: str, source: str, plugins: Registry) -> Part:

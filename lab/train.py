@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from lab import checkpoint
 from lab import device as devices
-from lab import distributed
+from lab import distributed, tokenizer_files
 from lab.errors import LabError
 from lab.evaluate import Evaluator, bits_per_byte, describe, utf8_bytes
 from lab.files import writing
@@ -41,7 +41,7 @@ from lab.generate import check_sampling, generate
 from lab.interfaces import DataContext
 from lab.metrics import device_peak
 from lab.model import GPT
-from lab.recipe import Recipe, load_recipe, read_toml
+from lab.recipe import Recipe, apply_overrides, read_toml, resolve
 from lab.report import METRICS, MetricsLog
 from lab.roles import build_optimizer
 from lab.runlock import LOCK, RunLock
@@ -49,7 +49,7 @@ from lab.runlock import LOCK, RunLock
 
 def cli_run(args) -> int:
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = read_recipe(args.recipe, args.overrides)
         for note in recipe.notes if distributed.layout().main else ():
             print(f"note: {note}", file=sys.stderr)
         command = shlex.join(["lab", "run", args.recipe] + [a for o in args.overrides for a in ("--set", o)])
@@ -61,6 +61,16 @@ def cli_run(args) -> int:
             # running after the wait: the error is this process's alone, and it says it itself.
             time.sleep(5)
         raise
+
+
+def read_recipe(path: str, overrides) -> Recipe:
+    """The recipe; resuming, its tokenizer's files are the copies the run folder keeps when the
+    originals have moved (lab.tokenizer_files)."""
+    raw = apply_overrides(read_toml(path), overrides)
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    run_dir = train.get("out_dir") or f"runs/{raw.get('name') or Path(path).stem}"  # as run_folder() has it
+    tokenizer_files.use_kept(raw, run_dir, source=path)
+    return resolve(raw, path)
 
 
 def launcher() -> str:
@@ -324,6 +334,8 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, keep_through=self.step if resumed else -1)
         with writing(self.run_dir / "recipe.toml"):
             (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
+        with writing(self.run_dir / tokenizer_files.FOLDER):
+            tokenizer_files.keep(self.tokenizer, self.run_dir / tokenizer_files.FOLDER)
 
     def train_step(self) -> tuple[float, float, dict, float, dict]:
         """One optimizer update: (loss, grad norm, {group: lr}, seconds, extras), the loss (the

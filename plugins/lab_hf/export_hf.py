@@ -15,9 +15,10 @@ from lab_gpt2 import HERE as GPT2_FILES
 from lab_hf import llama
 from lab_hf.names import to_hf
 
-# The components GPT-2 is made of. Both attentions compute the same softmax attention.
+# The components GPT-2 is made of. Both attentions compute the same softmax attention. The tokenizer
+# is any with a Hugging Face form (tokenizer_refusals).
 GPT2_PARTS = {"attention": ("sdpa", "manual"), "mlp": ("gelu",), "norm": ("layernorm",),
-              "position": ("learned",), "tokenizer": ("gpt2",)}
+              "position": ("learned",)}
 ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
 
 
@@ -35,21 +36,41 @@ def export_hf(run_dir, out) -> Path:
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     usual_mode(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    # transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names. A Llama
-    # folder says which tokenizer class reads them, or AutoTokenizer would look for Llama's own.
-    shutil.copyfile(GPT2_FILES / "encoder.json", out / "vocab.json")
-    shutil.copyfile(GPT2_FILES / "vocab.bpe", out / "merges.txt")
-    eot = "<|endoftext|>"
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
-         "model_max_length": recipe.model.block_size, "add_prefix_space": False}, indent=2) + "\n")
+    write_tokenizer(recipe, out)
     return out
+
+
+def write_tokenizer(recipe: Recipe, out: Path) -> None:
+    """transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names; another
+    tokenizer (built from the run's own copy, see lab.tokenizer_files) is written as tokenizer.json.
+    tokenizer_config.json says which class reads them, or AutoTokenizer on a Llama folder would look
+    for Llama's own."""
+    tokenizer = recipe.parts["tokenizer"].build()
+    special = {} if tokenizer.eot_id is None else {
+        key: tokenizer.decode([tokenizer.eot_id]) for key in ("bos_token", "eos_token", "unk_token")}
+    if recipe.parts["tokenizer"].name == "gpt2":
+        shutil.copyfile(GPT2_FILES / "encoder.json", out / "vocab.json")
+        shutil.copyfile(GPT2_FILES / "vocab.bpe", out / "merges.txt")
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
+    else:
+        (out / "tokenizer.json").write_text(tokenizer.hf_json())
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {**config, **special, "model_max_length": recipe.model.block_size}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def tokenizer_refusals(recipe: Recipe) -> list[str]:
+    tokenizer = recipe.parts["tokenizer"]
+    if tokenizer.name == "gpt2" or tokenizer.build().hf_json() is not None:
+        return []
+    return [f"tokenizer '{tokenizer.name}' (it has no Hugging Face tokenizer.json form)"]
 
 
 def pick_family(recipe: Recipe, source) -> str:
     """"gpt2" or "llama": the family the run belongs to, or one message with every part that keeps it
     out of the closer one (rotary positions make it a Llama candidate, anything else a GPT-2 one)."""
-    llama_reasons, gpt2_reasons = llama.refusals(recipe), gpt2_refusals(recipe)
+    tokenizer = tokenizer_refusals(recipe)
+    llama_reasons, gpt2_reasons = llama.refusals(recipe) + tokenizer, gpt2_refusals(recipe) + tokenizer
     if not gpt2_reasons:
         return "gpt2"
     if not llama_reasons:

@@ -13,8 +13,8 @@ import torch
 from lab.errors import LabError
 from lab.recipe import ModelConfig, Recipe
 
-PARTS = {"attention": ("sdpa", "manual"), "mlp": ("swiglu",), "norm": ("rmsnorm",), "position": ("rope",),
-         "tokenizer": ("gpt2",)}
+# The tokenizer is any with a Hugging Face form: export_hf.tokenizer_refusals.
+PARTS = {"attention": ("sdpa", "manual"), "mlp": ("swiglu",), "norm": ("rmsnorm",), "position": ("rope",)}
 NORMS = {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"}
 
 

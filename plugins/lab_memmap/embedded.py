@@ -30,7 +30,9 @@ def cache_root() -> Path:
 def tinyshakespeare(tokenizer: Tokenizer) -> Path:
     """The folder of the shipped corpus tokenized with `tokenizer`, made on first use."""
     safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", tokenizer.name)  # a tokenizer's name may hold a '/'
-    folder = cache_root() / f"tinyshakespeare-{safe_name}"
+    # Trained tokenizers share a name (bpe, char): the fingerprint tells their vocabularies apart.
+    suffix = f"-{tokenizer.fingerprint()}" if tokenizer.files() else ""
+    folder = cache_root() / f"tinyshakespeare-{safe_name}{suffix}"
     if not is_prepared(folder, tokenizer):
         print(f"tokenizing the shipped tinyshakespeare with {tokenizer.name} into {folder} (first run only)")
         try:
@@ -49,6 +51,7 @@ def is_prepared(folder: Path, tokenizer: Tokenizer) -> bool:
         itemsize = token_dtype(tokenizer.vocab_size).itemsize
         return (
             (meta["tokenizer"], meta["vocab_size"]) == (tokenizer.name, tokenizer.vocab_size)
+            and meta.get("tokenizer_fingerprint", tokenizer.fingerprint()) == tokenizer.fingerprint()
             and meta["input_bytes"] == CORPUS.stat().st_size
             and all((folder / f"{s}.bin").stat().st_size == meta[f"{s}_tokens"] * itemsize for s in SPLITS)
         )

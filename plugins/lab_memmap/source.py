@@ -95,6 +95,16 @@ def read_meta(folder: Path) -> dict | None:
 
 def check_meta_matches(meta: dict, folder: Path, context: DataContext) -> None:
     tokenizer = context.tokenizer
+    fingerprint = meta.get("tokenizer_fingerprint")  # written by lab prepare since tokenizers can be trained
+    if fingerprint is not None and (meta["tokenizer"], fingerprint) == (tokenizer.name, tokenizer.fingerprint()):
+        return
+    if fingerprint is not None and meta["tokenizer"] == tokenizer.name:
+        made_by = describe(meta["tokenizer"], fingerprint, meta.get("tokenizer_files") or {})
+        recipe_has = describe(tokenizer.name, tokenizer.fingerprint(), tokenizer.files())
+        raise LabError(
+            f"{folder}/meta.json: the tokens were made by another tokenizer {made_by} than the recipe's "
+            f"[tokenizer] {recipe_has}; point [tokenizer] at the tokenizer the data was made with, or re-run "
+            f"lab prepare YOUR_TEXT --out {folder} --recipe RECIPE")
     if (meta["tokenizer"], meta["vocab_size"]) != (tokenizer.name, tokenizer.vocab_size):
         raise LabError(
             f"{folder}/meta.json: the tokens were made by tokenizer '{meta['tokenizer']}' ({meta['vocab_size']} "
@@ -102,6 +112,11 @@ def check_meta_matches(meta: dict, folder: Path, context: DataContext) -> None:
             f"set [tokenizer] name = \"{meta['tokenizer']}\", or re-run: "
             f"lab prepare YOUR_TEXT --out {folder} --tokenizer {tokenizer.name}"
         )
+
+
+def describe(name: str, fingerprint: str, files: dict) -> str:
+    where = ", ".join(f"{setting} = {str(path)!r}" for setting, path in files.items())
+    return f"'{name}' ({where + ', ' if where else ''}fingerprint {fingerprint})"
 
 
 def open_tokens(path: Path, dtype: np.dtype, meta: dict | None) -> np.ndarray:
