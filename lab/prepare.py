@@ -277,21 +277,23 @@ def line_cut(text, target: int, newline) -> int:
     return end + 1 if 0 <= end < len(text) - 1 else target
 
 
-def read_text(path: Path, start: int, stop: int) -> Iterator[tuple[str, int]]:
-    """Bytes [start, stop) of a UTF-8 file as (text, bytes) pieces of about PIECE_BYTES, each cut at
-    a seam where tokenizing the pieces apart gives the same ids as tokenizing the whole."""
+def read_text(path: Path, start: int, stop: int, piece_bytes: int = 0) -> Iterator[tuple[str, int]]:
+    """Bytes [start, stop) of a UTF-8 file as (text, bytes) pieces of about piece_bytes (default
+    PIECE_BYTES), each cut at a seam where tokenizing the pieces apart gives the same ids as
+    tokenizing the whole."""
+    piece_bytes = piece_bytes or PIECE_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry, offset = b"", start  # bytes read but not yet handed out, and where they start in the file
     with open(path, "rb") as f:
         f.seek(start)
         while offset + len(carry) < stop:
-            block = f.read(min(PIECE_BYTES, stop - offset - len(carry)))
+            block = f.read(min(piece_bytes, stop - offset - len(carry)))
             if not block:  # the file shrank while we read it
                 break
             text = carry + block
             cut = last_seam(text, after=max(len(carry) - 1, 0))  # carry itself was searched already
             if cut is None:
-                if len(text) < 4 * PIECE_BYTES:
+                if len(text) < 4 * piece_bytes:
                     carry = text
                     continue
                 cut = text.rfind(b"\n") + 1 or len(text)  # no seam for a while: settle for a line end
