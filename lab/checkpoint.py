@@ -1,7 +1,7 @@
 """Checkpoints that survive anything: run_dir/checkpoints/step_NNNNNNN/ holds
 
     model.safetensors   the weights (safetensors: loading them can never run code)
-    state.pt            optimizer, step, data position, RNG states (read with weights_only=True)
+    state.pt            optimizer, step, every process's data position, RNG states (weights_only=True)
     recipe.toml         the resolved recipe that built the model
     COMPLETE            written last
 
@@ -19,7 +19,9 @@ short no longer counts as complete.
 A checkpoint does not depend on how many processes wrote it: it holds the whole model (never FSDP2's
 shards) and the optimizer's state keyed by parameter name, gathered and scattered with
 torch.distributed.checkpoint's state-dict helpers. A run saved by two processes resumes in one, or
-eight, and the other way round.
+eight, and the other way round. The data position is the exception: it is saved per process (rank
+r's at index r), and a data source whose position is each process's own continues on the same
+number of processes only (see data_states).
 
 state.pt is read with torch.load(weights_only=True), which unpickles only tensors and plain
 containers: so the RNG states are stored as tensors and lists, never numpy objects.
@@ -349,6 +351,26 @@ def check_same_shape(ckpt_dir, recipe, run_dir) -> None:
             f"([model] {'; '.join(differ)}). To start over, move or delete {run_dir}, or set another "
             f"train.out_dir (e.g. --set train.out_dir=runs/{recipe.name}-2)"
         )
+
+
+def data_states(saved, world_size: int, any_layout: bool, ckpt_dir, source: str, command) -> list[dict]:
+    """The data position of each of this run's world_size processes, from a checkpoint's `saved`:
+    rank r gets what rank r saved. On another number of processes, a source that can continue on
+    any layout (any_layout) gets rank 0's everywhere; any other is refused, before anything is
+    written. source: the data source for the message; command(n): the command that runs on n processes."""
+    if isinstance(saved, dict):  # written before each process's position was kept: rank 0's alone
+        return [saved] * world_size
+    if len(saved) == world_size:
+        return saved
+    if any_layout:
+        return [saved[0]] * world_size
+    n = len(saved)
+    raise LabError(
+        f"{ckpt_dir} was saved by {n} process{'es' if n > 1 else ''} and this run has {world_size}, but "
+        f"{source} cannot continue on another number of processes: each process's position in the data "
+        f"is its own. Continue the run on {n} as it was:\n  {command(n)}\nor start a new run on this "
+        f"layout with another train.out_dir (--set train.out_dir=...)"
+    )
 
 
 def rng_state(device: torch.device | None = None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lab.errors import LabError
+from lab.errors import LabError, SaidByRank0
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, SaidByRank0):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full or read-only disk that a command did not name itself
         from lab.files import DISK_ERRORS, cannot_write

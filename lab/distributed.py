@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lab.errors import LabError
+from lab.errors import LabError, SaidByRank0
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,26 @@ def share(obj):
     return box[0]
 
 
+def gather(obj) -> list | None:
+    """Every process's obj, in rank order, on rank 0 (None elsewhere): small things only (a data
+    source's position), as it is pickled."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, objects, dst=0)
+    return objects
+
+
+def scatter(objects: list | None):
+    """objects[r] from rank 0 to rank r (what gather collected, handed back): objects matters on rank
+    0 only. Small things only, as they are pickled."""
+    if not dist.is_initialized():
+        return objects[0]
+    box = [None]
+    dist.scatter_object_list(box, objects if dist.get_rank() == 0 else None, src=0)
+    return box[0]
+
+
 def on_main(fn, *args):
     """fn(*args) run by rank 0 alone: its result there, None elsewhere. A LabError it raises is raised
     on every process, so they all stop together instead of waiting for rank 0 forever (rank 0 says why)."""
@@ -189,7 +209,7 @@ def on_main(fn, *args):
     if error is not None:
         raise error
     if message is not None:
-        raise LabError(message)
+        raise SaidByRank0(message)
     return result
 
 

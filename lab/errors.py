@@ -5,6 +5,11 @@ class LabError(Exception):
     """Something the user can fix: the message says what is wrong and how to fix it."""
 
 
+class SaidByRank0(LabError):
+    """Rank 0's LabError, raised on the other processes of a run to stop them too: rank 0 prints it,
+    they exit with status 2 without printing it again."""
+
+
 def did_you_mean(word: str, choices) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     import difflib

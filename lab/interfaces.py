@@ -117,12 +117,21 @@ class Tokenizer:
 
 @dataclass(frozen=True)
 class DataContext:
-    """What a data source needs to know about the run it feeds."""
+    """What a data source needs to know about the run it feeds.
+
+    The process layout: this process is `rank` of `world_size` (torchrun's RANK and WORLD_SIZE; 0 of
+    1 without torchrun). A step's global batch has `rows_per_step` rows (batch_size x grad_accum x
+    world_size); each process asks for its own: micro-batch m of rank r is rows
+    (m * world_size + r) * batch_size ... + batch_size, asked for in order m = 0, 1, ...
+    """
 
     block_size: int
     vocab_size: int
     tokenizer: Tokenizer
     seed: int
+    rank: int = 0
+    world_size: int = 1
+    rows_per_step: int = 1
 
 
 class DataSource:
@@ -132,8 +141,16 @@ class DataSource:
     x shifted by one. `rows` are this caller's rows of the step's global batch; a source that makes
     each row a pure function of (seed, split, step, row) resumes exactly and splits across
     processes for free, and its state_dict is empty. A source that truly streams keeps its
-    position in state_dict().
+    position in state_dict(): every process's is saved in a checkpoint and handed back to the same
+    rank on resume (see docs/writing-plugins.md, "Data sources").
+
+    `any_layout`: whether a run can continue on another number of processes. True for a pure
+    function of (seed, split, step, row): each process then gets rank 0's state. False (the safe
+    default) for a source whose position is each process's own: a resume on another layout is
+    refused with a message, before anything is written.
     """
+
+    any_layout: bool = False
 
     def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -514,33 +514,66 @@ def tokenizer_round_trip(component):
         assert tokenizer.decode(ids) == text, f"decode(encode({text!r})) gave {tokenizer.decode(ids)!r}"
 
 
-def data_batches(component, plugins: Registry):
-    """Batches of the right shape and type, y is x shifted by one, and the position survives
-    state_dict() -> load_state_dict(). Built with the source's default settings."""
+def _data_context(plugins: Registry, rank: int = 0, world_size: int = 1) -> DataContext:
     tokenizers = plugins.components["tokenizer"]
     if not tokenizers:
         raise unittest.SkipTest("no tokenizer installed to build a data source with")
     tokenizer = build(tokenizers[sorted(tokenizers)[0]])
-    context = DataContext(block_size=8, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer, seed=0)
+    return DataContext(block_size=8, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer, seed=0, rank=rank,
+                       world_size=world_size, rows_per_step=2 * world_size)
 
-    def source():
-        try:
-            return build(component, context)
-        except LabError as e:  # e.g. its default settings name files that are not here
-            raise unittest.SkipTest(f"data '{component.name}' cannot be built with its default settings: {e}") from None
 
-    first = source()
-    state = copy.deepcopy(first.state_dict())
-    expected = first.batch("train", 0, range(2))
-    for split, (x, y) in (("train", expected), ("val", first.batch("val", 0, range(2)))):
+def _data_source(component, context: DataContext):
+    try:
+        return build(component, context)
+    except LabError as e:  # e.g. its default settings name files that are not here
+        raise unittest.SkipTest(f"data '{component.name}' cannot be built with its default settings: {e}") from None
+
+
+def _rows(rank: int, world_size: int, rows: int = 2) -> range:
+    """A process's rows of a step's global batch, as the trainer asks for them (one micro-batch)."""
+    return range(rank * rows, (rank + 1) * rows)
+
+
+def data_batches(component, plugins: Registry):
+    """Batches of the right shape and type, and y is x shifted by one. Built with the source's
+    default settings."""
+    context = _data_context(plugins)
+    source = _data_source(component, context)
+    for split in ("train", "val"):
+        x, y = source.batch(split, 0, range(2))
         assert x.shape == y.shape == (2, 8), f"{split} batch shapes {tuple(x.shape)}, {tuple(y.shape)}; expected (2, 8)"
         assert x.dtype == y.dtype == torch.int64, f"{split} batch dtype {x.dtype}, expected torch.int64"
         assert torch.equal(x[:, 1:], y[:, :-1]), f"{split}: y is not x shifted by one token"
-        assert 0 <= int(x.min()) and int(x.max()) < tokenizer.vocab_size, f"{split}: ids outside the vocabulary"
-    resumed = source()
-    resumed.load_state_dict(state)
-    for a, b in zip(resumed.batch("train", 0, range(2)), expected):
-        assert torch.equal(a, b), "a source loaded from state_dict() gives another batch than the original did"
+        assert 0 <= int(x.min()) and int(x.max()) < context.vocab_size, f"{split}: ids outside the vocabulary"
+
+
+def data_resume(component, plugins: Registry):
+    """What exact resume relies on: a fresh source loaded with the state_dict() taken after some
+    steps gives the very batches the original gives next, on each of two processes."""
+    for rank in range(2):
+        context, rows = _data_context(plugins, rank, 2), _rows(rank, 2)
+        source = _data_source(component, context)
+        for step in range(3):  # the state is taken mid-stream, where a streaming source has moved on
+            source.batch("train", step, rows)
+        state = copy.deepcopy(source.state_dict())
+        expected = [source.batch("train", step, rows) for step in (3, 4)]
+        resumed = _data_source(component, context)
+        resumed.load_state_dict(state)
+        for step, want in zip((3, 4), expected):
+            got = resumed.batch("train", step, rows)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (
+                f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another batch "
+                f"at step {step} than the source it was taken from (is the stream's position in state_dict()?)")
+
+
+def data_processes_share(component, plugins: Registry):
+    """Two processes get different rows of a step: a source that ignored its rank would train every
+    process on the same text."""
+    batches = [_data_source(component, _data_context(plugins, rank, 2)).batch("train", 0, _rows(rank, 2))
+               for rank in range(2)]
+    assert not torch.equal(batches[0][0], batches[1][0]), \
+        "processes 0 and 1 of 2 got the same batch: take the rows asked for, or a share by DataContext.rank"
 
 
 # --- which checks run for what -----------------------------------------------------------------
@@ -555,7 +588,7 @@ CHECKS: dict[str, list[Callable]] = {
     "schedule": [schedule_pure, schedule_finite_non_negative],
     "optimizer": [optimizer_roles, optimizer_reduces_loss, optimizer_state_round_trip],
     "tokenizer": [tokenizer_round_trip],
-    "data": [data_batches],
+    "data": [data_batches, data_resume, data_processes_share],
 }
 
 
@@ -594,7 +627,7 @@ def _cases_for(component: Component, plugins: Registry) -> list[Case]:
     label = f"{component.slot}-{component.name}"
     out = []
     for check_fn in CHECKS[component.slot]:
-        extra = (plugins,) if check_fn is data_batches else ()
+        extra = (plugins,) if component.slot == "data" else ()
         out.append(Case(f"{label}-{check_fn.__name__}", functools.partial(check_fn, component, *extra)))
     if component.slot == "attention":  # and with every installed position
         for pname, position in sorted(plugins.components["position"].items()):

@@ -82,6 +82,11 @@ def launcher() -> str:
     return f"torchrun {f'--nnodes={nodes} ' if nodes > 1 else ''}--nproc_per_node={layout.local_world_size} -m "
 
 
+def launch(command: str, processes: int) -> str:
+    """`lab run ...` as started on that many processes of one node."""
+    return command if processes == 1 else f"torchrun --nproc_per_node={processes} -m {command}"
+
+
 def train(recipe: Recipe, command: str = "") -> int:
     """Train (or continue) the recipe's run; the exit status: 0 done, 130 stopped by Ctrl-C, 143 by
     SIGTERM. Under torchrun every process calls this, and they train the run together."""
@@ -201,7 +206,9 @@ class Trainer:
                            f"{self.tokenizer.vocab_size} tokens of tokenizer '{recipe.parts['tokenizer'].name}'; "
                            f"set model.vocab_size to at least {self.tokenizer.vocab_size}")
         context = DataContext(block_size=recipe.model.block_size, vocab_size=recipe.model.vocab_size,
-                              tokenizer=self.tokenizer, seed=self.cfg.seed)
+                              tokenizer=self.tokenizer, seed=self.cfg.seed, rank=layout.rank,
+                              world_size=layout.world_size,
+                              rows_per_step=self.cfg.batch_size * self.grad_accum * layout.world_size)
         self.data = distributed.main_first(recipe.parts["data"].build, context)
         self.evaluator = Evaluator(recipe, self.tokenizer)  # the [eval] table: its files read now
         if self.evaluator and layout.world_size > 1 and self.cfg.parallel == "fsdp":
@@ -264,9 +271,9 @@ class Trainer:
         checkpoint.restore(self.model, self.optimizer, weights, state.get("optimizer", {}))
         for group, recipe_settings in zip(self.optimizer.param_groups, settings):
             group.update(recipe_settings)
-        # The data position is rank 0's: a source of rows that are a function of the step has none.
-        state = distributed.share({key: state[key] for key in ("step", "data", "rng")} if self.main else None)
-        self.data.load_state_dict(state["data"])
+        # Each process continues from its own data position, the one the process of its rank saved.
+        self.data.load_state_dict(distributed.scatter(state.get("data") if self.main else None))
+        state = distributed.share({key: state[key] for key in ("step", "rng")} if self.main else None)
         self.step = self.saved_step = state["step"]
         self.resumed_rng = state["rng"]  # restored just before the first step, after everything that draws
         if self.main:
@@ -284,7 +291,14 @@ class Trainer:
 
     def read_checkpoint(self, ckpt: Path) -> tuple[dict, dict]:
         try:
-            return checkpoint.read_weights(ckpt, self.model), checkpoint.load_state(ckpt)
+            state = checkpoint.load_state(ckpt)
+            # First, as it may refuse: a data source that cannot continue on this number of processes.
+            part, world = self.recipe.parts["data"], self.layout.world_size
+            state["data"] = checkpoint.data_states(
+                state.get("data", {}), world, self.data.any_layout, ckpt,
+                f"data source '{part.name}' (package '{part.component.package}')",
+                lambda n: launch(self.command.removeprefix(launcher()), n))
+            return checkpoint.read_weights(ckpt, self.model), state
         except checkpoint.Damaged as e:  # found only by reading it: a checkpoint saved before checksums
             raise LabError(f"{e}. Move it out of {ckpt.parent} (e.g. to {self.run_dir / ('damaged_' + ckpt.name)}) "
                            f"and run `{self.command}` again to resume from the checkpoint before it") from None
@@ -447,8 +461,9 @@ class Trainer:
         if self.saved_step == self.step:
             return  # saved at this step already (Ctrl-C right after a periodic save)
         weights, optimizer = checkpoint.gather(self.model, self.optimizer)  # every process takes part
+        data = distributed.gather(self.data.state_dict())  # every process's own position, by rank
         if self.main:
-            state = {"step": self.step, "optimizer": optimizer, "data": self.data.state_dict(),
+            state = {"step": self.step, "optimizer": optimizer, "data": data,
                      "rng": checkpoint.rng_state(self.device)}
             try:
                 path = checkpoint.save(self.run_dir, self.step, weights, self.recipe.to_toml(), state)

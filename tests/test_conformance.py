@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from lab import hookimpl
 from lab.attention import SelfAttention
-from lab.interfaces import Position, Schedule, Tokenizer
+from lab.interfaces import DataSource, Position, Schedule, Tokenizer
 from lab.plugins import build_registry
 from lab.testing import cases
 
@@ -112,6 +112,32 @@ class Lowercasing(Tokenizer):
         return bytes(ids).decode("utf-8")
 
 
+class Amnesic(DataSource):
+    """Streams (each batch takes the next tokens), but its state_dict() is always {}: a resumed run
+    would start the data over."""
+
+    def __init__(self, config, context):
+        self.block_size, self.next = context.block_size, 7 * context.rank
+
+    def batch(self, split, step, rows):
+        T = self.block_size
+        tokens = (self.next + torch.arange(len(rows) * T + 1)) % 50
+        self.next += len(rows) * T
+        windows = tokens.unfold(0, T + 1, T)  # (rows, T + 1), each starting where the last one ended
+        return windows[:, :-1], windows[:, 1:]
+
+
+class SameEverywhere(DataSource):
+    """A pure function of the step that ignores the rows: every process trains on the same text."""
+
+    def __init__(self, config, context):
+        self.block_size = context.block_size
+
+    def batch(self, split, step, rows):
+        windows = (step + torch.arange(self.block_size + 1)).repeat(len(rows), 1) % 50
+        return windows[:, :-1], windows[:, 1:]
+
+
 class Broken:
     @hookimpl
     def lab_components(self, register):
@@ -125,6 +151,8 @@ class Broken:
         register("optimizer", "frozen", frozen, Empty, "")
         register("optimizer", "matrices_only", matrices_only, Empty, "")
         register("tokenizer", "lowercasing", Lowercasing, Empty, "")
+        register("data", "amnesic", Amnesic, Empty, "")
+        register("data", "same_everywhere", SameEverywhere, Empty, "")
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +171,22 @@ def broken():
     ("optimizer", "frozen", "optimizer_reduces_loss"),
     ("optimizer", "matrices_only", "optimizer_roles"),
     ("tokenizer", "lowercasing", "tokenizer_round_trip"),
+    ("data", "amnesic", "data_resume"),
+    ("data", "same_everywhere", "data_processes_share"),
 ])
 def test_the_checks_catch_a_broken_component(broken, slot, name, check):
     [case] = [c for c in cases(slot, name, broken) if str(c).endswith(check)]
     with pytest.raises(AssertionError):
         case()
+
+
+def test_the_broken_data_sources_pass_the_other_checks(broken):
+    """So each is caught by the one check it breaks: the resume check is what catches a stream
+    that does not save its position (the shapes check alone took the state before any batch)."""
+    for name, failing in (("amnesic", "data_resume"), ("same_everywhere", "data_processes_share")):
+        for case in cases("data", name, broken):
+            if not str(case).endswith(failing):
+                case()
 
 
 def test_an_unknown_component_is_named_with_what_is_installed(broken):

@@ -23,6 +23,8 @@ META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
 
 
 class MemmapData(DataSource):
+    any_layout = True  # a window is a function of (seed, split, step, row): no position to carry over
+
     def __init__(self, config, context: DataContext):
         self.block_size, self.vocab_size = context.block_size, context.vocab_size
         self.seed = context.seed % 2**64  # numpy seeds are non-negative; a negative seed still works

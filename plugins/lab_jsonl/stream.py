@@ -1,0 +1,281 @@
+"""The jsonl data source: a stream of token windows read from text files as training goes.
+
+Reading. The files (path's, in order; a folder's sorted) are read as *units*: a non-blank line of a
+.jsonl file (a document, its "text" field), or a ~64 KB piece of any other file (a text file is one
+document), cut where tokenizing the pieces apart gives the ids of the whole. A hash of a unit's
+bytes puts it in val with probability val_fraction, unless val_path names val's own files.
+
+Sharing out. Train unit j goes to process j % world_size: each process tokenizes its share only, and
+reads past the others' (reading is cheap next to tokenizing). A process's tokens are its units' ids
+one after another, the tokenizer's end-of-text token before each document (and before a piece that
+does not continue the one before it in this process's stream). Each row takes the next
+block_size + 1 tokens and moves on by block_size. At the end of the files the stream starts over.
+
+Resuming. state_dict() is where the stream is: file, byte offset and line of the next unit, how many
+train units were counted, the epoch, and the tokens read but not yet used. Loaded into a fresh source
+it gives the very rows that would have come next. It is each process's own, so a run continues on
+the same number of processes only (any_layout = False): lab refuses another layout with a message.
+
+Validation. Every process reads the whole val split from its start, and val row i of step s is
+window s * rows + i of it: the same whoever asks and whenever, so the val loss compares like with
+like. Past the end of the val split the windows repeat.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lab.errors import LabError
+from lab.interfaces import DataContext, DataSource
+from lab.prepare import decode, last_seam
+
+SAMPLE = Path(__file__).with_name("sample.jsonl")
+PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
+SUFFIXES = (".jsonl", ".txt")  # what a folder is searched for
+FORMAT = 'each line of a .jsonl file must be one JSON object like {"text": "..."}'
+
+
+@dataclass
+class Unit:
+    """A .jsonl line or a piece of a text file, as read: bytes [start, end) of file `file`."""
+
+    raw: bytes
+    path: Path
+    line: int  # the line it starts on, for messages
+    file: int
+    start: int
+    end: int
+
+    @property
+    def starts_document(self) -> bool:
+        return self.path.suffix == ".jsonl" or self.start == 0
+
+    def text(self) -> str:
+        if self.path.suffix != ".jsonl":
+            return decode(codecs.getincrementaldecoder("utf-8")(), self.raw, self.path, self.start, final=True)
+        try:
+            record = json.loads(self.raw)
+        except ValueError as e:
+            raise LabError(f"{self.path} line {self.line} is not valid JSON ({e}); {FORMAT}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LabError(f"{self.path} line {self.line} has no \"text\" string; {FORMAT}")
+        return record["text"]
+
+    def draw(self) -> float:
+        """Uniform in [0, 1) and a function of the bytes alone: the same split on every process and run."""
+        digest = hashlib.blake2b(self.raw, digest_size=8).digest()
+        return (int.from_bytes(digest, "little") >> 11) / 2**53  # 53 bits: exact in a float, < 1
+
+
+class Reader:
+    """The units of a list of files, in order, from a position: [file index, byte offset, line]."""
+
+    def __init__(self, files: list[Path], position=(0, 0, 1)):
+        self.files = files
+        self.file, self.offset, self.line = position
+        self.handle = None
+
+    @property
+    def position(self) -> list[int]:
+        return [self.file, self.offset, self.line]
+
+    def next(self) -> Unit | None:
+        """The next unit, or None past the end of the last file."""
+        while self.file < len(self.files):
+            if self.handle is None:
+                self.handle = open(self.files[self.file], "rb")
+                self.handle.seek(self.offset)
+            start, line = self.offset, self.line
+            raw = self.next_line() if self.files[self.file].suffix == ".jsonl" else self.next_piece()
+            if raw:
+                self.offset += len(raw)
+                self.line += raw.count(b"\n")
+                if raw.strip() or self.files[self.file].suffix != ".jsonl":  # a blank line is no document
+                    return Unit(raw, self.files[self.file], line, self.file, start, self.offset)
+                continue
+            self.close()
+            self.file, self.offset, self.line = self.file + 1, 0, 1
+        return None
+
+    def next_line(self) -> bytes:
+        return self.handle.readline()
+
+    def next_piece(self) -> bytes:
+        """About PIECE_BYTES, cut after a seam (lab.prepare.last_seam: tokenizing the pieces apart gives
+        the ids of the whole); the rest of the file at its end."""
+        raw = b""
+        while True:
+            block = self.handle.read(PIECE_BYTES)
+            raw += block
+            if len(block) < PIECE_BYTES:  # the end of the file
+                return raw
+            cut = last_seam(raw)
+            if cut is None and len(raw) >= 4 * PIECE_BYTES:  # no seam for a while: a line end will do
+                cut = raw.rfind(b"\n") + 1 or whole_characters(raw)
+            if cut is not None:
+                self.handle.seek(self.offset + cut)
+                return raw[:cut]
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def whole_characters(raw: bytes) -> int:
+    """Where the last (maybe incomplete) UTF-8 character of raw starts."""
+    i = len(raw) - 1
+    while i > 0 and raw[i] & 0xC0 == 0x80:
+        i -= 1
+    return i
+
+
+class Stream:
+    """One split's windows of block_size + 1 tokens for one process: the units `in_split` says are
+    this split's, every world-th of them (this process's share), tokenized one after another."""
+
+    def __init__(self, files: list[Path], in_split: Callable[[Unit], bool], context: DataContext,
+                 rank: int = 0, world: int = 1, repeat: bool = True):
+        self.files, self.in_split, self.tokenizer = files, in_split, context.tokenizer
+        self.block_size, self.rank, self.world, self.repeat = context.block_size, rank, world, repeat
+        self.reader = Reader(files)
+        self.seen = 0  # units of this split read so far, every process's: unit j is process j % world's
+        self.epoch = 0  # passes over the files completed
+        self.took = False  # whether this pass gave this process a unit yet
+        self.last: list[int] | None = None  # [file, end] of the last unit taken: one starting there continues it
+        self.buffer = np.zeros(0, dtype=np.int64)  # tokens read and not yet used
+
+    def window(self) -> np.ndarray | None:
+        """The next block_size + 1 tokens; None past the end of a split that does not repeat."""
+        while len(self.buffer) <= self.block_size:
+            unit = self.reader.next()
+            if unit is None:
+                if not self.repeat:
+                    return None
+                self.start_over()
+            elif self.in_split(unit):
+                mine = self.seen % self.world == self.rank
+                self.seen += 1
+                if mine:
+                    self.add(unit)
+        window, self.buffer = self.buffer[: self.block_size + 1], self.buffer[self.block_size :]
+        return window
+
+    def add(self, unit: Unit) -> None:
+        self.took = True
+        text = unit.text()
+        continues = not unit.starts_document and self.last == [unit.file, unit.start]
+        self.last = [unit.file, unit.end]
+        if not text:
+            return
+        ids = self.tokenizer.encode(text)
+        if self.tokenizer.eot_id is not None and not continues:
+            ids = [self.tokenizer.eot_id] + ids
+        self.buffer = np.concatenate([self.buffer, np.asarray(ids, dtype=np.int64)])
+
+    def start_over(self) -> None:
+        if not self.took:
+            names = ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
+            whose = f" for process {self.rank} of {self.world}" if self.world > 1 else ""
+            raise LabError(f"no training text in {names}{whose}: a whole pass over the files gave none "
+                           f"({self.seen} train documents or pieces in all). Give more text in [data] path"
+                           + (", or train on fewer processes" if self.world > 1 else ""))
+        self.reader.close()
+        self.reader, self.epoch, self.took = Reader(self.files), self.epoch + 1, False
+
+    def state_dict(self) -> dict:
+        return {"position": self.reader.position, "seen": self.seen, "epoch": self.epoch, "took": self.took,
+                "last": None if self.last is None else list(self.last), "buffer": torch.from_numpy(self.buffer.copy())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.close()
+        self.reader = Reader(self.files, state["position"])
+        self.seen, self.epoch, self.took = state["seen"], state["epoch"], state["took"]
+        self.last = None if state["last"] is None else list(state["last"])
+        self.buffer = state["buffer"].numpy().astype(np.int64)
+
+
+class JsonlData(DataSource):
+    any_layout = False  # each process's position in its share of the documents is its own
+
+    def __init__(self, config, context: DataContext):
+        self.files = find_files(config.path, "path") if config.path else [SAMPLE]
+        if config.val_path:
+            val_files, in_val = find_files(config.val_path, "val_path"), (lambda unit: True)
+        elif config.val_fraction > 0:
+            val_files, in_val = self.files, (lambda unit: unit.draw() < config.val_fraction)
+        else:
+            raise LabError("[data] val_fraction = 0 and no val_path: the run's validation would have no "
+                           "text; set val_fraction (e.g. 0.05) or val_path to files to validate on")
+        in_train = (lambda unit: True) if config.val_path else (lambda unit: not in_val(unit))
+        self.train = Stream(self.files, in_train, context, context.rank, context.world_size)
+        self.val = Stream(val_files, in_val, context, repeat=False)
+        self.val_windows: list[np.ndarray] = []  # val's windows so far, from its start
+        self.val_where = "[data] val_path " if config.val_path else f"[data] val_fraction {config.val_fraction} of "
+
+    def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        if split == "train":
+            windows = [self.train.window() for _ in rows]
+        else:
+            windows = [self.val_window(step * len(rows) + i) for i in range(len(rows))]
+        tokens = torch.from_numpy(np.stack(windows))
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # y is x one token later
+
+    def val_window(self, i: int) -> np.ndarray:
+        while len(self.val_windows) <= i:
+            window = self.val.window()
+            if window is None:  # the end of the val split: its windows repeat
+                break
+            self.val_windows.append(window)
+        if not self.val_windows:
+            raise LabError(f"no validation text: {self.val_where}{', '.join(map(str, self.val.files))} gives "
+                           f"fewer than block_size + 1 = {self.val.block_size + 1} tokens; raise val_fraction, "
+                           "or set val_path to more text")
+        return self.val_windows[i % len(self.val_windows)]
+
+    def state_dict(self) -> dict:
+        return {"files": [[str(f), f.stat().st_size] for f in self.files], "train": self.train.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:  # a fresh start
+            return
+        check_same_files(state["files"], self.files)
+        self.train.load_state_dict(state["train"])
+
+
+def find_files(spec: str | list[str], key: str) -> list[Path]:
+    """The files of [data] path (or val_path): files as given, folders searched for *.jsonl and *.txt."""
+    files = []
+    for name in [spec] if isinstance(spec, str) else spec:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+            if not found:
+                raise LabError(f"[data] {key}: folder {name} holds no .jsonl or .txt files (searched recursively)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise LabError(f"[data] {key}: {name} not found; give .jsonl or .txt files, or folders of them "
+                           "(relative to the current folder)")
+    return files
+
+
+def check_same_files(saved: list, files: list[Path]) -> None:
+    """A stream resumes at byte offsets: the files must be the ones it was reading."""
+    names = [name for name, _ in saved]
+    if names != [str(f) for f in files]:
+        raise LabError(f"[data] path lists other files than when the checkpoint was saved ({', '.join(names)}); "
+                       "resuming needs the same files. Set path back, or start a new run with another train.out_dir")
+    for (name, size), f in zip(saved, files):
+        if f.stat().st_size < size:
+            raise LabError(f"{name} is {f.stat().st_size} bytes, {size} when the checkpoint was saved: the "
+                           "data changed under the run, so it cannot continue where it stopped. Restore the "
+                           "file, or start a new run with another train.out_dir")
