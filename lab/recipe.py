@@ -142,7 +142,14 @@ class TrainConfig(Section):
         "processes. Set, it decides grad_accum (global_batch_size / (batch_size x processes)), so a run "
         "keeps its batch on any number of processes"
     )
-    max_steps: PositiveInt = Field(1000, description="optimizer steps to train")
+    max_steps: Optional[NonNegativeInt] = Field(
+        None, description="optimizer steps to train; unset (or 0): from max_tokens, else 1000"
+    )
+    max_tokens: Optional[NonNegativeInt] = Field(
+        None, description="tokens to train on (all processes together) instead of max_steps: the run takes "
+        "ceil(max_tokens / tokens per step) steps and the schedule follows them, so variants with other batch "
+        "shapes compare at equal tokens; unset (or 0): max_steps decides"
+    )
     eval_interval: PositiveInt = Field(100, description="validate every this many steps")
     eval_batches: PositiveInt = Field(
         10, description="micro-batches per validation, shared among processes (rounded up to a multiple of them)"
@@ -163,6 +170,26 @@ class TrainConfig(Section):
         "each holds a shard of it (FSDP2); auto: ddp"
     )
     out_dir: str = Field("", description="run folder; empty: runs/<recipe name>")
+
+    @field_validator("max_steps", "max_tokens")
+    @classmethod
+    def _zero_is_unset(cls, value):
+        return value or None  # so --set train.max_steps=0 clears a file's max_steps for max_tokens
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.max_steps and self.max_tokens:
+            raise ValueError(
+                f"max_steps = {self.max_steps} and max_tokens = {self.max_tokens} both set the run's length; "
+                "keep one (remove the other from the file, or --set it to 0)"
+            )
+        return self
+
+    def steps(self, tokens_per_step: int) -> int:
+        """The optimizer steps the run takes at this many tokens per step."""
+        if self.max_tokens:
+            return math.ceil(self.max_tokens / tokens_per_step)
+        return self.max_steps or 1000
 
 
 class GenerateConfig(Section):

@@ -1,15 +1,19 @@
 """What a run writes down as it goes: metrics.jsonl and loss.png in its run folder.
 
 metrics.jsonl holds one JSON object per line: {"step", "loss", "lr", "grad_norm", "tokens_per_s",
-"mfu"} for each optimizer step and {"step", "val_loss", "val_bpb"} for each evaluation (val_bpb:
-the val loss in bits per UTF-8 byte of the val text, which compares runs whose tokenizers differ). Step k is the k-th
-optimizer update; the evaluation at step k sees the model after it (step 0: before any training).
-A resumed run first drops the lines after its checkpoint's step, so the file holds each step once.
+"mfu", "tokens", "elapsed"} for each optimizer step and {"step", "val_loss", "val_bpb", "tokens",
+"elapsed"} for each evaluation (val_bpb: the val loss in bits per UTF-8 byte of the val text, which
+compares runs whose tokenizers differ). Step k is the k-th optimizer update; the evaluation at step k
+sees the model after it (step 0: before any training). tokens: the tokens trained on up to step k (all
+processes together); elapsed: wall-clock seconds of training so far, summed over the run's sessions,
+so a resumed run's seconds axis continues where it stopped. A resumed run first drops the lines after
+its checkpoint's step, so the file holds each step once.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from lab.files import cannot_write, temporary, usual_mode, write_text_atomically
@@ -30,8 +34,12 @@ class MetricsLog:
             self.file = open(self.path, "a")
         except OSError as e:
             raise cannot_write(self.path, e) from None
+        # The seconds of earlier sessions: a resumed run's clock continues from its last kept line.
+        self.earlier = max((r.get("elapsed", 0.0) for r in self.records), default=0.0)
+        self.started = time.perf_counter()
 
     def write(self, record: dict) -> None:
+        record = {**record, "elapsed": round(self.earlier + time.perf_counter() - self.started, 3)}
         self.records.append(record)
         # One line per write, flushed: a kill leaves at most one partial last line, which
         # read_metrics skips.

@@ -99,10 +99,15 @@ def train(recipe: Recipe, command: str = "") -> int:
         # lock until the run ends, and tells the others.
         run_dir, ckpt = distributed.share(distributed.on_main(find_checkpoint, recipe, command, held))
         step = checkpoint.step_of(ckpt) if ckpt is not None else 0
-        if step >= recipe.train.max_steps:
+        max_steps = total_steps(recipe, layout.world_size)
+        if step >= max_steps:
             if layout.main:
-                print(f"{run_dir} already reached step {step} (train.max_steps = {recipe.train.max_steps}); "
-                      f"nothing to do. To train further, raise it:\n  {command} --set train.max_steps={2 * step}")
+                cfg = recipe.train
+                budget = (f"train.max_tokens = {cfg.max_tokens}, {max_steps} steps" if cfg.max_tokens
+                          else f"train.max_steps = {max_steps}")
+                more = f"max_tokens={2 * cfg.max_tokens}" if cfg.max_tokens else f"max_steps={2 * step}"
+                print(f"{run_dir} already reached step {step} ({budget}); "
+                      f"nothing to do. To train further, raise it:\n  {command} --set train.{more}")
             return 0
         trainer = Trainer(recipe, run_dir, command, layout, device)
         if ckpt is not None:
@@ -170,6 +175,12 @@ def micro_backward(forward, model, x, y, accum: int, autocast=None) -> dict:
     return {"loss": loss.detach(), **extras.values()}
 
 
+def total_steps(recipe: Recipe, world_size: int) -> int:
+    """train.max_steps, or the steps that train.max_tokens takes at this layout's tokens per step."""
+    sequences = recipe.train.batch_size * accumulation(recipe, world_size) * world_size
+    return recipe.train.steps(sequences * recipe.model.block_size)
+
+
 def accumulation(recipe: Recipe, world_size: int) -> int:
     """Micro-batches per optimizer step on each process: train.grad_accum, or what keeps
     train.global_batch_size on this many processes."""
@@ -199,6 +210,7 @@ class Trainer:
         self.device = device or pick_device(recipe)
         self.dtype = pick_dtype(recipe, self.device)
         self.grad_accum = accumulation(recipe, layout.world_size)
+        self.max_steps = total_steps(recipe, layout.world_size)  # the schedule and the loop follow it
         self.step = 0
         self.tokenizer = recipe.parts["tokenizer"].build()
         if self.tokenizer.vocab_size > recipe.model.vocab_size:
@@ -231,7 +243,7 @@ class Trainer:
         # The schedule scales each group's own base lr, so groups may start from different lrs.
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
-        self.schedule = recipe.parts["schedule"].build(self.cfg.max_steps)
+        self.schedule = recipe.parts["schedule"].build(self.max_steps)
         use_compile = self.device.type == "cuda" if self.cfg.compile == "auto" else self.cfg.compile
         self.forward = torch.compile(self.wrapped) if use_compile else self.wrapped
         self.tokens_per_step = (self.cfg.batch_size * recipe.model.block_size * self.grad_accum
@@ -311,15 +323,15 @@ class Trainer:
         distributed.on_main(self.open_run_folder, resumed)
         if resumed:
             checkpoint.set_rng_state(self.resumed_rng, self.device)
-        self.bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=None if self.main else True,
+        self.bar = tqdm(total=self.max_steps, initial=self.step, unit="step", disable=None if self.main else True,
                         dynamic_ncols=True)
         try:
             with StopOnSignal(say=self.main) as stop_signal:
                 if self.step == 0:
                     self.evaluate()  # the loss before training: what the curve falls from
-                while self.step < cfg.max_steps:
+                while self.step < self.max_steps:
                     self.record(*self.train_step())
-                    done = self.step == cfg.max_steps
+                    done = self.step == self.max_steps
                     if done or self.step % cfg.eval_interval == 0:
                         self.evaluate()
                     # torchrun hands a signal to every process, not always within the same step: they agree
@@ -404,13 +416,13 @@ class Trainer:
         groups = {f"lr.{name}": value for name, value in lrs.items()} if len(lrs) > 1 else {}
         extras = extras or {}
         self.log.write({"step": self.step, "loss": loss, "lr": lr, **groups, "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_per_s, "mfu": mfu, **extras})
+                        "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step, **extras})
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.bar.update(1)
-        if self.step % self.cfg.log_interval == 0 or self.step == self.cfg.max_steps:
+        if self.step % self.cfg.log_interval == 0 or self.step == self.max_steps:
             lr_text = " ".join(f"{v:.2e}" for v in lrs.values())
             extra_text = "".join(f" | {name} {value:.4g}" for name, value in extras.items())
-            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | loss {loss:.4f}{extra_text} | lr {lr_text} | "
+            tqdm.write(f"step {self.step:>5}/{self.max_steps} | loss {loss:.4f}{extra_text} | lr {lr_text} | "
                        f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
 
     def batch(self, split: str, step: int, rows: range):
@@ -451,11 +463,12 @@ class Trainer:
                                                            device=self.device)).item()
         val_bpb = bits_per_byte(val_loss, sum(y.numel() for y in targets), self.val_bytes)
         if self.main:
-            self.log.write({"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb, **terms, **scores})
+            self.log.write({"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb, **terms, **scores,
+                            "tokens": self.step * self.tokens_per_step})
             self.log.plot()
-            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
+            tqdm.write(f"step {self.step:>5}/{self.max_steps} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
             for line in describe(scores):
-                tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | {line}")
+                tqdm.write(f"step {self.step:>5}/{self.max_steps} | {line}")
 
     def save(self) -> None:
         if self.saved_step == self.step:
@@ -469,7 +482,7 @@ class Trainer:
                 path = checkpoint.save(self.run_dir, self.step, weights, self.recipe.to_toml(), state)
             except LabError as e:
                 raise LabError(f"{e}; then run `{self.command}` to continue. {self.last_good()}") from None
-            tqdm.write(f"step {self.step:>5}/{self.cfg.max_steps} | saved {path}")
+            tqdm.write(f"step {self.step:>5}/{self.max_steps} | saved {path}")
         self.saved_step = self.step
 
     def last_good(self) -> str:

@@ -68,7 +68,12 @@ def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
-    assert all(set(r) == {"step", "loss", "lr", "lr.decay", "lr.no_decay", "grad_norm", "tokens_per_s", "mfu"} for r in steps)
+    assert all(set(r) == {"step", "loss", "lr", "lr.decay", "lr.no_decay", "grad_norm", "tokens_per_s", "mfu",
+                          "tokens", "elapsed"} for r in steps)
+    assert all(set(r) == {"step", "val_loss", "val_bpb", "tokens", "elapsed"} for r in evals)
+    assert [r["tokens"] for r in steps] == [4 * 32 * k for k in range(1, 9)]
+    seconds = [r["elapsed"] for r in records]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps)
     assert [r["step"] for r in evals] == [0, 4, 8]  # first, every eval_interval, last
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2
