@@ -8,6 +8,7 @@ on the slot:
     data                             factory(config, context)     context: DataContext
     optimizer                        factory(config, params, model)  params: [lab.roles.Param(name, param, role)]
     schedule                         factory(config, max_steps)
+    logger                           factory(config)              any number: [logger.NAME] tables
 
 `config` is the plugin's own pydantic Config, validated from the recipe's table.
 """
@@ -172,6 +173,23 @@ class Schedule:
         raise NotImplementedError
 
 
+class Logger:
+    """Where a run's numbers also go, beside metrics.jsonl (TensorBoard, W&B...). Rank 0 builds each
+    logger the recipe names before training (so a missing package stops the run before it starts), opens
+    it once the run folder exists, and hands it every record metrics.jsonl gets."""
+
+    def open(self, run_dir, recipe: dict, first_step: int) -> None:
+        """Start writing. recipe: the resolved recipe. first_step > 0: a resumed run, which logs the
+        steps from first_step on again (after its checkpoint); a logger that can should replace them."""
+
+    def log(self, record: dict) -> None:
+        """One metrics.jsonl record: {"step", ...numbers}, a training step's or an evaluation's."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush and close; called when the run ends or stops."""
+
+
 # slot -> what its factory returns. mlp and norm are plain modules: (B, T, C) -> (B, T, C).
 # The optimizer is a torch.optim.Optimizer over the model's parameters.
 SLOTS: dict[str, type] = {
@@ -183,6 +201,7 @@ SLOTS: dict[str, type] = {
     "optimizer": torch.optim.Optimizer,
     "data": DataSource,
     "tokenizer": Tokenizer,
+    "logger": Logger,
 }
 
 

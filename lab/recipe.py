@@ -37,7 +37,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     "optimizer": ("optimizer",),
     "schedule": ("schedule",),
 }
-assert set(TABLES) == set(SLOTS)
+# Slots a recipe fills with any number of components, one table each under this one, named by the
+# component: [logger.tensorboard], [logger.wandb] (the table holds its settings, and may be empty).
+MANY: dict[str, str] = {"logger": "logger"}
+assert set(TABLES) | set(MANY) == set(SLOTS)
 # The slots a recipe may set per layer, in [model.layers.N.SLOT] (N: 3, "0-2", "1,3", -1 for the last).
 LAYER_SLOTS = ("attention", "mlp", "norm")
 
@@ -268,6 +271,7 @@ class Recipe:
     parts: dict[str, Part]  # slot -> Part
     layer_parts: dict[int, dict[str, Part]] = field(default_factory=dict)  # layer -> slot -> its own Part
     notes: list[str] = field(default_factory=list)  # what reading it changed that the user should know
+    loggers: list[Part] = field(default_factory=list)  # [logger.NAME] tables, in the file's order
 
     def layer(self, index: int) -> dict[str, Part]:
         """The parts of block `index`: the recipe's, with that layer's own where [model.layers] sets them."""
@@ -287,6 +291,8 @@ class Recipe:
             for slot, part in parts.items():
                 out["model"].setdefault("layers", {}).setdefault(str(layer), {})[slot] = {
                     "name": part.name, **part.config.model_dump(mode="json")}
+        if self.loggers:
+            out["logger"] = {part.name: part.config.model_dump(mode="json") for part in self.loggers}
         return _drop_none(out)
 
     def to_toml(self) -> str:
@@ -376,7 +382,8 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
     base_tables = {slot: _copy(_get(raw, list(TABLES[slot])) or {}) for slot in LAYER_SLOTS}
     parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
     layers = raw.get("model", {}).pop("layers", {}) if isinstance(raw.get("model"), dict) else {}
-    allowed = set(SECTIONS) | {t[0] for t in TABLES.values()}
+    loggers = _resolve_many(raw, "logger", source, plugins)
+    allowed = set(SECTIONS) | {t[0] for t in TABLES.values()} | set(MANY.values())
     for key in raw:
         if key not in allowed:
             raise LabError(
@@ -387,9 +394,24 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
     if sections["model"].vocab_size == "auto":
         sections["model"].vocab_size = _tokenizer_vocab(parts["tokenizer"], sections["model"].vocab_multiple)
     layer_parts = _resolve_layers(layers, base_tables, sections["model"].n_layer, source, plugins)
-    recipe = Recipe(name=str(name), source=source, parts=parts, layer_parts=layer_parts, notes=notes, **sections)
+    recipe = Recipe(name=str(name), source=source, parts=parts, layer_parts=layer_parts, notes=notes,
+                    loggers=loggers, **sections)
     check_parts(recipe)
     return recipe
+
+
+def _resolve_many(raw: dict, slot: str, source: str, plugins: Registry) -> list[Part]:
+    """The components of a slot that takes any number: each sub-table of [MANY[slot]] names one."""
+    key = MANY[slot]
+    tables = raw.pop(key, {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise LabError(f"{source}: [{key}] holds one table per {slot}, e.g.\n  [{key}.NAME]\n"
+                       f"available: {', '.join(sorted(plugins.components[slot])) or 'none installed'}")
+    parts = []
+    for name, table in tables.items():
+        component = plugins.get(slot, name, where=f"{source} [{key}.{name}]")
+        parts.append(Part(component, _validate(component.Config, table, source, f"{key}.{name}", component)))
+    return parts
 
 
 def _resolve_layers(layers, base_tables: dict, n_layer: int, source: str, plugins: Registry) -> dict:

@@ -23,9 +23,10 @@ PLOT = "loss.png"
 
 
 class MetricsLog:
-    """metrics.jsonl, opened for appending after keeping only the lines up to `keep_through`."""
+    """metrics.jsonl, opened for appending after keeping only the lines up to `keep_through`; every
+    record also goes to the recipe's loggers (lab.interfaces.Logger)."""
 
-    def __init__(self, run_dir, keep_through: int):
+    def __init__(self, run_dir, keep_through: int, loggers=(), recipe: dict | None = None):
         self.path = Path(run_dir) / METRICS
         self.plot_path = Path(run_dir) / PLOT
         self.records = [r for r in read_metrics(self.path) if r["step"] <= keep_through]
@@ -37,6 +38,9 @@ class MetricsLog:
         # The seconds of earlier sessions: a resumed run's clock continues from its last kept line.
         self.earlier = max((r.get("elapsed", 0.0) for r in self.records), default=0.0)
         self.started = time.perf_counter()
+        self.loggers = list(loggers)
+        for logger in self.loggers:
+            logger.open(Path(run_dir), recipe or {}, keep_through + 1)
 
     def write(self, record: dict) -> None:
         record = {**record, "elapsed": round(self.earlier + time.perf_counter() - self.started, 3)}
@@ -48,6 +52,8 @@ class MetricsLog:
             self.file.flush()
         except OSError as e:
             raise cannot_write(self.path, e) from None
+        for logger in self.loggers:
+            logger.log(record)
 
     def plot(self) -> None:
         try:
@@ -60,6 +66,8 @@ class MetricsLog:
             self.file.close()
         except OSError:  # a full disk, already reported by the write that met it
             pass
+        for logger in self.loggers:
+            logger.close()
 
 
 def read_metrics(path) -> list[dict]:

@@ -253,6 +253,8 @@ class Trainer:
         self.val_bytes = None  # UTF-8 bytes the val batches' targets spell, per process (see evaluate)
         self.saved_step = None  # the step of the checkpoint this process last saved or resumed from
         self.log = None  # metrics.jsonl, rank 0's
+        # The recipe's loggers, built now: one whose package is missing stops the run before it starts.
+        self.loggers = [part.build() for part in recipe.loggers] if self.main else []
         if self.main:
             self.describe(use_compile)
 
@@ -357,7 +359,8 @@ class Trainer:
 
     def open_run_folder(self, resumed: bool) -> None:
         make_folder(self.run_dir, self.recipe)
-        self.log = MetricsLog(self.run_dir, keep_through=self.step if resumed else -1)
+        self.log = MetricsLog(self.run_dir, keep_through=self.step if resumed else -1, loggers=self.loggers,
+                              recipe=self.recipe.to_dict())
         with writing(self.run_dir / "recipe.toml"):
             (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
         with writing(self.run_dir / tokenizer_files.FOLDER):

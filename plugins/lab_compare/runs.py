@@ -14,8 +14,8 @@ from lab.errors import LabError
 from lab.recipe import read_toml
 from lab.report import METRICS, read_metrics
 
-# The keys every metrics.jsonl record has; any other number in a record (an extra loss term a
-# component logs, bits per byte...) is shown in a column of its own.
+# The keys every metrics.jsonl record has (and lr.GROUP, each optimizer group's lr); any other number
+# in a record (an extra loss term a component logs, bits per byte...) is shown in a column of its own.
 KNOWN = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "elapsed", "val_loss"}
 
 
@@ -148,5 +148,5 @@ def differences(runs: list[Run]) -> list[str]:
 def extra_keys(runs: list[Run]) -> list[str]:
     """Numbers the records carry beyond the usual ones (extra loss terms, val_bpb...), in order of appearance."""
     keys = dict.fromkeys(k for run in runs for r in run.records for k, v in r.items()
-                         if k not in KNOWN and isinstance(v, (int, float)))
+                         if k not in KNOWN and not k.startswith("lr.") and isinstance(v, (int, float)))
     return list(keys)
