@@ -11,7 +11,7 @@ from lab.train import train
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
 SHRINK = [
     "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-    "train.batch_size=4", "train.grad_accum=1", "train.max_steps=8", "train.eval_interval=100",
+    "train.batch_size=4", "train.grad_accum=1", "train.max_tokens=0", "train.max_steps=8", "train.eval_interval=100",
     "train.eval_batches=2", "train.checkpoint_interval=100", "train.log_interval=100",
     "optimizer.lr=1e-2",  # a tiny model takes a large step: the loss falls visibly in 8 steps
     "schedule.warmup_steps=2",  # a GPU recipe's long warmup would leave 8 steps at a tiny lr
