@@ -69,7 +69,8 @@ def test_a_logger_whose_package_is_missing_stops_before_training(tmp_path, capsy
     recipe = tiny_recipe(tmp_path)
     assert main(["run", recipe, "--set", f"logger.{logger}={{}}"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: logger '{logger}' needs the {extra} package: pip install 'lab[{extra}]'\n"
+    assert err == (f"error: logger '{logger}' from package 'lab': needs the {extra} package: "
+                   f"pip install 'lab[{extra}]'\n")
     assert not (tmp_path / "run").exists()
 
 

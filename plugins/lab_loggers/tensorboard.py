@@ -20,7 +20,7 @@ class TensorBoard(Logger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise LabError("logger 'tensorboard' needs the tensorboard package: pip install 'lab[tensorboard]'") from None
+            raise LabError("needs the tensorboard package: pip install 'lab[tensorboard]'") from None
         self.config, self.SummaryWriter, self.writer = config, SummaryWriter, None
 
     def open(self, run_dir: Path, recipe: dict, first_step: int) -> None:

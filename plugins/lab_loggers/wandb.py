@@ -29,7 +29,7 @@ class WandB(Logger):
         try:
             import wandb
         except ImportError:
-            raise LabError("logger 'wandb' needs the wandb package: pip install 'lab[wandb]'") from None
+            raise LabError("needs the wandb package: pip install 'lab[wandb]'") from None
         self.config, self.wandb, self.run = config, wandb, None
 
     def open(self, run_dir: Path, recipe: dict, first_step: int) -> None:
