@@ -34,8 +34,8 @@ def test_the_table_shows_only_the_settings_that_differ(two_runs, tmp_path, capsy
     out = capsys.readouterr().out
     header = out.splitlines()[0]
     assert header.startswith("| run | model.mlp.name | ")
-    assert header.endswith("| optimizer.lr | status | params | tokens | wall s | tokens/s | MFU | first val "
-                           "| final val | best val |")
+    assert ("| optimizer.lr | status | params | tokens | wall s | tokens/s | MFU | first val | final val "
+            "| best val | val_bpb |") in header  # val_bpb: a number the records carry beyond the usual
     # the same in both (batch_size), never a difference (out_dir), or implied by the MLP's name (gelu's approximate)
     assert "batch_size" not in out and "out_dir" not in out and "approximate" not in out
     assert "| 0.003 | done |" in out and "| 0.01 | done |" in out and "| swiglu |" in out
