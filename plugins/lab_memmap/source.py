@@ -112,7 +112,8 @@ def check_meta_matches(meta: dict, folder: Path, context: DataContext) -> None:
             f"{folder}/meta.json: the tokens were made by tokenizer '{meta['tokenizer']}' ({meta['vocab_size']} "
             f"tokens) but the recipe's [tokenizer] is '{tokenizer.name}' ({tokenizer.vocab_size} tokens); "
             f"set [tokenizer] name = \"{meta['tokenizer']}\", or re-run: "
-            f"lab prepare YOUR_TEXT --out {folder} --tokenizer {tokenizer.name}"
+            f"lab prepare YOUR_TEXT --out {folder} "
+            + ("--recipe RECIPE" if tokenizer.files() else f"--tokenizer {tokenizer.name}")  # settings come from a recipe
         )
 
 
