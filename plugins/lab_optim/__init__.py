@@ -1,10 +1,11 @@
-"""AdamW, its weight-decay groups made from the parameters' roles (lab/roles.py)."""
+"""AdamW, its weight-decay groups made from the parameters' roles (lab/roles.py); Muon."""
 from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, Field, PositiveFloat
 
 from lab import hookimpl
+from lab_optim.muon import MuonConfig, muon
 
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -45,3 +46,5 @@ def adamw(config: AdamWConfig, params, model) -> torch.optim.AdamW:
 def lab_components(register):
     register("optimizer", "adamw", adamw, AdamWConfig,
              "AdamW; weight decay for every parameter role but vectors, gains and biases")
+    register("optimizer", "muon", muon, MuonConfig,
+             "Muon (orthogonalised momentum) for hidden matrices, AdamW for embedding, head and vectors")
