@@ -49,15 +49,17 @@ def llama_run(folder, overrides=()):
     return recipe, model
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_exported_llama_loads_in_transformers_with_the_same_logits(tmp_path, capsys, tied):
-    recipe, model = llama_run(tmp_path / "run", [f"model.tie_embeddings={str(tied).lower()}"])
+@pytest.mark.parametrize("tied, kv_heads", [(True, 2), (False, 4), (True, 1)], ids=["tied-gqa", "untied-mha", "tied-mqa"])
+def test_exported_llama_loads_in_transformers_with_the_same_logits(tmp_path, capsys, tied, kv_heads):
+    recipe, model = llama_run(tmp_path / "run", [f"model.tie_embeddings={str(tied).lower()}",
+                                                 f"model.n_kv_head={kv_heads}"])
     status, _, err = run_lab(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "hf")
     assert status == 0, err
     assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors", "vocab.json",
                                                             "merges.txt", "tokenizer_config.json"}
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.tie_word_embeddings == tied and hf.config.intermediate_size == model.blocks[0].mlp.proj.in_features
+    assert hf.config.num_key_value_heads == kv_heads
     idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(idx)[0], hf(idx).logits
@@ -73,7 +75,7 @@ def test_exported_llama_loads_in_transformers_with_the_same_logits(tmp_path, cap
     back_recipe, back, _ = load_run(tmp_path / "back")
     assert {s: p.name for s, p in back_recipe.parts.items()} == {s: p.name for s, p in recipe.parts.items()} | {
         "schedule": "cosine"}
-    assert back.config.tie_embeddings == tied
+    assert back.config.tie_embeddings == tied and back.config.kv_heads == kv_heads
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
 
@@ -81,7 +83,7 @@ def test_exported_llama_loads_in_transformers_with_the_same_logits(tmp_path, cap
 def test_a_transformers_llama_imports_and_generates_what_transformers_generates(tmp_path, capsys):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       rope_theta=300.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                                       bos_token_id=50256, eos_token_id=50256)
     hf = transformers.LlamaForCausalLM(config).eval()
@@ -109,12 +111,12 @@ def test_a_transformers_llama_imports_and_generates_what_transformers_generates(
 
 def test_export_refuses_what_llama_cannot_express(tmp_path, capsys):
     llama_run(tmp_path / "run", ["model.logit_softcap=30", "model.position.fraction=0.5", "model.norm.name=layernorm",
-                               "model.bias=true"])
+                               "model.bias=true", "model.qk_norm=true"])
     status, _, err = run_lab(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "hf")
     assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "recipe.toml is not a Llama" in err
     for part in ("norm 'layernorm' (Llama's is rmsnorm)", "model.bias = true", "model.logit_softcap = 30.0",
-                 "model.position.fraction = 0.5"):
+                 "model.position.fraction = 0.5", "model.qk_norm = true"):
         assert part in err
     assert not (tmp_path / "hf").exists()
 

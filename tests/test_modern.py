@@ -126,3 +126,14 @@ def test_zero_init_starts_every_block_as_the_identity_and_still_learns(gpt_small
     _, loss = model(idx, targets=idx.roll(-1, dims=1))
     loss.backward()
     assert all(p.weight.grad.abs().sum() > 0 for p in projections)
+
+
+def test_the_local_global_recipe_is_three_sliding_layers_and_one_full():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / "local_global.toml"
+    recipe = load_recipe(path, ["model.vocab_size=64", "model.n_embd=32", "model.block_size=64",
+                                "model.attention.window=16"])
+    model = GPT(recipe)
+    assert [type(b.attn).__name__ for b in model.blocks] == ["SlidingAttention"] * 3 + ["SDPAAttention"]
+    assert [b.attn.window for b in model.blocks[:3]] == [16] * 3

@@ -2,7 +2,8 @@
 under both sets of names.
 
 A lab Llama is rotary positions on every dim of each head, RMSNorm, a SwiGLU MLP, no biases,
-softmax attention, and a head tied to the embedding or not. lab's rope pairs dims (i, i + hs/2),
+softmax attention with n_kv_head key/value heads (grouped-query attention when fewer than n_head),
+and a head tied to the embedding or not. lab's rope pairs dims (i, i + hs/2),
 as transformers' Llama does (rotate_half), so q and k need no permutation. lab keeps q, k and v
 in one projection and SwiGLU's gate and up in one matrix: transformers has one of each.
 """
@@ -49,7 +50,7 @@ def hf_config(recipe: Recipe) -> dict:
         "intermediate_size": hidden_width(mlp.config, m.n_embd),
         "num_hidden_layers": m.n_layer,
         "num_attention_heads": m.n_head,
-        "num_key_value_heads": kv_heads(m),
+        "num_key_value_heads": m.kv_heads,
         "head_dim": m.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.block_size,
@@ -66,10 +67,6 @@ def hf_config(recipe: Recipe) -> dict:
     }
 
 
-def kv_heads(m) -> int:
-    return getattr(m, "n_kv_head", None) or m.n_head
-
-
 def _layer_pairs(i: int):
     """(lab name, transformers name) of the tensors that map one to one in block i."""
     yield f"blocks.{i}.attn.proj.weight", f"model.layers.{i}.self_attn.o_proj.weight"
@@ -81,7 +78,7 @@ def _layer_pairs(i: int):
 def to_hf(state: dict, m: ModelConfig) -> dict:
     """lab's state dict -> LlamaForCausalLM's. lm_head is written only when it is not tied."""
     state = {k: v.detach().float().cpu() for k, v in state.items()}
-    q_rows, kv_rows = m.n_head * m.head_dim, kv_heads(m) * m.head_dim
+    q_rows, kv_rows = m.n_head * m.head_dim, m.kv_heads * m.head_dim
     out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["norm_f.weight"]}
     if not m.tie_embeddings:
         out["lm_head.weight"] = state["head.weight"]
@@ -141,11 +138,7 @@ def recipe_table(config: dict, source: str) -> dict:
     }
     kv = config["num_key_value_heads"]
     if kv and kv != config["num_attention_heads"]:
-        if "n_kv_head" not in ModelConfig.model_fields:
-            raise LabError(f"{source}: num_key_value_heads = {kv} is not num_attention_heads = "
-                           f"{config['num_attention_heads']}: grouped-query attention, which this lab "
-                           "cannot build yet; import-hf cannot read this model")
-        model["n_kv_head"] = kv
+        model["n_kv_head"] = kv  # grouped-query attention
     return model
 
 

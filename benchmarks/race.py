@@ -1,0 +1,126 @@
+"""Race two recipes on this machine: each trained for several seeds, the runs interleaved (A, B,
+A, B...) so that the machine's load falls on both alike; then, side by side, the median over seeds of
+
+  - the final val loss, and the training time (the sum of the step times the trainer logged:
+    startup, tokenization and evaluations left out, for both alike);
+  - the time the challenger took to reach the reference's final val loss (linear between its
+    evaluations), as a fraction of the reference's training time;
+  - the challenger's val loss at the reference's training time, and at the reference's step count.
+
+    python -m benchmarks.race recipes/gpt_small.toml recipes/modern_small.toml --seeds 1 2 3
+
+Each run goes to runs/race/<recipe>-seed<S> (an existing finished run is read, not re-trained:
+delete the folder to measure again). Evaluations every --eval-interval steps (10) for both recipes,
+the same val batches as the recipe's. The load average is printed with each run: on a shared machine
+wall-clock times are noisy, so compare the step counts too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomllib
+
+
+def run(recipe: str, seed: int, args) -> Path:
+    out = Path(args.out) / f"{Path(recipe).stem}-seed{seed}"
+    done = out / "metrics.jsonl"
+    if done.exists() and any(r.get("step") == max_steps(out) and "val_loss" in r for r in read(out)):
+        return out
+    command = [sys.executable, "-m", "lab", "run", recipe, "--set", f"train.seed={seed}",
+               "--set", f"train.out_dir={out}", "--set", f"train.eval_interval={args.eval_interval}",
+               "--set", "train.checkpoint_interval=100000", *sum((["--set", s] for s in args.set), [])]
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    print(f"  {out.name}: {time.perf_counter() - started:.0f} s wall, load average {load:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    return out
+
+
+def read(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def max_steps(out: Path) -> int:
+    return tomllib.loads((out / "recipe.toml").read_text())["train"]["max_steps"] if (out / "recipe.toml").exists() else -1
+
+
+def curve(out: Path) -> list[tuple[int, float, float]]:
+    """(step, training seconds so far, val loss) at every evaluation."""
+    r = tomllib.loads((out / "recipe.toml").read_text())
+    tokens = r["train"]["batch_size"] * r["train"]["grad_accum"] * r["model"]["block_size"]
+    seconds, points = {0: 0.0}, []
+    for rec in read(out):
+        if "tokens_per_s" in rec:
+            seconds[rec["step"]] = seconds.get(rec["step"] - 1, 0.0) + tokens / rec["tokens_per_s"]
+        if "val_loss" in rec:
+            points.append((rec["step"], seconds[rec["step"]], rec["val_loss"]))
+    return points
+
+
+def time_to_reach(points, target: float) -> float | None:
+    """Training seconds at which the val loss first reaches target, linear between evaluations."""
+    for (s0, t0, v0), (s1, t1, v1) in zip(points, points[1:]):
+        if v1 <= target:
+            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1) if v0 > target else t0
+    return None
+
+
+def loss_at(points, key: int, x: float) -> float | None:
+    """Val loss at training seconds (key 1) or step (key 0) x, linear between evaluations."""
+    for a, b in zip(points, points[1:]):
+        if a[key] <= x <= b[key]:
+            return a[2] + (b[2] - a[2]) * (x - a[key]) / max(b[key] - a[key], 1e-9)
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reference")
+    p.add_argument("challenger")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--eval-interval", type=int, default=10)
+    p.add_argument("--out", default="runs/race")
+    p.add_argument("--set", action="append", default=[], help="an override for both recipes")
+    args = p.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        ref, new = (curve(run(r, seed, args)) for r in (args.reference, args.challenger))
+        target, ref_time, ref_steps = ref[-1][2], ref[-1][1], ref[-1][0]
+        reach = time_to_reach(new, target)
+        rows.append({"seed": seed, "ref_loss": target, "ref_time": ref_time, "new_loss": new[-1][2],
+                     "new_time": new[-1][1], "reach_ratio": None if reach is None else reach / ref_time,
+                     "new_at_ref_time": loss_at(new, 1, ref_time) if new[-1][1] >= ref_time else new[-1][2],
+                     "new_at_ref_steps": loss_at(new, 0, ref_steps)})
+    a, b = Path(args.reference).stem, Path(args.challenger).stem
+    print(f"\n{'seed':>4} | {a} val loss, time | {b} val loss, time | {b} reaches {a}'s loss at | "
+          f"{b} val loss at {a}'s time | at {a}'s steps")
+    for r in rows:
+        print(f"{r['seed']:>4} | {r['ref_loss']:.4f}, {r['ref_time']:.0f} s | {r['new_loss']:.4f}, {r['new_time']:.0f} s | "
+              f"{fmt(r['reach_ratio'], '{:.2f}x')} | {fmt(r['new_at_ref_time'], '{:.4f}')} | "
+              f"{fmt(r['new_at_ref_steps'], '{:.4f}')}")
+    med = {k: median([r[k] for r in rows]) for k in rows[0] if k != "seed"}
+    print(f"{'med':>4} | {med['ref_loss']:.4f}, {med['ref_time']:.0f} s | {med['new_loss']:.4f}, {med['new_time']:.0f} s | "
+          f"{fmt(med['reach_ratio'], '{:.2f}x')} | {fmt(med['new_at_ref_time'], '{:.4f}')} | "
+          f"{fmt(med['new_at_ref_steps'], '{:.4f}')}")
+    return 0
+
+
+def median(values):
+    """Median of the values; a run that never got there (None) counts as the worst."""
+    return statistics.median([float("inf") if v is None else v for v in values]) if values else None
+
+
+def fmt(value, spec):
+    return "never" if value is None or value == float("inf") else spec.format(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
