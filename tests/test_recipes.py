@@ -20,7 +20,9 @@ SHRINK = [
 
 
 # A recipe whose point is its layer pattern keeps its depth, and a window shorter than the shrunk block.
-KEEP = {"local_global": ["model.n_layer=4", "model.attention.window=8"]}
+# Muon's recipe keeps its own lrs: SHRINK's 1e-2 is an AdamW lr, too low for Muon and its AdamW groups.
+KEEP = {"local_global": ["model.n_layer=4", "model.attention.window=8"],
+        "modern_small": ["optimizer.lr=0.04", "optimizer.embedding_lr=0.05", "optimizer.adamw_lr=0.05"]}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
