@@ -365,7 +365,7 @@ def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
     """A 2-layer GPT of the first installed component of every model slot (lab's own first, which
     are known to work together), or `swap` in its slot: the core's roles and the components'."""
     from lab.model import GPT
-    from lab.recipe import Recipe, GenerateConfig, TrainConfig
+    from lab.recipe import EvalConfig, GenerateConfig, Recipe, TrainConfig
 
     plugins = plugins or registry()
     parts = {}
@@ -379,7 +379,7 @@ def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
         parts[swap.slot] = Part(swap, swap.Config())
     model = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
                         loss_chunk=0)
-    return GPT(Recipe("tiny", "lab.testing", model, TrainConfig(), GenerateConfig(), parts))
+    return GPT(Recipe("tiny", "lab.testing", model, TrainConfig(), GenerateConfig(), EvalConfig(), parts))
 
 
 def _gpt_batch():
