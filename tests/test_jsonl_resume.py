@@ -67,6 +67,15 @@ def start(folder, out, processes, max_steps=30) -> subprocess.Popen:
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
+def kill_all(proc) -> None:
+    """SIGKILL to every process of the run: torchrun's workers first (they run in sessions of their
+    own, and would finish the run without torchrun), then the process we started."""
+    children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    for pid in map(int, children):
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["one_process", "two_processes"])
 def straight(request, tmp_path_factory):
     """(processes, folder with the data, the losses of the run made without a stop)."""
@@ -85,7 +94,7 @@ def test_a_stopped_run_continues_with_the_same_losses(straight, sig, status):
     out = f"stopped_{sig.name}"
     proc = start(folder, out, processes)
     wait_for_step(folder, out, 7, proc)  # past the checkpoint at 5: with SIGKILL, steps 6.. are redone
-    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    kill_all(proc) if sig == signal.SIGKILL else proc.send_signal(sig)
     code, _, err = finish(proc)
     if status is not None:
         assert code != 0 and ("finishing this step and saving a checkpoint" in err), err
