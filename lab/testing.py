@@ -499,6 +499,34 @@ def extra_loss_gradients(component):
                               "micro-batches' gradients")
 
 
+# --- logger -----------------------------------------------------------------------------------
+
+def logger_records_a_run(component):
+    """A logger opens on a run folder, takes a run's records (steps, an evaluation), closes, and opens
+    again on the same folder as a resumed run does. Offline where the logger has a mode: a check never
+    reaches the network. A logger whose package is not installed is skipped, saying so."""
+    import tempfile
+
+    settings = {"mode": "offline"} if "mode" in component.Config.model_fields else {}
+    try:
+        logger = build(component, **settings)
+    except LabError as e:  # its package is missing: that is the recipe's message to give, not a failure
+        raise unittest.SkipTest(str(e)) from None
+    records = [{"step": 1, "loss": 2.5, "lr": 1e-3}, {"step": 2, "loss": 2.25, "lr": 1e-3},
+               {"step": 2, "val_loss": 2.4}]
+    with tempfile.TemporaryDirectory() as run_dir:
+        for first_step in (0, 2):  # a fresh run, then a resume from step 2
+            try:
+                logger.open(run_dir, {"name": "check"}, first_step)
+                for record in records[first_step:]:
+                    logger.log(record)
+                logger.close()
+            except Exception as e:
+                raise AssertionError(f"logger '{component.name}' failed on a run's records "
+                                     f"(first_step {first_step}): {type(e).__name__}: {e}") from e
+            logger = build(component, **settings)
+
+
 # --- tokenizer and data ------------------------------------------------------------------------
 
 def tokenizer_round_trip(component):
@@ -589,6 +617,7 @@ CHECKS: dict[str, list[Callable]] = {
     "optimizer": [optimizer_roles, optimizer_reduces_loss, optimizer_state_round_trip],
     "tokenizer": [tokenizer_round_trip],
     "data": [data_batches, data_resume, data_processes_share],
+    "logger": [logger_records_a_run],
 }
 
 

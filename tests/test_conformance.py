@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from lab import hookimpl
 from lab.attention import SelfAttention
-from lab.interfaces import DataSource, Position, Schedule, Tokenizer
+from lab.interfaces import DataSource, Logger, Position, Schedule, Tokenizer
 from lab.plugins import build_registry
 from lab.testing import cases
 
@@ -138,6 +138,16 @@ class SameEverywhere(DataSource):
         return windows[:, :-1], windows[:, 1:]
 
 
+class StepsOnly(Logger):
+    """Expects every record to be a training step's: an evaluation's record has no "loss"."""
+
+    def __init__(self, config):
+        self.seen = []
+
+    def log(self, record):
+        self.seen.append(record["loss"])
+
+
 class Broken:
     @hookimpl
     def lab_components(self, register):
@@ -153,6 +163,7 @@ class Broken:
         register("tokenizer", "lowercasing", Lowercasing, Empty, "")
         register("data", "amnesic", Amnesic, Empty, "")
         register("data", "same_everywhere", SameEverywhere, Empty, "")
+        register("logger", "steps_only", StepsOnly, Empty, "")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +184,7 @@ def broken():
     ("tokenizer", "lowercasing", "tokenizer_round_trip"),
     ("data", "amnesic", "data_resume"),
     ("data", "same_everywhere", "data_processes_share"),
+    ("logger", "steps_only", "logger_records_a_run"),
 ])
 def test_the_checks_catch_a_broken_component(broken, slot, name, check):
     [case] = [c for c in cases(slot, name, broken) if str(c).endswith(check)]
