@@ -51,7 +51,7 @@ def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
     for where in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # not the user's home
         monkeypatch.setenv(where, str(tmp_path / where.lower()))
     recipe = tiny_recipe(tmp_path)
-    assert main(["run", recipe, *TENSORBOARD, "--set", "logger.wandb.project=lab-test",
+    assert main(["run", recipe, *TENSORBOARD, "--set", "logger.wandb.project=lab-test", "--set", "logger.wandb.mode=offline",
                  "--set", "train.max_steps=4"]) == 0
     run = tmp_path / "run"
     offline = list((run / "wandb").glob("offline-run-*"))
