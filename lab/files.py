@@ -27,6 +27,15 @@ def write_text_atomically(path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def cache_folder() -> Path:
+    """Where lab keeps what it can make again (tokenized corpora, timed peaks): $LAB_CACHE, else
+    $XDG_CACHE_HOME/lab, else ~/.cache/lab."""
+    if os.environ.get("LAB_CACHE"):
+        return Path(os.environ["LAB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lab"
+
+
 def fsync(path) -> None:
     """Flush a file, or a folder's entries (so renames in it survive a crash), to disk. Folders are
     skipped where they cannot be opened (Windows, where a rename is durable by itself)."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lab.files import cache_folder, write_text_atomically
+
 # (name pattern, bf16 dense tensor-core peak, fp32 peak) in FLOP/s, from NVIDIA's datasheets. The
 # patterns are tried in order: the H100 PCIe and NVL come before the H100 SXM they would match.
 DATASHEET = [
@@ -111,19 +113,8 @@ def remember_best(key: str, flops: float) -> float:
     best = max(flops, float(peaks.get(key, 0.0)))
     if best > peaks.get(key, 0.0):
         try:
-            from lab.files import write_text_atomically
-
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(path, json.dumps({**peaks, key: best}, indent=1))
         except OSError:
             pass
     return best
-
-
-def cache_folder():
-    """$LAB_CACHE, else $XDG_CACHE_HOME/lab, else ~/.cache/lab."""
-    from pathlib import Path
-
-    if os.environ.get("LAB_CACHE"):
-        return Path(os.environ["LAB_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lab"

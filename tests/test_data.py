@@ -203,7 +203,7 @@ def test_a_damaged_cache_is_tokenized_again(shipped, tmp_path, monkeypatch, caps
 
 
 def test_the_cache_folder_follows_xdg_cache_home_without_lab_cache(tmp_path, monkeypatch):
-    from lab_memmap.embedded import cache_root
+    from lab.files import cache_folder as cache_root
 
     monkeypatch.delenv("LAB_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

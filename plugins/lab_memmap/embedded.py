@@ -7,11 +7,11 @@ last), so a run killed while tokenizing, or two runs tokenizing at once, never l
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from lab.errors import LabError
+from lab.files import cache_folder
 from lab.interfaces import Tokenizer
 from lab.prepare import SPLITS, prepare, token_dtype
 
@@ -19,20 +19,12 @@ CORPUS = Path(__file__).with_name("tinyshakespeare.txt")
 VAL_FRACTION = 0.1  # the last 10% of the text, as nanoGPT's shakespeare prepare.py holds out
 
 
-def cache_root() -> Path:
-    """$LAB_CACHE, else $XDG_CACHE_HOME/lab, else ~/.cache/lab."""
-    if os.environ.get("LAB_CACHE"):
-        return Path(os.environ["LAB_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lab"
-
-
 def tinyshakespeare(tokenizer: Tokenizer) -> Path:
     """The folder of the shipped corpus tokenized with `tokenizer`, made on first use."""
     safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", tokenizer.name)  # a tokenizer's name may hold a '/'
     # Trained tokenizers share a name (bpe, char): the fingerprint tells their vocabularies apart.
     suffix = f"-{tokenizer.fingerprint()}" if tokenizer.files() else ""
-    folder = cache_root() / f"tinyshakespeare-{safe_name}{suffix}"
+    folder = cache_folder() / f"tinyshakespeare-{safe_name}{suffix}"
     if not is_prepared(folder, tokenizer):
         print(f"tokenizing the shipped tinyshakespeare with {tokenizer.name} into {folder} (first run only)")
         try:
