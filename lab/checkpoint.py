@@ -28,7 +28,6 @@ containers: so the RNG states are stored as tensors and lists, never numpy objec
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -44,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab.errors import LabError
-from lab.files import cannot_write, disk_error, fsync, remove_stale_temporaries, usual_mode
+from lab.files import cannot_write, disk_error, fsync, remove_stale_temporaries, sha256, usual_mode
 
 MARKER = "COMPLETE"
 FILES = ("model.safetensors", "state.pt", "recipe.toml")  # what a checkpoint cannot do without
@@ -157,11 +156,6 @@ def manifest(folder: Path) -> dict:
     """{file: {bytes, sha256}} for every file in a checkpoint folder but COMPLETE."""
     return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def damage(ckpt) -> list[str]:

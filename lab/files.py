@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -12,19 +13,33 @@ from pathlib import Path
 from lab.errors import LabError
 
 
-def write_text_atomically(path, text: str) -> None:
-    """path holds the old text or the new, never part of either."""
-    path = Path(path)
+@contextmanager
+def replacing(path, mode: str = "w"):
+    """`with replacing(path, "wb") as f:` a new file beside path, which replaces it (fsynced, with the
+    usual permissions) when the block ends; if the block fails it is removed and path is untouched.
+    So path holds the old contents or the new, never part of either."""
     fd, tmp = temporary(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_text_atomically(path, text: str) -> None:
+    """path holds the old text or the new, never part of either."""
+    with replacing(path) as f:
+        f.write(text)
+
+
+def sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_folder() -> Path:

@@ -12,11 +12,10 @@ its checkpoint's step, so the file holds each step once.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from lab.files import cannot_write, temporary, usual_mode, write_text_atomically
+from lab.files import cannot_write, replacing, write_text_atomically
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -114,12 +113,8 @@ def plot_losses(records: list[dict], path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(lines, [line.get_label() for line in lines])
     fig.tight_layout()
-    fd, tmp = temporary(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with replacing(path, "wb") as f:  # a reader never sees half a picture
             fig.savefig(f, format="png", dpi=100)
-        usual_mode(tmp)
-        os.replace(tmp, path)  # a reader never sees half a picture
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

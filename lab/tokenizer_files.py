@@ -8,15 +8,12 @@ tokenizer from these copies, so the run works after the original files are moved
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.files import fsync, usual_mode, write_text_atomically
+from lab.files import fsync, replacing, sha256, write_text_atomically
 from lab.interfaces import Tokenizer
 
 FOLDER = "tokenizer"
@@ -43,15 +40,8 @@ def keep(tokenizer: Tokenizer, folder) -> None:
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        fsync(tmp)
-        usual_mode(tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with open(source, "rb") as f, replacing(target, "wb") as copy:
+        shutil.copyfileobj(f, copy)
 
 
 def use_kept(raw: dict, run_dir, source: str | None = None) -> None:
@@ -69,14 +59,10 @@ def use_kept(raw: dict, run_dir, source: str | None = None) -> None:
     for setting, name in manifest.get("files", {}).items():
         kept, given = folder / name, table.get(setting)
         if source and isinstance(given, str) and Path(given).is_file():
-            if _sha256(Path(given)) != _sha256(kept):
+            if sha256(Path(given)) != sha256(kept):
                 raise LabError(
                     f"{source} [tokenizer] {setting} = '{given}' is not the tokenizer {run_dir} was trained "
                     f"with (a copy of that one is kept in {kept}). A run keeps its tokenizer: start a new run "
                     f"with --set train.out_dir=..., or point [tokenizer] {setting} at {kept}")
             continue  # the same file: the recipe stays as the user wrote it
         table[setting] = str(kept)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
