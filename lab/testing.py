@@ -365,7 +365,7 @@ def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
     """A 2-layer GPT of the first installed component of every model slot (lab's own first, which
     are known to work together), or `swap` in its slot: the core's roles and the components'."""
     from lab.model import GPT
-    from lab.recipe import EvalConfig, GenerateConfig, Recipe, TrainConfig
+    from lab.recipe import SECTIONS, Recipe
 
     plugins = plugins or registry()
     parts = {}
@@ -377,9 +377,11 @@ def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
         parts[slot] = Part(component, component.Config())
     if swap is not None:
         parts[swap.slot] = Part(swap, swap.Config())
-    model = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
-                        loss_chunk=0)
-    return GPT(Recipe("tiny", "lab.testing", model, TrainConfig(), GenerateConfig(), EvalConfig(), parts))
+    # Every section at its defaults (a section added to recipes needs no change here), but the model's.
+    sections = {key: section() for key, section in SECTIONS.items()}
+    sections["model"] = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                                    tie_embeddings=False, loss_chunk=0)
+    return GPT(Recipe(name="tiny", source="lab.testing", parts=parts, **sections))
 
 
 def _gpt_batch():
