@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from lab.metrics import processor_name
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Once upon a time,", "The king said to", "ROMEO: What light", "First Citizen: Before we proceed"]
 
@@ -145,8 +147,7 @@ def main(argv=None) -> int:
     done = results["done"]
     ttft = [d[0] for d in done if d[0] is not None]
     tokens = sum(d[1] for d in done)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
+    cpu = processor_name()
     print(f"lab serve load test: {args.clients} streaming clients, {args.seconds:.0f} s, max_tokens "
           f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} ({'given' if args.run else 'random init'})")
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lab.files import cache_folder, write_text_atomically
+from lab.precision import cpuinfo
 
 # (name pattern, bf16 dense tensor-core peak, fp32 peak) in FLOP/s, from NVIDIA's datasheets. The
 # patterns are tried in order: the H100 PCIe and NVL come before the H100 SXM they would match.
@@ -90,16 +91,9 @@ def _synchronize(device: torch.device) -> None:
 
 def processor_name() -> str:
     """The CPU's model name ("AMD EPYC 9B14"), for logs and the peak cache."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or "CPU"
+    return cpuinfo("model name") or platform.processor() or "CPU"
 
 
 def remember_best(key: str, flops: float) -> float:

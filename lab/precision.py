@@ -30,11 +30,17 @@ def native_bf16(device: torch.device) -> bool:
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags on Linux (torch has no public query for AMX); empty elsewhere."""
+    return set((cpuinfo("flags") or "").split())
+
+
+def cpuinfo(key: str) -> str | None:
+    """A field of the first processor in /proc/cpuinfo ("flags", "model name"); None off Linux."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None
