@@ -219,17 +219,23 @@ def jsonl_documents(path: Path) -> Iterator[Document]:
             nbytes += len(line)
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise LabError(f"{path} line {number} is not valid JSON ({e}); each line of a .jsonl "
-                               "file must be one JSON object with a \"text\" field") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise LabError(f"{path} line {number} has no \"text\" string; each line of a .jsonl "
-                               "file must be a JSON object like {\"text\": \"...\"}")
-            if record["text"]:
-                yield Document(path, record["text"], nbytes)
+            text = jsonl_text(line, path, number)
+            if text:
+                yield Document(path, text, nbytes)
                 nbytes = 0
+
+
+def jsonl_text(line: bytes, path, number: int) -> str:
+    """The "text" of a .jsonl line (number counts from 1), or one message naming the file and line."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise LabError(f"{path} line {number} is not valid JSON ({e}); each line of a .jsonl "
+                       "file must be one JSON object with a \"text\" field") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise LabError(f"{path} line {number} has no \"text\" string; each line of a .jsonl "
+                       "file must be a JSON object like {\"text\": \"...\"}")
+    return record["text"]
 
 
 def plan_segments(files: list[Path], val_fraction: float) -> Iterator[tuple[Segment, int]]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.errors import LabError
+from lab.prepare import cpu_count
 from lab.recipe import load_recipe
 
 from lab_compare import stats
@@ -233,8 +234,7 @@ def finished(cell: Cell) -> bool:
 def slots(jobs: int) -> list[dict]:
     """Each concurrent run's share of the machine, as environment variables: the CPU threads split
     evenly, and the GPUs (if any) dealt out (runs share one when there are more runs than GPUs)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = str(max(1, cores // jobs))
+    threads = str(max(1, cpu_count() // jobs))
     envs = [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(jobs)]
     gpus = visible_gpus()
     for i, env in enumerate(envs):

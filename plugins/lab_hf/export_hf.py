@@ -24,28 +24,27 @@ ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
 
 def export_hf(run_dir, out) -> Path:
     recipe, model, ckpt = load_run(run_dir)
-    family = pick_family(recipe, ckpt / "recipe.toml")
+    tokenizer = recipe.parts["tokenizer"].build()  # from the run's own copy (lab.tokenizer_files)
+    family = pick_family(recipe, tokenizer, ckpt / "recipe.toml")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LabError(f"{out} exists and is not an empty folder; choose a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
     if family == "llama":
-        weights, config = llama.to_hf(model.state_dict(), recipe.model), llama.hf_config(recipe)
+        weights, config = llama.to_hf(model.state_dict(), recipe.model), llama.hf_config(recipe, tokenizer.eot_id)
     else:
-        weights, config = to_hf(model.state_dict(), recipe.model.n_layer), hf_config(recipe)
+        weights, config = to_hf(model.state_dict(), recipe.model.n_layer), hf_config(recipe, tokenizer.eot_id)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     usual_mode(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_tokenizer(recipe, out)
+    write_tokenizer(recipe, tokenizer, out)
     return out
 
 
-def write_tokenizer(recipe: Recipe, out: Path) -> None:
+def write_tokenizer(recipe: Recipe, tokenizer, out: Path) -> None:
     """transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names; another
-    tokenizer (built from the run's own copy, see lab.tokenizer_files) is written as tokenizer.json.
-    tokenizer_config.json says which class reads them, or AutoTokenizer on a Llama folder would look
-    for Llama's own."""
-    tokenizer = recipe.parts["tokenizer"].build()
+    tokenizer is written as tokenizer.json. tokenizer_config.json says which class reads them, or
+    AutoTokenizer on a Llama folder would look for Llama's own."""
     special = {} if tokenizer.eot_id is None else {
         key: tokenizer.decode([tokenizer.eot_id]) for key in ("bos_token", "eos_token", "unk_token")}
     if recipe.parts["tokenizer"].name == "gpt2":
@@ -59,18 +58,18 @@ def write_tokenizer(recipe: Recipe, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def tokenizer_refusals(recipe: Recipe) -> list[str]:
-    tokenizer = recipe.parts["tokenizer"]
-    if tokenizer.name == "gpt2" or tokenizer.build().hf_json() is not None:
+def tokenizer_refusals(recipe: Recipe, tokenizer) -> list[str]:
+    name = recipe.parts["tokenizer"].name
+    if name == "gpt2" or tokenizer.hf_json() is not None:
         return []
-    return [f"tokenizer '{tokenizer.name}' (it has no Hugging Face tokenizer.json form)"]
+    return [f"tokenizer '{name}' (it has no Hugging Face tokenizer.json form)"]
 
 
-def pick_family(recipe: Recipe, source) -> str:
+def pick_family(recipe: Recipe, tokenizer, source) -> str:
     """"gpt2" or "llama": the family the run belongs to, or one message with every part that keeps it
     out of the closer one (rotary positions make it a Llama candidate, anything else a GPT-2 one)."""
-    tokenizer = tokenizer_refusals(recipe)
-    llama_reasons, gpt2_reasons = llama.refusals(recipe) + tokenizer, gpt2_refusals(recipe) + tokenizer
+    refused = tokenizer_refusals(recipe, tokenizer)
+    llama_reasons, gpt2_reasons = llama.refusals(recipe) + refused, gpt2_refusals(recipe) + refused
     if not gpt2_reasons:
         return "gpt2"
     if not llama_reasons:
@@ -100,10 +99,9 @@ def gpt2_refusals(recipe: Recipe) -> list[str]:
     return reasons
 
 
-def hf_config(recipe: Recipe) -> dict:
+def hf_config(recipe: Recipe, eot: int | None) -> dict:
     m = recipe.model
     mlp, norm = recipe.parts["mlp"].config, recipe.parts["norm"].config
-    eot = recipe.parts["tokenizer"].build().eot_id
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

@@ -36,10 +36,9 @@ def refusals(recipe: Recipe) -> list[str]:
     return reasons
 
 
-def hf_config(recipe: Recipe) -> dict:
+def hf_config(recipe: Recipe, eot: int | None) -> dict:
     m = recipe.model
     mlp, norm, rope = recipe.parts["mlp"], recipe.parts["norm"].config, recipe.parts["position"].config
-    eot = recipe.parts["tokenizer"].build().eot_id
     from lab_mlp.swiglu import hidden_width
 
     return {

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,12 +33,11 @@ import torch
 
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource
-from lab.prepare import decode, last_seam
+from lab.prepare import decode, jsonl_text, last_seam
 
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
 SUFFIXES = (".jsonl", ".txt")  # what a folder is searched for
-FORMAT = 'each line of a .jsonl file must be one JSON object like {"text": "..."}'
 
 
 @dataclass
@@ -60,13 +58,7 @@ class Unit:
     def text(self) -> str:
         if self.path.suffix != ".jsonl":
             return decode(codecs.getincrementaldecoder("utf-8")(), self.raw, self.path, self.start, final=True)
-        try:
-            record = json.loads(self.raw)
-        except ValueError as e:
-            raise LabError(f"{self.path} line {self.line} is not valid JSON ({e}); {FORMAT}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise LabError(f"{self.path} line {self.line} has no \"text\" string; {FORMAT}")
-        return record["text"]
+        return jsonl_text(self.raw, self.path, self.line)
 
     def draw(self) -> float:
         """Uniform in [0, 1) and a function of the bytes alone: the same split on every process and run."""

@@ -96,23 +96,27 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)
         logits, probs, weights, experts = self.route(flat)
+        # The routed (token, slot) pairs grouped by expert, each group in token order: one sort, and
+        # one read of the counts on the host for every expert (not a nonzero, and a sync, per expert).
+        slots = experts.flatten()  # slot i is token i // top_k's
+        order = slots.argsort(stable=True)
+        counts = torch.bincount(slots, minlength=self.n_experts)
         out = torch.zeros_like(flat)
-        for e in range(self.n_experts):  # a loop over experts; each takes all its tokens in one matmul
-            token, slot = (experts == e).nonzero(as_tuple=True)
-            if token.numel():
-                y = self.expert(e, flat[token]) * weights[token, slot, None].to(flat.dtype)
+        for e, routed in enumerate(order.split(counts.tolist())):  # each expert takes all its tokens in one matmul
+            if routed.numel():
+                token = routed // self.top_k
+                y = self.expert(e, flat[token]) * weights.flatten()[routed, None].to(flat.dtype)
                 out.index_add_(0, token, y)
-        self.add_router_losses(logits, probs, experts)
+        self.add_router_losses(logits, probs, experts, counts)
         return self.drop(out.view(B, T, C))
 
-    def add_router_losses(self, logits, probs, experts) -> None:
+    def add_router_losses(self, logits, probs, experts, counts) -> None:
         """Summed over the layers by lab.extras; logged as loss.balance and loss.router_z."""
         add_loss(self, "balance", self.balance_loss(probs, experts), weight=self.config.balance_coef)
         if self.config.z_loss_coef:
             add_loss(self, "router_z", self.z_loss(logits), weight=self.config.z_loss_coef)
         # The busiest expert's share of the routed slots: 1 / n_experts when balanced.
-        log_scalar(self, "expert_max_share", torch.bincount(experts.flatten(), minlength=self.n_experts).max()
-                   / experts.numel())
+        log_scalar(self, "expert_max_share", counts.max() / experts.numel())
 
     def balance_loss(self, probs, experts):
         """Switch's: E * sum_e (share of routed slots to e) * (mean probability of e). 1 when uniform."""

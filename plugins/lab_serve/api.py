@@ -221,6 +221,7 @@ class Prepared:
     settings: dict
     n: int
     stops: list[str]
+    max_tokens: int  # new tokens each choice may make
 
 
 class Completions:
@@ -249,7 +250,7 @@ class Completions:
         stops = [s for s in stops if s]
         settings = dict(temperature=1.0 if req.temperature is None else req.temperature,
                         top_k=req.top_k or None, top_p=req.top_p, seed=req.seed)
-        return Prepared(served, prompts, settings, n, stops)
+        return Prepared(served, prompts, settings, n, stops, max_tokens)
 
     async def model(self, model_id: str):
         try:
@@ -281,7 +282,7 @@ class Completions:
                            code="context_length_exceeded")
         return ids
 
-    def start(self, p: Prepared, max_tokens: int, loop) -> tuple[asyncio.Queue, list[Job]]:
+    def start(self, p: Prepared, loop) -> tuple[asyncio.Queue, list[Job]]:
         """Submit every choice (prompt x n) as a job; their events arrive on the returned queue."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -297,7 +298,7 @@ class Completions:
             for k in range(p.n):
                 seed = p.settings["seed"]
                 choice = Choice(i * p.n + k, p.served.tokenizer, p.stops, put)
-                jobs.append(Job(ids, max_tokens, choice.on_token, choice.on_end, deadline=deadline,
+                jobs.append(Job(ids, p.max_tokens, choice.on_token, choice.on_end, deadline=deadline,
                                 **{**p.settings, "seed": None if seed is None else seed + k}))
         p.served.batcher.submit(jobs)
         return queue, jobs
@@ -409,8 +410,7 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
     async def complete(req: CompletionRequest, request: Request):
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         p = await completions.prepare(req, texts, req.max_tokens)
-        max_tokens = req.max_tokens or 16
-        queue, jobs = completions.start(p, max_tokens, asyncio.get_running_loop())
+        queue, jobs = completions.start(p, asyncio.get_running_loop())
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(index, text, reason=None):
@@ -442,7 +442,7 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
         req.stop = [*([] if req.stop is None else [req.stop] if isinstance(req.stop, str) else req.stop),
                     *template.stop]
         p = await completions.prepare(req, [text], max_tokens)
-        queue, jobs = completions.start(p, max_tokens or 16, asyncio.get_running_loop())
+        queue, jobs = completions.start(p, asyncio.get_running_loop())
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(index, delta, reason=None):
