@@ -33,3 +33,14 @@ def umask_027():
 def file_modes():
     """file_modes(folder) -> {name: permission bits} of the files in folder."""
     return lambda folder: {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    their ops are too small to share between threads, and on a busy machine each op would wait for the
+    second thread to be scheduled. torchrun gives each process one thread too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,7 +12,9 @@ from lab.report import read_metrics
 from lab_compare import stats
 from lab_compare.compare import run_table
 from lab_compare.runs import Run
-from test_train import one_thread, tiny_recipe  # noqa: F401 (one_thread: the autouse fixture)
+from test_train import tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,6 @@ mistakes a plugin author can make."""
 import math
 from typing import ClassVar
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,14 +15,13 @@ from lab import hookimpl
 from lab.cli import main
 from lab.errors import LabError
 from lab.extras import add_loss, collecting, log_scalar
-from lab.interfaces import mark_residual
 from lab.model import GPT
 from lab.plugins import build_registry
 from lab.recipe import load_recipe
 from lab.report import read_metrics
 from lab.roles import build_optimizer, declare_role, parameters, set_role
 from lab.testing import cases
-from tiny import tiny_recipe
+from tiny import counting_tokens, tiny_recipe
 
 ROUTER = declare_role("router", "a mixture of experts' router matrix")
 
@@ -164,9 +162,7 @@ def plugins():
 def run_recipe(tmp_path):
     """write(extra TOML, model_extra) -> the path of a tiny recipe on counting data."""
     data = tmp_path / "data"
-    data.mkdir()
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
 
     def write(rest="", **fmt):
         path = tmp_path / "moe.toml"

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +18,9 @@ from lab.report import read_metrics
 from lab.testing import assert_close_to_scale
 from lab.train import accumulation, micro_rows
 from lab.roles import build_optimizer
-from tiny import tiny_recipe
+from tiny import counting_tokens, tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A global batch of 8 sequences: one process takes it as 2 micro-batches of 4, two processes as one
 # each. Dropout 0: the processes' dropout masks would differ from one process's (see Trainer.resume).
@@ -46,22 +47,11 @@ max_new_tokens = 4
 """)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to share between threads (torchrun gives each process one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     data = folder / "data"
-    data.mkdir()
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
     (folder / "tiny.toml").write_text(RECIPE.format(data=data))
     return folder
 

@@ -17,6 +17,8 @@ from lab.report import read_metrics
 from tiny import tiny_recipe
 from test_hf import hf_model  # noqa: F401  (a fixture: transformers' GPT-2, shrunk to block 48)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish? café ☕ naïve\n") * 3
 ITEMS = [
@@ -24,14 +26,6 @@ ITEMS = [
     {"context": "Hello, my name", "choices": ["is", "was", "zebra"], "label": 2},
     {"context": "One, two, three,", "choices": ["four", "five, six", "seven"], "label": 1},
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits to be scheduled
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

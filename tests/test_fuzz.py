@@ -13,7 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tomli_w
 import torch
@@ -24,7 +23,7 @@ from lab import checkpoint
 from lab.cli import build_parser, main
 from lab.model import GPT
 from lab.recipe import load_recipe
-from tiny import tiny_recipe
+from tiny import counting_tokens, tiny_recipe
 
 EXAMPLES = int(os.environ.get("LAB_FUZZ_EXAMPLES", "0"))
 
@@ -63,9 +62,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     torch.set_num_threads(1)
     data = root / "data"
-    data.mkdir()
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
     (root / "recipe.toml").write_text(BASE.format(data=data, out=root / "runs" / "r"))
     recipe = load_recipe(root / "recipe.toml")
     checkpoint.save(root / "run", 0, GPT(recipe), recipe.to_toml(), {"step": 0})  # a run folder to read

@@ -14,17 +14,9 @@ from lab.plugins import registry
 from lab.recipe import load_recipe
 from lab.testing import assert_close_to_scale
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding a tiny model is hundreds of small ops: a second thread cannot help them, and on a
-    busy machine each op waits for it to be scheduled."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(path, attention="sdpa", vocab_size=101, seed=1, overrides=()):

@@ -18,20 +18,12 @@ from lab.model import GPT
 from lab.recipe import load_recipe
 from lab.testing import assert_close_to_scale
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=48, vocab_size=50257)
 PROMPT = "Hello, my name is"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are hundreds of small ops: a second thread cannot help them, and on a busy
-    machine each op waits for it to be scheduled."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,14 @@ from lab.generate import generate
 from lab.model import GPT
 from lab.recipe import load_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
 LLAMA_STYLE = Path(__file__).resolve().parent.parent / "recipes" / "llama_style.toml"
 SHRINK = ["model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.block_size=48",
           "model.mlp.multiple_of=16", "model.position.theta=500.0"]
 PROMPT = "Hello, my name is"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_lab(capsys, *args):

@@ -6,7 +6,6 @@ from pydantic import BaseModel
 
 from lab import hookimpl
 from lab.cli import main
-from lab.errors import LabError
 from lab.model import GPT
 from lab.plugins import build_registry
 from lab.recipe import load_recipe, resolve

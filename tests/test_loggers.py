@@ -8,7 +8,9 @@ import pytest
 from lab.cli import main
 from lab.recipe import load_recipe
 from lab.report import read_metrics
-from test_train import one_thread, tiny_recipe  # noqa: F401 (one_thread: the autouse fixture)
+from test_train import tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TENSORBOARD = ["--set", "logger.tensorboard={}"]
 

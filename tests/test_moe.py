@@ -78,14 +78,13 @@ def test_top_k_above_n_experts_is_a_recipe_error(gpt_small_path):
 
 # --- in a run: the balance loss in metrics.jsonl, exact resume, cached generation, MFU -------------
 
-import numpy as np  # noqa: E402
 
 from lab.cli import main  # noqa: E402
 from lab.generate import generate  # noqa: E402
 from lab.model import GPT  # noqa: E402
 from lab.recipe import load_recipe  # noqa: E402
 from lab.report import read_metrics  # noqa: E402
-from tiny import tiny_recipe  # noqa: E402
+from tiny import counting_tokens, tiny_recipe  # noqa: E402
 
 RECIPE = tiny_recipe("moe", """
 [schedule]
@@ -109,9 +108,7 @@ max_new_tokens = 4
 @pytest.fixture
 def run_recipe(tmp_path):
     data = tmp_path / "data"
-    data.mkdir()
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
     (tmp_path / "moe.toml").write_text(RECIPE.format(data=data))
     return str(tmp_path / "moe.toml")
 

@@ -71,7 +71,6 @@ def test_the_adamw_groups_step_as_torch_adamw():
 
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 from lab.cli import main  # noqa: E402
 from lab.model import GPT  # noqa: E402
@@ -79,6 +78,7 @@ from lab.recipe import load_recipe  # noqa: E402
 from lab.roles import build_optimizer  # noqa: E402
 from test_distributed import assert_same_losses, lab_run, torchrun  # noqa: E402
 from test_distributed import RECIPE as DISTRIBUTED_RECIPE  # noqa: E402
+from tiny import counting_tokens  # noqa: E402
 
 LLAMA_STYLE = Path(__file__).resolve().parent.parent / "recipes" / "llama_style.toml"
 
@@ -106,21 +106,11 @@ def folder(tmp_path_factory):
     """test_distributed's tiny run (global batch 8: 2 x 4 in one process, 4 in each of two), with Muon."""
     folder = tmp_path_factory.mktemp("muon")
     data = folder / "data"
-    data.mkdir()
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
     text = DISTRIBUTED_RECIPE.format(data=data).replace('name = "adamw"\nlr = 3e-3', 'name = "muon"\nlr = 0.02')
     assert 'name = "muon"' in text
     (folder / "tiny.toml").write_text(text)
     return folder
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_muon_resumes_exactly_and_two_ddp_processes_log_one_process_losses(folder, one_thread):

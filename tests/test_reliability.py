@@ -19,7 +19,9 @@ from lab import checkpoint, files
 from lab.cli import main
 from lab.errors import LabError
 from lab.runlock import LOCK, RunLock
-from tiny import tiny_recipe
+from tiny import counting_tokens, tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = tiny_recipe("tiny", """
 [schedule]
@@ -43,19 +45,9 @@ max_new_tokens = 4
 """)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_recipe(folder, out="run") -> str:
     data = folder / "data"
-    data.mkdir(exist_ok=True)
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
     path = folder / "tiny.toml"
     path.write_text(TINY.format(data=data, out=folder / out))
     return str(path)

@@ -13,7 +13,7 @@ import torch
 
 from lab import checkpoint
 from lab.report import read_metrics
-from tiny import tiny_recipe
+from tiny import counting_tokens, tiny_recipe
 
 # Dropout on, so a resume that forgot the RNG state would show; a slow-enough step count that the
 # test can signal the run mid-way.
@@ -41,9 +41,7 @@ max_new_tokens = 4
 
 def write_recipe(folder, out) -> str:
     data = folder / "data"
-    data.mkdir(exist_ok=True)
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
     (folder / f"{out}.toml").write_text(RECIPE.format(out=out))
     return f"{out}.toml"
 

@@ -19,13 +19,7 @@ from lab_serve.server import build
 
 from serving import Server, make_run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # decoding a tiny model is many small ops; see test_generate.py
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

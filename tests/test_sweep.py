@@ -15,7 +15,7 @@ import pytest
 from lab.cli import build_parser, main
 from lab.report import read_metrics
 from lab_compare import sweep
-from tiny import tiny_recipe
+from tiny import counting_tokens, tiny_recipe
 
 RECIPE = tiny_recipe("tiny", """
 [schedule]
@@ -43,9 +43,7 @@ GRID = ["--vary", "optimizer.lr=3e-3,1e-2", "--seeds", "2", "--out", "sw"]
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
     """A folder with token files and tiny.toml (4 steps) in it, the current folder, as a user works."""
-    (tmp_path / "data").mkdir()
-    (np.arange(3000) % 500).astype(np.uint16).tofile(tmp_path / "data" / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(tmp_path / "data" / "val.bin")
+    counting_tokens(tmp_path / "data")
     (tmp_path / "tiny.toml").write_text(RECIPE.format(steps=4))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LAB_CACHE", str(tmp_path / "cache"))

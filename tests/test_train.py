@@ -3,7 +3,6 @@ make stops with one message and exit status 2, losing nothing."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,9 @@ from lab.cli import main
 from lab.metrics import device_peak
 from lab.recipe import load_recipe
 from lab.report import read_metrics
-from tiny import tiny_recipe
+from tiny import counting_tokens, tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = tiny_recipe("tiny", """
 [schedule]
@@ -37,22 +38,10 @@ max_new_tokens = 6
 """)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to share between threads; on a busy machine each op would
-    wait for the second one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_recipe(tmp_path, out="run") -> str:
     """A two-layer model on token files that count up (next token = this one + 1): it learns fast."""
     data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (np.arange(600) % 500).astype(np.uint16).tofile(data / "val.bin")
+    counting_tokens(data)
     path = tmp_path / "tiny.toml"
     path.write_text(TINY.format(data=data, out=tmp_path / out))
     return str(path)
