@@ -244,6 +244,10 @@ class Part:
         return f"{self.component.slot} '{self.name}' from package '{self.component.package}'"
 
     def build(self, *args):
+        if self.component.slot == "optimizer" and len(args) == 1:  # build(model), as before parameter roles
+            from lab.roles import parameters
+
+            args = (parameters(args[0]), args[0])
         try:
             built = self.component.factory(self.config, *args)
         except LabError as e:

@@ -218,6 +218,15 @@ def test_adamw_groups_from_roles_are_gpt2s_rank_rule(gpt_small_path):
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
 
 
+def test_an_optimizer_part_built_from_the_model_alone_gets_the_roles(gpt_small_path):
+    # Scripts written before parameter roles call part.build(model), as the first wave's optimizers took.
+    recipe = load_recipe(gpt_small_path, ["model.n_layer=2", "model.n_embd=64", "model.n_head=2"])
+    model = GPT(recipe)
+    old, new = recipe.parts["optimizer"].build(model), build_optimizer(recipe.parts["optimizer"], model)
+    assert [[id(p) for p in g["params"]] for g in old.param_groups] == \
+        [[id(p) for p in g["params"]] for g in new.param_groups]
+
+
 def test_roles_of_a_gpt(plugins):
     model = GPT(small(plugins))
     roles = {p.name: p.role for p in parameters(model)}
