@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lab.errors import LabError
+from lab.fused_loss import padded_rows, soft_cap
 
 
 def bits_per_byte(loss_nats: float, tokens: int, num_bytes: int) -> float:
@@ -42,8 +43,11 @@ def token_logprobs(model, idx: torch.Tensor, targets: torch.Tensor, scored: torc
     h = model.hidden(idx)[scored]  # (n, C)
     wanted = targets[scored]
     logprobs, greedy = [], []
+    vocab = model.head.weight.size(0)
+    weight = padded_rows(model.head.weight)  # matmul-friendly width; the padding columns get -inf
     for start in range(0, len(wanted), HEAD_ROWS):
-        logits = model.logits(h[start:start + HEAD_ROWS]).float()  # (rows, vocab)
+        logits = soft_cap(h[start:start + HEAD_ROWS] @ weight.t(), model.config.logit_softcap).float()
+        logits[:, vocab:] = float("-inf")  # (rows, padded vocab)
         t = wanted[start:start + HEAD_ROWS, None]
         logprobs.append((logits.gather(1, t) - logits.logsumexp(dim=-1, keepdim=True)).squeeze(1))
         greedy.append(logits.argmax(dim=-1) == t.squeeze(1))
