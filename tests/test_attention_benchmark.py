@@ -8,12 +8,14 @@ from pydantic import BaseModel
 from torch import nn
 
 import lab.plugins
+from benchmarks import machine
 from benchmarks import test_attention as bench
+from benchmarks import test_train_step as train_bench
 from lab import hookimpl
 from lab.attention import SelfAttention
 from lab.interfaces import Position
 from lab.plugins import build_registry, registry
-from lab.recipe import ModelConfig
+from lab.recipe import ModelConfig, load_recipe
 from lab.testing import build
 
 
@@ -80,3 +82,12 @@ def test_flops_come_from_the_attention():
     gqa = build(registry().get("attention", "sdpa"), model.model_copy(update={"n_kv_head": 1}))
     saved = 2 * B * T * 32 * 2 * (32 - 8)  # k and v projections of 1 head instead of 4
     assert full.flops(B, T) - gqa.flops(B, T) == pytest.approx(saved)
+
+
+@pytest.mark.parametrize("size", sorted(machine.SIZES))
+@pytest.mark.parametrize("path", train_bench.RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_at_every_benchmark_size(path, size):
+    """`pytest benchmarks/` trains every recipe at one shape: a recipe whose layer pattern names a
+    layer the shape lacks would fail there (local_global's fourth layer once did, at two layers)."""
+    recipe = load_recipe(path, overrides=machine.SIZES[size].train_overrides)
+    assert recipe.model.n_layer == int(machine.SIZES[size].train_overrides[0].split("=")[1])
