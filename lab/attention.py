@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lab.interfaces import Attention, mark_residual
+from lab.interfaces import Attention, dropout, mark_residual
 from lab.roles import set_role
 
 
@@ -76,7 +76,7 @@ class SelfAttention(Attention):
             self.k_norm = set_role(nn.RMSNorm(self.head_dim, eps=1e-6), "gain")
         self.qk_norm = model.qk_norm
         self.dropout = model.dropout
-        self.resid_drop = nn.Dropout(model.dropout)
+        self.resid_drop = dropout(model.dropout)
 
     def forward(self, x, pos, position, cache=None):
         B, T, C = x.shape

@@ -13,6 +13,7 @@ from torch import nn
 from lab.errors import LabError
 from lab.extras import Extras, attach
 from lab.fused_loss import chunked_cross_entropy, soft_cap
+from lab.interfaces import dropout
 from lab.recipe import ModelConfig, Part, Recipe
 from lab.roles import set_role
 
@@ -38,7 +39,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.position = parts["position"].build(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout(config.dropout)
         # Each block's components know their layer (config.layer) and may differ by layer ([model.layers]).
         self.blocks = nn.ModuleList(Block(config.for_layer(i), recipe.layer(i)) for i in range(config.n_layer))
         self.norm_f = parts["norm"].build(config)

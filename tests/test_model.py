@@ -158,3 +158,21 @@ def test_fused_head_loss_equals_the_plain_path(gpt_small_path):
     for name, p in fused.named_parameters():
         # a gain's gradient sums over every position: ~1e-6 of its scale apart on AVX-512
         assert_close_to_scale(p.grad, plain_grads[name].grad, 1e-5, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "relu2", "swiglu", "moe"])
+def test_dropout_is_nothing_at_zero_and_drops_when_set(gpt_small_path, mlp):
+    """At dropout 0 no Dropout module is left to dispatch (a cached decoding step would pay ~6 us for
+    each, a dozen a token); at dropout > 0 training drops and evaluation does not."""
+    base = ["model.n_layer=2", "model.n_embd=64", "model.block_size=32", f"model.mlp.name={mlp}"]
+    x = torch.randint(0, 100, (2, 16))
+    none = GPT(load_recipe(gpt_small_path, base + ["model.dropout=0.0"]))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in none.modules())
+    torch.manual_seed(0)
+    some = GPT(load_recipe(gpt_small_path, base + ["model.dropout=0.5"]))
+    # the model's, the attention's and the MLP's dropout, in every block
+    assert sum(isinstance(m, torch.nn.Dropout) for m in some.modules()) == 1 + 2 * 2
+    some.train()
+    assert not torch.equal(some(x)[0], some(x)[0])
+    some.eval()
+    assert torch.equal(some(x)[0], some(x)[0])

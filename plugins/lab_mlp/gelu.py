@@ -3,7 +3,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, PositiveInt
 from torch import nn
 
-from lab.interfaces import mark_residual
+from lab.interfaces import dropout, mark_residual
 
 
 class GeluConfig(BaseModel):
@@ -20,7 +20,7 @@ class GeluMLP(nn.Module):
         self.fc = nn.Linear(model.n_embd, hidden, bias=model.bias)
         self.act = nn.GELU(approximate=config.approximate)
         self.proj = mark_residual(nn.Linear(hidden, model.n_embd, bias=model.bias))
-        self.drop = nn.Dropout(model.dropout)
+        self.drop = dropout(model.dropout)
 
     def forward(self, x):
         return self.drop(self.proj(self.act(self.fc(x))))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validat
 from torch import nn
 
 from lab.extras import add_loss, log_scalar
+from lab.interfaces import dropout
 from lab.roles import declare_role, set_role
 
 ROUTER = declare_role("router", "a mixture of experts' router: which experts each token goes to")
@@ -61,7 +62,7 @@ class MoE(nn.Module):
         # act(x @ w_fc[e].T) @ w_proj[e].T, and an optimizer sees (E, out, in) stacks of matrices.
         self.w_fc = nn.Parameter(torch.empty(E, H, C))
         self.w_proj = nn.Parameter(torch.empty(E, C, H))
-        self.drop = nn.Dropout(model.dropout)
+        self.drop = dropout(model.dropout)
         self.init_weights()
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, PositiveInt
 from torch import nn
 
-from lab.interfaces import mark_residual
+from lab.interfaces import dropout, mark_residual
 
 
 class ReLU2Config(BaseModel):
@@ -17,7 +17,7 @@ class ReLU2MLP(nn.Module):
         hidden = config.expansion * model.n_embd
         self.fc = nn.Linear(model.n_embd, hidden, bias=model.bias)
         self.proj = mark_residual(nn.Linear(hidden, model.n_embd, bias=model.bias))
-        self.drop = nn.Dropout(model.dropout)
+        self.drop = dropout(model.dropout)
 
     def forward(self, x):
         return self.drop(self.proj(F.relu(self.fc(x)).square()))

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
-from lab.interfaces import mark_residual
+from lab.interfaces import dropout, mark_residual
 
 
 class SwiGLUConfig(BaseModel):
@@ -27,7 +27,7 @@ class SwiGLU(nn.Module):
         # gate and up as one matrix: one matmul instead of two
         self.fc = nn.Linear(model.n_embd, 2 * hidden, bias=model.bias)
         self.proj = mark_residual(nn.Linear(hidden, model.n_embd, bias=model.bias))
-        self.drop = nn.Dropout(model.dropout)
+        self.drop = dropout(model.dropout)
 
     def forward(self, x):
         gate, up = self.fc(x).chunk(2, dim=-1)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 from torch import nn
 
 from lab.errors import LabError
-from lab.interfaces import Attention, mark_residual
+from lab.interfaces import Attention, dropout, mark_residual
 
 
 class LinearConfig(BaseModel):
@@ -38,7 +38,7 @@ class LinearAttention(Attention):
         self.chunk, self.eps = config.chunk, config.eps
         self.qkv = nn.Linear(model.n_embd, 3 * model.n_embd, bias=model.bias)
         self.proj = mark_residual(nn.Linear(model.n_embd, model.n_embd, bias=model.bias))
-        self.resid_drop = nn.Dropout(model.dropout)
+        self.resid_drop = dropout(model.dropout)
 
     def forward(self, x, pos, position, cache=None):
         B, T, C = x.shape
