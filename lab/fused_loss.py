@@ -22,7 +22,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = padded_rows(weight.to(x.dtype))
         total = torch.zeros((), dtype=acc, device=x.device)
         grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros_like(w, dtype=acc) if need_grad else None
+        # Same dtype: the first chunk's product is written into grad_w, later ones added to it (no
+        # 51 MB zero fill). Autocast's bf16 products are added to fp32 zeros.
+        same = x.dtype == acc
+        grad_w = (torch.empty_like if same else torch.zeros_like)(w, dtype=acc) if need_grad else None
         # One buffer for every chunk's logits: a fresh (chunk, V) tensor per chunk costs more in page
         # faults than the softmax itself.
         buffer = torch.empty(min(chunk, x.size(0)), w.size(0), dtype=acc, device=x.device)
@@ -31,7 +34,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, x.size(0), chunk):
             xc, tc = x[start:start + chunk], targets[start:start + chunk]
             logits = buffer[: len(tc)]  # (n, V_padded)
-            if x.dtype == acc:
+            if same:
                 torch.mm(xc, w.t(), out=logits)
             else:
                 logits.copy_(xc @ w.t())
@@ -50,18 +53,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             norm = probs.sum(dim=-1, keepdim=True)
             lse = (peak + norm.log()).squeeze(1)
             total += (lse - target_logit).masked_fill(ignored, 0).sum()
-            if need_grad:  # d loss / d logits = softmax - onehot(target)
-                probs.div_(norm)
-                probs[torch.arange(len(tc), device=x.device), safe_t] -= 1.0
-                if ignored.any():
-                    probs[ignored] = 0.0
-                if slope is not None:
-                    probs.mul_(slope[: len(tc)])
-                grad_x[start:start + chunk] = probs.to(x.dtype) @ w
-                if probs.dtype == x.dtype:
-                    grad_w.addmm_(probs.t(), xc)  # accumulate in place: no (V, C) temporary
-                else:
-                    grad_w += (probs.t().to(x.dtype) @ xc).to(acc)
+            if need_grad:
+                chunk_grads(probs, norm, ignored, safe_t, xc, w, None if slope is None else slope[: len(tc)],
+                            grad_x[start:start + chunk], grad_w, first=same and start == 0)
         if need_grad:  # the mean's 1/n, applied once to the small results rather than every logit
             grad_w = grad_w[: weight.size(0)]  # the padding rows' gradients are zero: dropped
             ctx.save_for_backward(grad_x / n_valid.to(x.dtype), (grad_w / n_valid).to(weight.dtype))
@@ -71,6 +65,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
+
+
+def chunk_grads(probs, norm, ignored, targets, xc, w, slope, grad_x, grad_w, first: bool):
+    """One chunk's share of the summed loss's gradients. d loss / d logits = (softmax - onehot(target))
+    (x slope under a soft-cap; 0 on ignored rows). With probs unnormalised, softmax = probs / norm
+    row by row, so the 1/norm scales the chunk's small matrices, (n, C), rather than every one of its
+    logits: grad_x = (probs @ w) / norm - slope_t w[target] and grad_w += probs^T (x / norm) - the
+    target rows' slope_t x, one pass over probs fewer. first: grad_w is written, not added to."""
+    scale = norm.reciprocal().masked_fill_(ignored[:, None], 0.0)  # (n, 1)
+    picked = (~ignored).to(xc.dtype)[:, None]  # the onehot's weight per row (0 where ignored)
+    if slope is not None:
+        probs.mul_(slope)
+        picked = picked * slope.gather(1, targets[:, None]).to(xc.dtype)
+    p = probs if probs.dtype == xc.dtype else probs.to(xc.dtype)
+    torch.mm(p, w, out=grad_x)
+    grad_x.mul_(scale.to(xc.dtype)).sub_(picked * w[targets])
+    xs = xc * scale.to(xc.dtype)
+    if first:
+        torch.mm(p.t(), xs, out=grad_w)
+    elif p.dtype == grad_w.dtype:
+        grad_w.addmm_(p.t(), xs)  # accumulate in place: no (V, C) temporary
+    else:
+        grad_w += (p.t() @ xs).to(grad_w.dtype)
+    grad_w.index_add_(0, targets, (-picked * xc).to(grad_w.dtype))
 
 
 ROW_MULTIPLE = 64
