@@ -1,6 +1,8 @@
 """Which dtype autocast runs in: `train.precision` = "auto" | "bf16" | "fp32"."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lab.errors import LabError
@@ -24,8 +26,16 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return "amx_bf16" in cpu_flags()
+        return "amx_bf16" in cpu_flags() and onednn_may_use_amx()
     return False
+
+
+def onednn_may_use_amx() -> bool:
+    """False when ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) caps oneDNN, which runs CPU
+    bf16 matmuls, below AMX (e.g. AVX2, as when testing an AVX2 machine's path): bf16 is then
+    emulated, several times slower than fp32."""
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return isa == "ALL" or "AMX" in isa
 
 
 def cpu_flags() -> set[str]:

@@ -62,7 +62,19 @@ def test_fused_loss_under_autocast_matches_the_plain_path(gpt_small_path):
                                              ({"avx512f", "avx512_bf16"}, torch.float32)])
 def test_auto_picks_bf16_only_where_the_cpu_multiplies_it_natively(gpt_small_path, monkeypatch, flags, expected):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     recipe = load_recipe(gpt_small_path)
     assert precision.pick_dtype(recipe, torch.device("cpu")) == expected
     fp32 = load_recipe(gpt_small_path, ["train.precision='fp32'"])
     assert precision.pick_dtype(fp32, torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("isa, expected", [("AVX2", torch.float32), ("avx512_core_bf16", torch.float32),
+                                           ("AVX512_CORE_AMX", torch.bfloat16), ("ALL", torch.bfloat16)])
+def test_auto_stays_fp32_when_onednn_is_capped_below_amx(gpt_small_path, monkeypatch, isa, expected):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX2 machine's path is tested on an AMX one) leaves bf16 emulated."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert precision.pick_dtype(load_recipe(gpt_small_path), torch.device("cpu")) == expected
