@@ -73,15 +73,15 @@ def chunk_grads(probs, norm, ignored, targets, xc, w, slope, grad_x, grad_w, fir
     row by row, so the 1/norm scales the chunk's small matrices, (n, C), rather than every one of its
     logits: grad_x = (probs @ w) / norm - slope_t w[target] and grad_w += probs^T (x / norm) - the
     target rows' slope_t x, one pass over probs fewer. first: grad_w is written, not added to."""
-    scale = norm.reciprocal().masked_fill_(ignored[:, None], 0.0)  # (n, 1)
+    scale = norm.reciprocal().masked_fill_(ignored[:, None], 0.0).to(xc.dtype)  # (n, 1)
     picked = (~ignored).to(xc.dtype)[:, None]  # the onehot's weight per row (0 where ignored)
     if slope is not None:
         probs.mul_(slope)
         picked = picked * slope.gather(1, targets[:, None]).to(xc.dtype)
     p = probs if probs.dtype == xc.dtype else probs.to(xc.dtype)
     torch.mm(p, w, out=grad_x)
-    grad_x.mul_(scale.to(xc.dtype)).sub_(picked * w[targets])
-    xs = xc * scale.to(xc.dtype)
+    grad_x.mul_(scale).sub_(picked * w[targets])
+    xs = xc * scale
     if first:
         torch.mm(p.t(), xs, out=grad_w)
     elif p.dtype == grad_w.dtype:
