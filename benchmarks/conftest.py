@@ -18,7 +18,7 @@ import torch
 
 from benchmarks import machine
 from benchmarks.report import add_ratios, summary_lines
-from lab.metrics import device_peak
+from lab.engine.peak import device_peak
 
 
 def pytest_addoption(parser):
@@ -45,7 +45,7 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="session")
 def peak(device):
-    """peak(dtype) -> lab.metrics.Peak, MFU's denominator, as `lab run` logs it: the datasheet's on a
+    """peak(dtype) -> lab.engine.peak.Peak, MFU's denominator, as `lab run` logs it: the datasheet's on a
     known GPU, else a large matmul, timed once per run and dtype."""
     return functools.cache(lambda dtype: device_peak(device, dtype))
 

@@ -231,7 +231,7 @@ def flex_sliding(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
 
 def cached_generation(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
     """gpt_small, greedy: the cached path gives the uncached path's tokens; both speeds."""
-    from lab.generate import generate
+    from lab.inference.sampling import generate
     from lab.model import GPT
 
     recipe = recipe_at(RECIPES / "gpt_small.toml", shapes.overrides)
@@ -254,7 +254,7 @@ def gpt2_step(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
     nanogpt = getattr(args, 'nanogpt', None)
     """GPT-2 124M's training step as `lab run recipes/gpt2_124m.toml` takes it (one micro-batch), with
     nanoGPT's interleaved beside it when a clone is given."""
-    from lab.metrics import device_peak
+    from lab.engine.peak import device_peak
     from lab.model import GPT
 
     recipe = recipe_at(RECIPES / "gpt2_124m.toml", shapes.overrides + ("train.grad_accum=1",))

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from lab.metrics import processor_name
+from lab.engine.peak import processor_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Once upon a time,", "The king said to", "ROMEO: What light", "First Citizen: Before we proceed"]
@@ -36,7 +35,7 @@ PROMPTS = ["Once upon a time,", "The king said to", "ROMEO: What light", "First 
 
 def random_gpt_small(folder: Path) -> Path:
     """A gpt_small-shaped run folder with its initial (random) weights: what matters for speed is the shape."""
-    from lab.checkpoint import save
+    from lab.runs.checkpoint import save
     from lab.model import GPT
     from lab.recipe import load_recipe
 

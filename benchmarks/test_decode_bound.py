@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import machine
-from lab.decoding import lay_out_for_decoding
+from lab.inference.decode_layout import lay_out_for_decoding
 from lab.model import GPT
 from lab.recipe import load_recipe
 

@@ -4,7 +4,7 @@ already-scored targets masked, the loss times the targets scored).
 
     one_window   model(x, y) per window, y = -1 where a target was scored before: the head and the
                  loss run over every position (fused loss, lab's default), the batch is one window
-    batched      lab.evaluate.score_text: windows batched (8 per forward), the head only over the
+    batched      lab.inference.scoring.score_text: windows batched (8 per forward), the head only over the
                  targets each window scores
 
 Both score the same windows (block_size 1024, stride 512) of tinyshakespeare; before timing, their
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from benchmarks import machine
-from lab.evaluate import document_ids, score_text, strided_spans
+from lab.data.eval_sets import document_ids
+from lab.inference.scoring import score_text, strided_spans
 from lab.model import GPT
 from lab.recipe import load_recipe
 

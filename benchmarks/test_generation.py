@@ -25,9 +25,9 @@ REFERENCE = "uncached"
 @pytest.fixture(scope="module")
 def generate():
     try:
-        from lab.generate import generate
+        from lab.inference.sampling import generate
     except ImportError as e:
-        pytest.skip(f"lab.generate is not importable yet ({e}): generation is not benchmarked")
+        pytest.skip(f"lab.inference.sampling is not importable yet ({e}): generation is not benchmarked")
     return generate
 
 

@@ -10,10 +10,9 @@ match the plain path's (1e-5 in fp32, 1% under bf16).
 import pytest
 import torch
 
-from benchmarks import machine
-from benchmarks.test_train_step import autocast, loss_on, random_batch, train_step
+from benchmarks.test_train_step import loss_on, random_batch, train_step
 from lab.model import GPT
-from lab.precision import pick_dtype
+from lab.engine.precision import pick_dtype
 from lab.recipe import load_recipe
 from lab.roles import build_optimizer
 

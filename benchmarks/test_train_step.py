@@ -3,7 +3,7 @@
 A step is what `lab run` does per step: forward (under the recipe's autocast, compiled where the
 recipe compiles), backward, gradient clipping, optimizer step. The batches are random tokens: the
 data plugin is not part of the step. MFU = model.flops_per_token * tokens/s / the peak `lab run`
-uses (see lab.metrics).
+uses (see lab.engine.peak).
 """
 import math
 from contextlib import nullcontext
@@ -15,7 +15,7 @@ import torch
 from benchmarks import machine
 from lab.model import GPT
 from lab.recipe import load_recipe
-from lab.precision import pick_dtype
+from lab.engine.precision import pick_dtype
 from lab.roles import build_optimizer
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
@@ -57,7 +57,7 @@ def test_train_step(timed, benchmark, device, size, peak, path):
 
 
 def train_step(model, forward, optimizer, grad_clip: float, device, dtype):
-    """step(x, y): one optimizer step, as lab.train takes it."""
+    """step(x, y): one optimizer step, as lab.engine.trainer takes it."""
 
     def step(x, y):
         with autocast(device, dtype):

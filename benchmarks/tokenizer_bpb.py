@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from lab.checkpoint import load_run
+import lab.runs
 from lab.interfaces import DataContext
 
 
 @torch.inference_mode()
 def bits_per_byte(run_dir) -> dict:
-    recipe, model, ckpt = load_run(run_dir)
+    recipe, model, ckpt = lab.runs.load(run_dir)
     tokenizer = recipe.parts["tokenizer"].build()
     data = recipe.parts["data"].build(DataContext(recipe.model.block_size, recipe.model.vocab_size, tokenizer, 0))
     val = torch.from_numpy(data.tokens["val"].astype("int64"))

@@ -80,7 +80,7 @@ class Tokenizer:
 
     A tokenizer built from files the user made (a trained tokenizer.json, a character list) names them
     in files(): a run folder keeps copies, so the run still generates, exports and resumes after the
-    originals move (lab.tokenizer_files), and `lab prepare` records the fingerprint in meta.json, so
+    originals move (lab.runs.tokenizer_files), and `lab prepare` records the fingerprint in meta.json, so
     a run refuses tokens made by another vocabulary.
     """
 

@@ -4,7 +4,7 @@ import threading
 import time
 from pathlib import Path
 
-from lab.checkpoint import save
+from lab.runs.checkpoint import save
 from lab.recipe import load_recipe
 
 from test_generate import TINY, tiny_model

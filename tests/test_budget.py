@@ -2,9 +2,9 @@
 seconds every metrics.jsonl record carries, continued across a resume."""
 import pytest
 
-from lab.cli import main
+from lab.commands.cli import main
 from lab.recipe import load_recipe
-from lab.report import read_metrics
+from lab.runs.metrics import read_metrics
 from test_train import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

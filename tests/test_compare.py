@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from lab.cli import main
-from lab.report import read_metrics
+from lab.commands.cli import main
+from lab.runs.metrics import read_metrics
 from lab_compare import stats
 from lab_compare.compare import run_table
 from lab_compare.runs import Run

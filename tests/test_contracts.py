@@ -12,13 +12,13 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from lab import hookimpl
-from lab.cli import main
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.extras import add_loss, collecting, log_scalar
 from lab.model import GPT
 from lab.plugins import build_registry
 from lab.recipe import load_recipe
-from lab.report import read_metrics
+from lab.runs.metrics import read_metrics
 from lab.roles import build_optimizer, declare_role, parameters, set_role
 from lab.testing import cases
 from tiny import counting_tokens, tiny_recipe

@@ -14,7 +14,7 @@ import torch
 from lab.errors import LabError
 from lab.interfaces import DataContext, Tokenizer
 from lab.plugins import registry
-from lab.prepare import prepare
+from lab.data.prepare import prepare
 from lab_memmap import MemmapConfig, MemmapData
 from lab_memmap.embedded import CORPUS
 

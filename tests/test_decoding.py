@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from lab import decoding
-from lab.generate import generate
+from lab.inference import decode_layout as decoding
+from lab.inference.sampling import generate
 from lab.model import GPT
 from lab.recipe import load_recipe
 from lab.testing import assert_close_to_scale

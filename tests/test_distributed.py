@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lab import checkpoint, distributed
-from lab.cli import main
+from lab.runs import checkpoint
+from lab.engine import distributed
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.recipe import load_recipe
-from lab.report import read_metrics
+from lab.runs.metrics import read_metrics
 from lab.testing import assert_close_to_scale
-from lab.train import accumulation, micro_rows
+from lab.engine.trainer import accumulation, micro_rows
 from lab.roles import build_optimizer
 from tiny import counting_tokens, tiny_recipe
 

@@ -8,12 +8,14 @@ import socket
 import pytest
 import torch
 
-from lab.checkpoint import load_run, save
-from lab.cli import main
-from lab.evaluate import Item, encode_pair, loglikelihoods, strided_spans
+import lab.runs
+from lab.runs.checkpoint import save
+from lab.commands.cli import main
+from lab.data.eval_sets import Item
+from lab.inference.scoring import encode_pair, loglikelihoods, strided_spans
 from lab.model import GPT
 from lab.recipe import load_recipe
-from lab.report import read_metrics
+from lab.runs.metrics import read_metrics
 from tiny import tiny_recipe
 from test_hf import hf_model  # noqa: F401  (a fixture: transformers' GPT-2, shrunk to block 48)
 
@@ -39,7 +41,7 @@ def gpt2_run(hf_model, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def tokenizer(gpt2_run):
-    return load_run(gpt2_run)[0].parts["tokenizer"].build()
+    return lab.runs.load(gpt2_run)[0].parts["tokenizer"].build()
 
 
 def run_lab(capsys, *args):
@@ -114,7 +116,7 @@ def test_jsonl_documents_and_a_prepared_folder(gpt2_run, hf_model, tokenizer, tm
 # Multiple choice ---------------------------------------------------------------------------------
 
 def test_choice_loglikelihoods_equal_transformers(gpt2_run, hf_model, tokenizer):
-    _, model, _ = load_run(gpt2_run)
+    _, model, _ = lab.runs.load(gpt2_run)
     pairs = [encode_pair(tokenizer, item["context"], " " + choice) for item in ITEMS for choice in item["choices"]]
     ours = loglikelihoods(model, pairs, batch_size=4)
     for (context, continuation), (logprob, greedy) in zip(pairs, ours):
@@ -178,7 +180,7 @@ def test_a_model_that_copies_gets_every_copy_item(copy_run, tmp_path, capsys):
 
 
 def test_hellaswag_items_are_cleaned_as_lm_eval_does(tmp_path):
-    from lab.eval_data import read_task
+    from lab.data.eval_sets import read_task
 
     line = {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow [title] covering",
             "ctx_b": "the window of a car.", "endings": [" a woman  wearing [header] clothes", "b", "c", "d"],

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lab.evaluate import bits_per_byte, utf8_bytes
+from lab.inference.scoring import bits_per_byte, utf8_bytes
 from lab.plugins import registry
 
 
@@ -35,7 +35,7 @@ def test_token_logprobs_are_the_models_own_loss(gpt_small_path, softcap):
     """Scoring applies the head only where it scores, soft cap included: the same numbers as forward."""
     import torch
 
-    from lab.evaluate import token_logprobs
+    from lab.inference.scoring import token_logprobs
     from lab.model import GPT
     from lab.recipe import load_recipe
 

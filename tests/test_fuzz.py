@@ -1,6 +1,6 @@
 """Fuzzing the command line: whatever a user types, and whatever a recipe holds, `lab` ends with exit
 status 0 or 2 and a message, never a traceback. Every command is driven in-process through
-lab.cli.main with values drawn by hypothesis from what users get wrong: nan and inf, negative and
+lab.commands.cli.main with values drawn by hypothesis from what users get wrong: nan and inf, negative and
 huge numbers, empty and non-UTF-8 text, files where folders belong and the other way round, binary
 files, tables where values belong. Bounded to about a minute of the suite: few examples per
 command, each small (a 1-step run of a tiny model).
@@ -19,8 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lab import checkpoint
-from lab.cli import build_parser, main
+from lab.runs import checkpoint
+from lab.commands.cli import build_parser, main
 from lab.model import GPT
 from lab.recipe import load_recipe
 from tiny import counting_tokens, tiny_recipe

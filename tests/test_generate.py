@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from lab.checkpoint import save
-from lab.cli import main
+from lab.runs.checkpoint import save
+from lab.commands.cli import main
 from lab.errors import LabError
-from lab.generate import candidates, generate, sample
+from lab.inference.sampling import candidates, generate, sample
 from lab.model import GPT
 from lab.plugins import registry
 from lab.recipe import load_recipe
@@ -224,9 +224,9 @@ def test_lab_generate_streams_to_a_terminal_and_prints_the_same_text(run_dir, ca
 def test_lab_generate_stops_at_endoftext_unless_told_not_to(run_dir, capsys):
     """Make <|endoftext|> the only thing the model says: the final norm outputs a constant vector
     that points along that token's embedding."""
-    from lab.checkpoint import load_run
+    import lab.runs
 
-    recipe, model, _ = load_run(run_dir)
+    recipe, model, _ = lab.runs.load(run_dir)
     eot = recipe.parts["tokenizer"].build().eot_id
     with torch.no_grad():
         model.tok_emb.weight[eot] = 10 * model.tok_emb.weight[eot] / model.tok_emb.weight[eot].norm()
@@ -241,11 +241,12 @@ def test_lab_generate_stops_at_endoftext_unless_told_not_to(run_dir, capsys):
 
 
 def test_lab_generate_draws_the_samples_as_one_batch(run_dir, capsys, monkeypatch):
-    import lab.generate
+    import lab.commands.generate
+    import lab.inference.sampling
 
     batches = []
-    real_stream = lab.generate.stream
-    monkeypatch.setattr(lab.generate, "stream", lambda model, idx, *a, **k: batches.append(idx.shape) or
+    real_stream = lab.inference.sampling.stream
+    monkeypatch.setattr(lab.commands.generate, "stream", lambda model, idx, *a, **k: batches.append(idx.shape) or
                         real_stream(model, idx, *a, **k))
     flags = ["--prompt", "The", "--max-new-tokens", "6", "--temperature", "0"]
     status, three, _ = lab_generate(capsys, run_dir, *flags, "--num-samples", "3")
@@ -259,11 +260,12 @@ def test_lab_generate_draws_the_samples_as_one_batch(run_dir, capsys, monkeypatc
 def test_lab_generate_ends_each_sample_at_its_own_endoftext(run_dir, capsys, monkeypatch, terminal,
                                                           gpt_small_path):
     """Rows of one batch end when they say <|endoftext|>, each on its own; what follows is dropped."""
-    import lab.generate
+    import lab.commands.generate
+    import lab.inference.sampling
 
     eot = 50256
     steps = [[11, 12, 13], [eot, 14, 15], [16, eot, 17], [18, 19, 20]]  # token of each row, step by step
-    monkeypatch.setattr(lab.generate, "stream", lambda *a, **k: (torch.tensor([[t] for t in step]) for step in steps))
+    monkeypatch.setattr(lab.commands.generate, "stream", lambda *a, **k: (torch.tensor([[t] for t in step]) for step in steps))
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
     status, out, _ = lab_generate(capsys, run_dir, "--prompt", "X", "--num-samples", "3", "--max-new-tokens", "4")
     decode = load_recipe(gpt_small_path).parts["tokenizer"].build().decode
@@ -273,11 +275,11 @@ def test_lab_generate_ends_each_sample_at_its_own_endoftext(run_dir, capsys, mon
 
 
 def test_recipe_top_p_is_the_default_of_lab_generate(run_dir, capsys, gpt_small_path):
-    from lab.checkpoint import load_run
+    import lab.runs
 
     flags = ["--prompt", "The", "--max-new-tokens", "8", "--num-samples", "1"]
     greedy = lab_generate(capsys, run_dir, *flags, "--temperature", "0")[1]
-    _, model, _ = load_run(run_dir)
+    _, model, _ = lab.runs.load(run_dir)
     nucleus = load_recipe(gpt_small_path, TINY + ["generate.top_p=1e-9", "generate.top_k=0"])
     save(run_dir, 1, model, nucleus.to_toml(), {"step": 1})
     # a nucleus this small holds only the likeliest token: sampling at temperature 2 is greedy

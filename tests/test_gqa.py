@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lab.cli import main
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.interfaces import Position
 from lab.plugins import registry
@@ -129,7 +129,7 @@ def test_n_kv_head_must_divide_n_head(tmp_path, gpt_small_path, capsys):
 
 
 def test_a_gqa_model_trains_and_decodes_with_the_cache(gpt_small_path):
-    from lab.generate import generate
+    from lab.inference.sampling import generate
     from lab.model import GPT
     from lab.recipe import load_recipe
 

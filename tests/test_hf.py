@@ -10,10 +10,11 @@ from torch import nn
 
 import lab.plugins as plugins
 from lab import hookimpl
-from lab import checkpoint
-from lab.checkpoint import load_run, save
-from lab.cli import main
-from lab.generate import generate
+from lab.runs import checkpoint
+import lab.runs
+from lab.runs.checkpoint import save
+from lab.commands.cli import main
+from lab.inference.sampling import generate
 from lab.model import GPT
 from lab.recipe import load_recipe
 from lab.testing import assert_close_to_scale
@@ -66,7 +67,7 @@ def test_imported_gpt2_generates_what_transformers_generates(hf_model, tmp_path,
     hf_dir = save_hf(hf_model, tmp_path / "hf", variant)
     assert run_lab(capsys, "import-hf", hf_dir, "--out", tmp_path / "run")[0] == 0
 
-    recipe, model, _ = load_run(tmp_path / "run")
+    recipe, model, _ = lab.runs.load(tmp_path / "run")
     tokenizer = recipe.parts["tokenizer"].build()
     assert recipe.parts["attention"].name == "sdpa" and recipe.model.block_size == 48
     idx = torch.tensor([tokenizer.encode(PROMPT)])
@@ -111,7 +112,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path, capsy
 
     # and back again: the same weights, bit for bit
     assert run_lab(capsys, "import-hf", tmp_path / "hf", "--out", tmp_path / "back")[0] == 0
-    _, back, _ = load_run(tmp_path / "back")
+    _, back, _ = lab.runs.load(tmp_path / "back")
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
 
@@ -182,7 +183,7 @@ def test_an_imported_folder_fine_tunes_with_lab_run(hf_model, tmp_path, capsys):
     """Fresh optimizer, step 0, the recipe's data: `lab run OUT/recipe.toml`, as the import suggests."""
     import numpy as np
 
-    from lab.report import read_metrics
+    from lab.runs.metrics import read_metrics
 
     hf_dir = save_hf(hf_model, tmp_path / "hf", "safetensors")
     status, _, err = run_lab(capsys, "import-hf", hf_dir, "--out", tmp_path / "run")

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.checkpoint import load_run, save
-from lab.cli import main
-from lab.generate import generate
+import lab.runs
+from lab.runs.checkpoint import save
+from lab.commands.cli import main
+from lab.inference.sampling import generate
 from lab.model import GPT
 from lab.recipe import load_recipe
 
@@ -66,7 +67,7 @@ def test_exported_llama_loads_in_transformers_with_the_same_logits(tmp_path, cap
     # and back again: the same weights, bit for bit, and the same components
     status, _, err = run_lab(capsys, "import-hf", tmp_path / "hf", "--out", tmp_path / "back")
     assert status == 0, err
-    back_recipe, back, _ = load_run(tmp_path / "back")
+    back_recipe, back, _ = lab.runs.load(tmp_path / "back")
     assert {s: p.name for s, p in back_recipe.parts.items()} == {s: p.name for s, p in recipe.parts.items()} | {
         "schedule": "cosine"}
     assert back.config.tie_embeddings == tied and back.config.kv_heads == kv_heads
@@ -89,7 +90,7 @@ def test_a_transformers_llama_imports_and_generates_what_transformers_generates(
     status, _, err = run_lab(capsys, "import-hf", tmp_path / "hf", "--out", tmp_path / "run")
     assert status == 0, err
 
-    recipe, model, _ = load_run(tmp_path / "run")
+    recipe, model, _ = lab.runs.load(tmp_path / "run")
     ids = recipe.parts["tokenizer"].build().encode(PROMPT)
     idx = torch.tensor([ids])
     with torch.no_grad():

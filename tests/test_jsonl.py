@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.cli import main
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.interfaces import DataContext, Tokenizer
 from lab.plugins import registry

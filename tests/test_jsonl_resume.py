@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from lab import checkpoint
+from lab.runs import checkpoint
 from test_resume import finish, losses, wait_for_step
 from tiny import tiny_recipe
 

@@ -5,7 +5,7 @@ import torch
 from pydantic import BaseModel
 
 from lab import hookimpl
-from lab.cli import main
+from lab.commands.cli import main
 from lab.model import GPT
 from lab.plugins import build_registry
 from lab.recipe import load_recipe, resolve

@@ -79,11 +79,11 @@ def test_top_k_above_n_experts_is_a_recipe_error(gpt_small_path):
 # --- in a run: the balance loss in metrics.jsonl, exact resume, cached generation, MFU -------------
 
 
-from lab.cli import main  # noqa: E402
-from lab.generate import generate  # noqa: E402
+from lab.commands.cli import main# noqa: E402
+from lab.inference.sampling import generate# noqa: E402
 from lab.model import GPT  # noqa: E402
 from lab.recipe import load_recipe  # noqa: E402
-from lab.report import read_metrics  # noqa: E402
+from lab.runs.metrics import read_metrics# noqa: E402
 from tiny import counting_tokens, tiny_recipe  # noqa: E402
 
 RECIPE = tiny_recipe("moe", """

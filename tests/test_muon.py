@@ -72,7 +72,7 @@ def test_the_adamw_groups_step_as_torch_adamw():
 from pathlib import Path  # noqa: E402
 
 
-from lab.cli import main  # noqa: E402
+from lab.commands.cli import main# noqa: E402
 from lab.model import GPT  # noqa: E402
 from lab.recipe import load_recipe  # noqa: E402
 from lab.roles import build_optimizer  # noqa: E402

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 import lab.plugins as plugins
 from lab import hookimpl
-from lab.cli import main
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.interfaces import SLOTS
 

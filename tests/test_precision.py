@@ -4,7 +4,7 @@ plain head + loss under autocast."""
 import pytest
 import torch
 
-import lab.precision as precision
+import lab.engine.precision as precision
 from lab.interfaces import DataContext
 from lab.model import GPT
 from lab.recipe import load_recipe

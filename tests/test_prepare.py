@@ -9,11 +9,11 @@ import pytest
 from pydantic import BaseModel
 
 import lab.plugins
-import lab.prepare as prepare_module
-from lab.cli import main
+import lab.data.prepare as prepare_module
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.plugins import registry
-from lab.prepare import build_tokenizer, prepare
+from lab.data.prepare import build_tokenizer, prepare
 from lab_memmap.embedded import CORPUS
 
 SHAKESPEARE = CORPUS.read_text()

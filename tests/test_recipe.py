@@ -1,7 +1,7 @@
 """Recipes: each plugin validates its own table; every mistake is one message and exit status 2."""
 import pytest
 
-from lab.cli import main
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.recipe import load_recipe, parse_override, read_toml, resolve
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lab.recipe import load_recipe
-from lab.train import train
+from lab.engine.trainer import train
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
 SHRINK = [

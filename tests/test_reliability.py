@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from lab import checkpoint, files
-from lab.cli import main
+from lab import files
+from lab.runs import checkpoint
+from lab.commands.cli import main
 from lab.errors import LabError
-from lab.runlock import LOCK, RunLock
+from lab.runs.lock import LOCK, RunLock
 from tiny import counting_tokens, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +76,7 @@ def test_a_second_run_on_a_folder_in_use_refuses_at_once_naming_the_first(tmp_pa
 
 def test_a_lock_left_by_a_killed_run_never_blocks(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lab.runlock import RunLock\n"
+        [sys.executable, "-c", "import sys, time; from lab.runs.lock import RunLock\n"
          "with RunLock(sys.argv[1], 'lab run x.toml'):\n    print('held', flush=True); time.sleep(60)",
          str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lab import checkpoint
-from lab.report import read_metrics
+from lab.runs import checkpoint
+from lab.runs.metrics import read_metrics
 from tiny import counting_tokens, tiny_recipe
 
 # Dropout on, so a resume that forgot the RNG state would show; a slow-enough step count that the
@@ -140,7 +140,7 @@ def save_one(run_dir, step, model):
 def test_checkpoint_and_metrics_files_get_the_umask_mode(tmp_path, umask_027, file_modes):
     """Written under temporary names (mkstemp, safetensors: owner only), they end as readable as
     any file the user makes: a shared machine's teammates can read the run."""
-    from lab.report import MetricsLog
+    from lab.runs.metrics import MetricsLog
 
     ckpt = save_one(tmp_path, 3, torch.nn.Linear(4, 4))
     log = MetricsLog(tmp_path, keep_through=-1)
@@ -183,7 +183,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 
 @pytest.mark.parametrize("sig, second", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
 def test_a_second_stop_signal_quits_at_once(sig, second):
-    from lab.train import StopOnSignal
+    from lab.engine.trainer import StopOnSignal
 
     with StopOnSignal(say=False) as stop:
         os.kill(os.getpid(), sig)

@@ -10,8 +10,8 @@ import openai
 import pytest
 import torch
 
-from lab.cli import main
-from lab.generate import generate
+from lab.commands.cli import main
+from lab.inference.sampling import generate
 from lab.interfaces import ChatTemplate
 from lab_serve.api import Limits
 from lab_serve.batcher import Batcher, Job
@@ -46,7 +46,7 @@ def client(served):
 
 
 def reference(pool, model_id, prompt, n):
-    """What greedy decoding of the prompt alone gives, through lab.generate."""
+    """What greedy decoding of the prompt alone gives, through lab.inference.sampling."""
     s = pool.get(model_id)
     idx = torch.tensor([s.tokenizer.encode(prompt)])
     out = generate(s.model, idx, n, temperature=0, eos_id=s.tokenizer.eot_id)

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from lab.cli import build_parser, main
-from lab.report import read_metrics
+from lab.commands.cli import build_parser, main
+from lab.runs.metrics import read_metrics
 from lab_compare import sweep
 from tiny import counting_tokens, tiny_recipe
 

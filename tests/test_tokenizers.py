@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from lab.checkpoint import load_run
-from lab.cli import main
+import lab.runs
+from lab.commands.cli import main
 from lab.errors import LabError
 from lab.interfaces import DataContext
 from lab.recipe import load_recipe
@@ -138,13 +138,13 @@ def test_a_run_carries_its_tokenizer(tmp_path, trained, corpus, capsys, monkeypa
 
     recipe.write_text(recipe.read_text().replace("max_steps = 2", "max_steps = 4"))
     assert run_lab(capsys, "run", recipe)[0] == 0  # resumes from step 2 with the kept copy
-    assert load_run(tmp_path / "run")[2].name == "step_0000004"
+    assert lab.runs.load(tmp_path / "run")[2].name == "step_0000004"
 
     transformers = pytest.importorskip("transformers")
     assert run_lab(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "hf")[0] == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    _, model, _ = load_run(tmp_path / "run")
+    _, model, _ = lab.runs.load(tmp_path / "run")
     ids = hf_tok("ROMEO: What say you?", return_tensors="pt").input_ids
     assert ids[0].tolist() == tok.encode("ROMEO: What say you?") and hf_tok.eos_token == "<|endoftext|>"
     with torch.no_grad():
@@ -258,7 +258,7 @@ def test_shipped_tokenizers_are_the_documented_commands_output(tmp_path, capsys)
 
 def test_data_source_refuses_tokens_of_another_vocabulary_directly(tmp_path, corpus, trained):
     """The same check without the CLI: the memmap source compares meta.json's fingerprint."""
-    from lab.prepare import prepare
+    from lab.data.prepare import prepare
     from lab.plugins import registry
 
     other_dir = tmp_path / "other"

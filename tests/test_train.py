@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import lab.model
-from lab import checkpoint
-from lab.cli import main
-from lab.metrics import device_peak
+import lab.runs
+from lab.runs import checkpoint
+from lab.commands.cli import main
+from lab.engine.peak import device_peak
 from lab.recipe import load_recipe
-from lab.report import read_metrics
+from lab.runs.metrics import read_metrics
 from tiny import counting_tokens, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +80,7 @@ def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):
     assert [d.name for d in checkpoint.checkpoint_dirs(run)] == ["step_0000004", "step_0000008"]
     state = checkpoint.load_state(run / "checkpoints" / "step_0000008")  # weights_only=True
     assert state["step"] == 8 and set(state["rng"]) >= {"python", "numpy", "torch"}
-    _, model, _ = checkpoint.load_run(run)
+    _, model, _ = lab.runs.load(run)
     assert model.config.n_layer == 2
 
     assert "MFU is measured against the " in out and "fp32 peak measured with a 1024x1024 matmul" in out
@@ -266,8 +267,7 @@ def test_mfu_on_cpu_is_against_a_timed_matmul_that_leaves_the_rng_alone():
 def test_mfu_peak_on_a_busy_machine_is_the_best_timed_here(monkeypatch, tmp_path):
     """A matmul timed while other work runs is slow, which would inflate MFU: the best rate seen on
     this machine is kept in the cache folder and used while it is higher."""
-    from lab import metrics
-
+    from lab.engine import peak as metrics
     monkeypatch.setenv("LAB_CACHE", str(tmp_path))
     monkeypatch.setattr(metrics, "timed_matmul", lambda device, dtype: (50e9, 1024))
     quiet = device_peak(torch.device("cpu"), torch.float32)

@@ -1,6 +1,5 @@
 """Attention: GPT-2's, the plain reference every other attention is checked against, and a sliding window."""
 from lab import hookimpl
-
 from lab_attention.manual import ManualAttention, ManualConfig
 from lab_attention.sdpa import SDPAAttention, SDPAConfig
 from lab_attention.sliding import SlidingAttention, SlidingConfig

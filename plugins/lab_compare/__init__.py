@@ -3,7 +3,6 @@ of the core: they read run folders and start `lab run`s, and the core knows noth
 import importlib
 
 from lab import hookimpl
-
 AXES = ("steps", "tokens", "seconds", "flops")
 
 

@@ -7,7 +7,6 @@ import math
 import statistics
 from pathlib import Path
 
-from lab.errors import LabError
 
 from lab_compare.runs import Run, differences, extra_keys, flatten
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lab.errors import LabError
 from lab.recipe import read_toml
-from lab.report import METRICS, read_metrics
+from lab.runs.metrics import METRICS, read_metrics
 
 # The keys every metrics.jsonl record has (and lr.GROUP, each optimizer group's lr); any other number
 # in a record (an extra loss term a component logs, bits per byte...) is shown in a column of its own.

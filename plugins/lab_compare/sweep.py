@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.prepare import cpu_count
+from lab.data.prepare import cpu_count
 from lab.recipe import load_recipe
 
 from lab_compare import stats

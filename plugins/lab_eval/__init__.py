@@ -4,8 +4,6 @@ files, and lm-evaluation-harness tasks. An application on top of the core's scor
 import importlib
 
 from lab import hookimpl
-
-
 @hookimpl
 def lab_commands(subparsers):
     p = subparsers.add_parser("eval", help="score a run: loss, perplexity and bits per byte on text; "

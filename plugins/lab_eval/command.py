@@ -6,12 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-from lab import checkpoint
-from lab.checkpoint import load_run
-from lab.device import pick_device
+from lab.runs import checkpoint
+import lab.runs
+from lab.engine.device import pick_device
 from lab.errors import LabError
-from lab.eval_data import read_task, read_token_sequences
-from lab.evaluate import score_choices, score_text
+from lab.data.eval_sets import read_task, read_token_sequences
+from lab.inference.scoring import score_choices, score_text
 from lab.files import write_text_atomically
 
 RESULTS = "eval.json"
@@ -29,7 +29,7 @@ def cli_eval(args) -> int:
 
         harness_tasks = find_tasks(args.harness, args.include_path)
     device = pick_device(args.device, f"--device {args.device}", "use --device auto or cpu")
-    recipe, model, ckpt = load_run(args.run_dir, device)
+    recipe, model, ckpt = lab.runs.load(args.run_dir, device)
     saved = read_results(Path(args.run_dir))
     tokenizer = recipe.parts["tokenizer"].build()
     stride = text_stride(args.stride, model.config.block_size)

@@ -47,14 +47,14 @@ class LabLM(LM):
         if unknown:
             raise LabError(f"unknown model_args for lab: {', '.join(unknown)}; lab takes run_dir, device, "
                            "batch_size, stride and max_gen_toks")
-        from lab.checkpoint import load_run
-        from lab.device import pick_device
+        import lab.runs
+        from lab.engine.device import pick_device
 
         if model is None:
             if not run_dir:
                 raise LabError("the lab model needs run_dir, e.g. model_args=\"run_dir=runs/gpt_small\"")
             where = f"model_args device={device}"
-            recipe, model = load_run(run_dir, pick_device(device or "auto", where, "use device=cpu"))[:2]
+            recipe, model = lab.runs.load(run_dir, pick_device(device or "auto", where, "use device=cpu"))[:2]
         else:
             recipe, model = model  # `lab eval` hands over the run it has loaded
         self.model, self.tokenizer = model, recipe.parts["tokenizer"].build()
@@ -67,7 +67,7 @@ class LabLM(LM):
     # Log-likelihoods -------------------------------------------------------------------------
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        from lab.evaluate import encode_pair, loglikelihoods
+        from lab.inference.scoring import encode_pair, loglikelihoods
 
         pairs = [encode_pair(self.tokenizer, context, continuation) for context, continuation in
                  (request.args for request in requests)]
@@ -75,7 +75,8 @@ class LabLM(LM):
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         """The whole text's log-likelihood, every token scored once, after an end-of-text token."""
-        from lab.evaluate import document_ids, score_text
+        from lab.data.eval_sets import document_ids
+        from lab.inference.scoring import score_text
 
         return [-score_text(self.model, self.tokenizer, [document_ids(self.tokenizer, request.args[0])],
                             self.stride, self.batch_size).nll if request.args[0] else 0.0
@@ -91,7 +92,7 @@ class LabLM(LM):
     def generate_one(self, context: str, kwargs: dict) -> str:
         """Greedy (or sampled, with do_sample and temperature) decoding with the KV cache, stopped at
         the first of the `until` strings, which is cut off, or at max_gen_toks."""
-        from lab.generate import stream
+        from lab.inference.sampling import stream
 
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)

@@ -3,8 +3,6 @@ because it names GPT-2's and Llama's components. It needs safetensors and torch,
 import importlib
 
 from lab import hookimpl
-
-
 @hookimpl
 def lab_commands(subparsers):
     p = subparsers.add_parser("import-hf", help="turn a local transformers GPT-2 or Llama folder into a lab run folder")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from lab.checkpoint import load_run
+import lab.runs
 from lab.errors import LabError
 from lab.files import usual_mode
 from lab.recipe import Recipe
@@ -23,8 +23,8 @@ ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
 
 
 def export_hf(run_dir, out) -> Path:
-    recipe, model, ckpt = load_run(run_dir)
-    tokenizer = recipe.parts["tokenizer"].build()  # from the run's own copy (lab.tokenizer_files)
+    recipe, model, ckpt = lab.runs.load(run_dir)
+    tokenizer = recipe.parts["tokenizer"].build()  # from the run's own copy (lab.runs.tokenizer_files)
     family = pick_family(recipe, tokenizer, ckpt / "recipe.toml")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -9,12 +9,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lab.checkpoint import latest, save
+from lab.runs.checkpoint import latest, save
 from lab.errors import LabError
 from lab.files import write_text_atomically
 from lab.model import GPT
 from lab.recipe import Recipe, resolve
-from lab.runlock import LOCK, RunLock
+from lab.runs.lock import LOCK, RunLock
 from lab_hf import llama
 from lab_hf.names import to_lab
 

@@ -33,7 +33,7 @@ import torch
 
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource
-from lab.prepare import decode, jsonl_text, last_seam
+from lab.data.text import decode, jsonl_text, last_seam
 
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
@@ -100,7 +100,7 @@ class Reader:
         return self.handle.readline()
 
     def next_piece(self) -> bytes:
-        """About PIECE_BYTES, cut after a seam (lab.prepare.last_seam: tokenizing the pieces apart gives
+        """About PIECE_BYTES, cut after a seam (lab.data.text.last_seam: tokenizing the pieces apart gives
         the ids of the whole); the rest of the file at its end."""
         raw = b""
         while True:

@@ -9,8 +9,6 @@ Each needs its own package, an extra of lab (pip install 'lab[tensorboard]', 'la
 that names one that is not installed stops before training, saying which command installs it.
 """
 from lab import hookimpl
-
-
 @hookimpl
 def lab_components(register):
     from lab_loggers.tensorboard import TensorBoard, TensorBoardConfig

@@ -1,7 +1,7 @@
 """The corpus that ships with lab, so `lab run recipes/gpt_small.toml` works with no network: the
 tinyshakespeare text in this package, tokenized on first use into the user's cache and reused after.
 
-The cache folder is written by lab.prepare like any other (temporary files renamed into place, meta.json
+The cache folder is written by lab.data.prepare like any other (temporary files renamed into place, meta.json
 last), so a run killed while tokenizing, or two runs tokenizing at once, never leave a broken cache.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from lab.errors import LabError
 from lab.files import cache_folder
 from lab.interfaces import Tokenizer
-from lab.prepare import SPLITS, prepare, token_dtype
+from lab.data.prepare import SPLITS, prepare, token_dtype
 
 CORPUS = Path(__file__).with_name("tinyshakespeare.txt")
 VAL_FRACTION = 0.1  # the last 10% of the text, as nanoGPT's shakespeare prepare.py holds out

@@ -14,7 +14,7 @@ import torch
 
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource
-from lab.prepare import SPLITS
+from lab.data.prepare import SPLITS
 from lab_memmap.embedded import tinyshakespeare
 
 SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}

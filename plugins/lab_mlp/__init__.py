@@ -1,6 +1,5 @@
 """Feed-forward blocks: GPT-2's GELU MLP, LLaMA's SwiGLU the speedrun's squared ReLU, a mixture of experts."""
 from lab import hookimpl
-
 from lab_mlp.gelu import GeluConfig, GeluMLP
 from lab_mlp.moe import MoE, MoEConfig
 from lab_mlp.relu2 import ReLU2Config, ReLU2MLP

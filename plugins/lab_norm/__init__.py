@@ -1,6 +1,5 @@
 """Normalisation: GPT-2's LayerNorm, and LLaMA's RMSNorm."""
 from lab import hookimpl
-
 from lab_norm.layernorm import LayerNormConfig, layernorm
 from lab_norm.rmsnorm import RMSNorm, RMSNormConfig
 

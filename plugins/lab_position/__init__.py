@@ -1,6 +1,5 @@
 """Where a token is: GPT-2's learned positions, rotary positions, ALiBi."""
 from lab import hookimpl
-
 from lab_position.alibi import AlibiConfig, AlibiPosition
 from lab_position.learned import LearnedConfig, LearnedPosition
 from lab_position.rope import RopeConfig, RotaryPosition

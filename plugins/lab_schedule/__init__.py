@@ -1,6 +1,5 @@
 """Learning-rate schedules, each a pure function of the step."""
 from lab import hookimpl
-
 from lab_schedule.cosine import Cosine, CosineConfig
 from lab_schedule.wsd import WSD, WSDConfig
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from lab.generate import sample
+from lab.inference.sampling import sample
 
 log = logging.getLogger("lab_serve")
 

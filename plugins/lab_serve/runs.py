@@ -1,7 +1,7 @@
 """Which run folders the server may read, and the models it has loaded from them.
 
 A request names a run by its id, a key of a table made from the folders given on the command line;
-nothing in a request becomes a path. Models load on first use (through lab.checkpoint.load_run) and
+nothing in a request becomes a path. Models load on first use (through lab.runs.load) and
 at most `max_models` stay in memory: the least recently used idle one makes room.
 """
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.checkpoint import latest, load_run, step_of
+from lab.runs.checkpoint import latest, step_of
+import lab.runs
 from lab.errors import LabError
-from lab.report import METRICS, read_metrics
+from lab.runs.metrics import METRICS, read_metrics
 
 from lab_serve.batcher import Batcher
 
@@ -136,7 +137,7 @@ class ModelPool:
             self.loaded.pop(idle[0]).batcher.close()
 
     def _load(self, run_id: str, folder: Path) -> Served:
-        recipe, model, _ = load_run(folder, self.device)
+        recipe, model, _ = lab.runs.load(folder, self.device)
         tokenizer = recipe.parts["tokenizer"].build()
         max_len = model.position.max_len or model.config.block_size
         eos = getattr(tokenizer, "eot_id", None)

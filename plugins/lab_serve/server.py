@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lab.device import pick_device
+from lab.engine.device import pick_device
 from lab.errors import LabError
 
 from lab_serve.api import Limits, make_app

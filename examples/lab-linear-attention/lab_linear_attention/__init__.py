@@ -1,6 +1,5 @@
 """A lab plugin package: causal linear attention, registered as attention "linear"."""
 from lab import hookimpl
-
 from lab_linear_attention.linear import LinearAttention, LinearConfig
 
 

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a model from a recipe (resumes if its run folder has a checkpoint)")
     p.add_argument("recipe")
     _add_set(p)
-    p.set_defaults(func=lambda a: _lazy("lab.train", "cli_run")(a))
+    p.set_defaults(func=lambda a: _lazy("lab.commands.run", "cli_run")(a))
 
     p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin / meta.json")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders of .txt, or .jsonl with a 'text' field")
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of documents held out (default 0.1)")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizing processes (default: one per core on large inputs)")
-    p.set_defaults(func=lambda a: _lazy("lab.prepare", "cli_prepare")(a))
+    p.set_defaults(func=lambda a: _lazy("lab.commands.prepare", "cli_prepare")(a))
 
     p = sub.add_parser("generate", help="sample text from a trained run folder")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", default=None, metavar="FILE")
-    p.set_defaults(func=lambda a: _lazy("lab.generate", "cli_generate")(a))
+    p.set_defaults(func=lambda a: _lazy("lab.commands.generate", "cli_generate")(a))
 
     from lab.plugins import registry
 

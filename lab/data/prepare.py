@@ -8,7 +8,7 @@ writes three files into the --out folder:
     val.bin     the same, for the held-out documents
     meta.json   tokenizer (name, fingerprint, files), vocab_size, dtype, token and document counts, the
                 largest id: what a data source checks the .bin files against before it trusts them
-    tokenizer/  copies of the files a trained tokenizer was built from (lab.tokenizer_files), if any
+    tokenizer/  copies of the files a trained tokenizer was built from (lab.runs.tokenizer_files), if any
 
 A document is a .txt file (folders are searched for them recursively) or one line of a .jsonl file
 (its "text" field). The tokenizer's end-of-text token goes between the documents of a split. Each
@@ -24,7 +24,6 @@ folder that looks finished.
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
 import itertools
 import json
@@ -32,7 +31,6 @@ import mmap
 import multiprocessing
 import os
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -40,33 +38,14 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from lab import tokenizer_files
+from lab.runs import tokenizer_files
 from lab.errors import LabError
-from lab.files import cannot_write, fsync, remove_stale_temporaries, temporary, usual_mode, write_text_atomically
+from lab.files import fsync, remove_stale_temporaries, temporary, usual_mode, write_text_atomically
+from lab.data.text import INPUT_HELP, PIECE_BYTES, Document, Segment, documents, find_input_files, line_cut, read_text
 from lab.interfaces import Tokenizer
 
 SPLITS = ("train", "val")
-PIECE_BYTES = 1 << 20  # text handed to the tokenizer at once: big enough to amortise, small enough to stream
 PARALLEL_BYTES = 8 << 20  # inputs at least this big are tokenized by one process per core
-INPUT_HELP = "lab prepare takes text files, folders of .txt files, and .jsonl files with a \"text\" field per line"
-
-
-def cli_prepare(args) -> int:
-    tokenizer = build_tokenizer(args.tokenizer, args.recipe, args.overrides)
-    refuse_foreign_files(Path(args.out).expanduser())
-    try:
-        meta = prepare(args.inputs, args.out, tokenizer, args.val_fraction, args.workers)
-    except OSError as e:  # the half-written files are gone already (Output.discard)
-        raise cannot_write(e.filename or args.out, e, fix="Free some space, or give --out a folder on "
-                           "another disk") from None
-    print(f"wrote {args.out}: " + ", ".join(
-        f"{split}.bin {meta[f'{split}_tokens']:,} tokens ({_count(meta[f'{split}_documents'], 'document')})"
-        for split in SPLITS) + f"; {meta['dtype']}, tokenizer {meta['tokenizer']}")
-    return 0
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def build_tokenizer(name: str | None, recipe: str | None = None, overrides=()) -> Tokenizer:
@@ -142,22 +121,6 @@ def prepare(inputs: Iterable, out, tokenizer: Tokenizer, val_fraction: float = 0
 # --- inputs -> documents -> segments -> work items ---------------------------------------------
 
 
-def find_input_files(inputs: list[str]) -> list[Path]:
-    files = []
-    for name in inputs:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not found:
-                raise LabError(f"input folder {name} holds no .txt files (searched recursively). {INPUT_HELP}")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise LabError(f"input not found: {name}. {INPUT_HELP}")
-    return files
-
-
 def make_folder(out) -> Path:
     out = Path(out).expanduser()
     try:
@@ -188,56 +151,6 @@ def refuse_foreign_files(out: Path) -> None:
                    "its own beside them); it will not overwrite them. Give --out a new folder")
 
 
-@dataclass
-class Document:
-    path: Path
-    text: str | None  # a .jsonl line's text; None: the whole file at path, read in pieces
-    nbytes: int  # input bytes it accounts for, for the progress bar
-
-
-@dataclass
-class Segment:
-    """A piece of one document's text, tokenized on its own."""
-
-    text: str
-    starts_document: bool
-    split: str | None  # None: the document's split is drawn from the hash of its first segment
-
-
-def documents(files: list[Path]) -> Iterator[Document]:
-    for path in files:
-        if path.suffix == ".jsonl":
-            yield from jsonl_documents(path)
-        elif path.stat().st_size:
-            yield Document(path, None, path.stat().st_size)
-
-
-def jsonl_documents(path: Path) -> Iterator[Document]:
-    nbytes = 0  # carries the bytes of skipped lines into the next document, so the bar ends full
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            nbytes += len(line)
-            if not line.strip():
-                continue
-            text = jsonl_text(line, path, number)
-            if text:
-                yield Document(path, text, nbytes)
-                nbytes = 0
-
-
-def jsonl_text(line: bytes, path, number: int) -> str:
-    """The "text" of a .jsonl line (number counts from 1), or one message naming the file and line."""
-    try:
-        record = json.loads(line)
-    except ValueError as e:
-        raise LabError(f"{path} line {number} is not valid JSON ({e}); each line of a .jsonl "
-                       "file must be one JSON object with a \"text\" field") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise LabError(f"{path} line {number} has no \"text\" string; each line of a .jsonl "
-                       "file must be a JSON object like {\"text\": \"...\"}")
-    return record["text"]
-
-
 def plan_segments(files: list[Path], val_fraction: float) -> Iterator[tuple[Segment, int]]:
     """Every document's segments with the input bytes each accounts for. A lone document is cut
     in two by position, since drawing its split would put all of it on one side."""
@@ -258,7 +171,7 @@ def document_segments(doc: Document, split: str | None, start: int = 0, stop: in
         if text:
             yield Segment(text, True, split), doc.nbytes if start == 0 else 0
         return
-    pieces = read_text(doc.path, start, doc.path.stat().st_size if stop is None else stop)
+    pieces = read_text(doc.path, start, doc.path.stat().st_size if stop is None else stop, PIECE_BYTES)
     for i, (text, nbytes) in enumerate(pieces):
         yield Segment(text, i == 0, split), nbytes
 
@@ -273,63 +186,6 @@ def split_single_document(doc: Document, val_fraction: float):
                 cut += 1
     yield from document_segments(doc, "train", 0, cut)
     yield from document_segments(doc, "val", cut, None)
-
-
-def line_cut(text, target: int, newline) -> int:
-    """The first line start at or after `target`; `target` itself when no line starts there."""
-    if target <= 0 or target >= len(text) or text[target - 1 : target] == newline:
-        return min(max(target, 0), len(text))
-    end = text.find(newline, target)
-    return end + 1 if 0 <= end < len(text) - 1 else target
-
-
-def read_text(path: Path, start: int, stop: int, piece_bytes: int = 0) -> Iterator[tuple[str, int]]:
-    """Bytes [start, stop) of a UTF-8 file as (text, bytes) pieces of about piece_bytes (default
-    PIECE_BYTES), each cut at a seam where tokenizing the pieces apart gives the same ids as
-    tokenizing the whole."""
-    piece_bytes = piece_bytes or PIECE_BYTES
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, offset = b"", start  # bytes read but not yet handed out, and where they start in the file
-    with open(path, "rb") as f:
-        f.seek(start)
-        while offset + len(carry) < stop:
-            block = f.read(min(piece_bytes, stop - offset - len(carry)))
-            if not block:  # the file shrank while we read it
-                break
-            text = carry + block
-            cut = last_seam(text, after=max(len(carry) - 1, 0))  # carry itself was searched already
-            if cut is None:
-                if len(text) < 4 * piece_bytes:
-                    carry = text
-                    continue
-                cut = text.rfind(b"\n") + 1 or len(text)  # no seam for a while: settle for a line end
-            yield decode(decoder, text[:cut], path, offset), cut
-            carry, offset = text[cut:], offset + cut
-    tail = decode(decoder, carry, path, offset, final=True)  # fails on a truncated last character
-    if carry:
-        yield tail, len(carry)
-
-
-def last_seam(text: bytes, after: int = 0) -> int | None:
-    """Where the last line of `text` that follows a seam (a newline past `after`) begins, or None.
-
-    A seam is a single newline between two non-space characters: byte-level BPE tokenizers (GPT-2's
-    and tiktoken's patterns) always split there. Elsewhere (blank lines, trailing spaces, CRLF line
-    ends) a run of whitespace that spans the cut could be tokenized differently."""
-    end = len(text) - 1  # the character after the newline must be in text too
-    while (i := text.rfind(b"\n", max(after, 1), end)) > 0:
-        if not text[i - 1 : i].isspace() and not text[i + 1 : i + 2].isspace():
-            return i + 1
-        end = i
-    return None
-
-
-def decode(decoder, data: bytes, path: Path, offset: int, final: bool = False) -> str:
-    try:
-        return decoder.decode(data, final=final)
-    except UnicodeDecodeError as e:
-        raise LabError(f"{path} is not UTF-8 text (bad byte near offset {offset + e.start}); convert it, "
-                       f"e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt") from None
 
 
 def work_items(segments: Iterable[tuple[Segment, int]]) -> Iterator[tuple[list[Segment], int]]:

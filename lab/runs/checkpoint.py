@@ -10,7 +10,7 @@ renamed into place (a rename is atomic). A folder without COMPLETE is never read
 moment leaves the previous checkpoint whole.
 
 COMPLETE holds each file's size and SHA-256, taken when it was saved. Every reader (resume, `lab
-generate`, `lab export-hf`, whatever calls load_run) checks them, and that the weights are finite,
+generate`, `lab export-hf`, whatever calls lab.runs.load) checks them, and that the weights are finite,
 before it trusts a checkpoint: a damaged one (a disk that failed, a copy cut short) is passed over for
 the newest intact one with a one-line warning, and if none is intact the message lists what is
 damaged and what to do. Old checkpoints are removed COMPLETE first, so one whose deletion was cut
@@ -45,13 +45,14 @@ from torch import nn
 from lab.errors import LabError
 from lab.files import cannot_write, disk_error, fsync, remove_stale_temporaries, sha256, usual_mode
 
+CHECKPOINTS = "checkpoints"  # the folder of a run folder that holds them
 MARKER = "COMPLETE"
 FILES = ("model.safetensors", "state.pt", "recipe.toml")  # what a checkpoint cannot do without
 
 
 def checkpoint_dirs(run_dir) -> list[Path]:
     """Complete checkpoints in a run folder, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [d for d in root.glob("step_*") if d.is_dir() and (d / MARKER).exists() and d.name[5:].isdigit()]
@@ -72,7 +73,7 @@ def save(run_dir, step: int, model, recipe_toml: str, state: dict, keep: int = 2
     """Write a checkpoint atomically; keep the newest `keep` complete ones. model: the model, or its
     full state dict (what `gather` returns on rank 0)."""
     weights = model.state_dict() if isinstance(model, nn.Module) else model
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     try:
@@ -127,7 +128,7 @@ def tensor_bytes(obj) -> int:
 def clear_debris(run_dir) -> None:
     """Remove what processes killed mid-write left: half-written checkpoints, the old copy of a
     checkpoint saved twice, hidden temporary files. Only the run's writer calls it (it holds the lock)."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     for debris in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
         shutil.rmtree(debris, ignore_errors=True)
     if Path(run_dir).is_dir():
@@ -398,28 +399,3 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state(state["cuda_device"], device)
 
 
-def load_run(run_dir, device="cpu"):
-    """(recipe, model, checkpoint folder) of a run folder's newest checkpoint, the model in eval mode.
-    recipe.parts["tokenizer"].build() gives the run's tokenizer, from the files the run folder keeps."""
-    from lab import tokenizer_files
-    from lab.model import GPT
-    from lab.recipe import read_toml, resolve
-
-    if not Path(run_dir).is_dir():
-        raise LabError(f"run folder not found: {run_dir}. Train one with `lab run RECIPE`, or import "
-                       "GPT-2 weights with `lab import-hf HF_DIR --out RUN_DIR`")
-    def build(ckpt):
-        recipe_file = ckpt / "recipe.toml"
-        raw = read_toml(str(recipe_file))
-        tokenizer_files.use_kept(raw, run_dir)  # the run's own copy: the original may have moved
-        recipe = resolve(raw, str(recipe_file))
-        model = GPT(recipe)
-        load_weights(ckpt, model)
-        return recipe, model
-
-    ckpt, loaded = newest_intact(run_dir, build)
-    if ckpt is None:
-        raise LabError(f"{run_dir} has no complete checkpoint (looked for checkpoints/step_*/{MARKER}). "
-                       "Train with `lab run RECIPE` until it saves one")
-    recipe, model = loaded
-    return recipe, model.to(device).eval(), ckpt

@@ -220,3 +220,17 @@ def main_first(fn, *args):
     if dist.is_initialized() and dist.get_rank() != 0:
         result = fn(*args)
     return result
+
+
+def launcher() -> str:
+    """How this process was started, for the commands messages suggest: '' (plain `lab run`) or torchrun."""
+    here = layout()
+    if here.world_size == 1:
+        return ""
+    nodes = here.world_size // here.local_world_size
+    return f"torchrun {f'--nnodes={nodes} ' if nodes > 1 else ''}--nproc_per_node={here.local_world_size} -m "
+
+
+def torchrun_command(command: str, processes: int) -> str:
+    """`lab run ...` as started on that many processes of one node."""
+    return command if processes == 1 else f"torchrun --nproc_per_node={processes} -m {command}"

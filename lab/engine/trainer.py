@@ -19,7 +19,6 @@ complete checkpoint and logs the same losses as a run that was never stopped.
 from __future__ import annotations
 
 import math
-import shlex
 import signal
 import sys
 import threading
@@ -30,61 +29,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lab import checkpoint
-from lab import device as devices
-from lab import distributed, tokenizer_files
+from lab.runs import checkpoint
+from lab.engine import device as devices
+from lab.engine import distributed
+from lab.runs import tokenizer_files
 from lab.errors import LabError
-from lab.evaluate import Evaluator, bits_per_byte, describe, utf8_bytes
+from lab.inference.scoring import Evaluator, bits_per_byte, describe, utf8_bytes
 from lab.files import writing
-from lab.precision import pick_dtype
-from lab.generate import check_sampling, generate
+from lab.engine.precision import pick_dtype
+from lab.inference.sampling import check_sampling, generate
 from lab.interfaces import DataContext
-from lab.metrics import device_peak
+from lab.engine.peak import device_peak
 from lab.model import GPT
-from lab.recipe import Recipe, apply_overrides, read_toml, resolve
-from lab.report import METRICS, MetricsLog
+from lab.recipe import Recipe, read_toml
+from lab.runs.metrics import METRICS, MetricsLog
 from lab.roles import build_optimizer
-from lab.runlock import LOCK, RunLock
-
-
-def cli_run(args) -> int:
-    try:
-        recipe = read_recipe(args.recipe, args.overrides)
-        for note in recipe.notes if distributed.layout().main else ():
-            print(f"note: {note}", file=sys.stderr)
-        command = shlex.join(["lab", "run", args.recipe] + [a for o in args.overrides for a in ("--set", o)])
-        return train(recipe, launcher() + command)
-    except LabError:
-        if not distributed.layout().main:
-            # Rank 0 meets the same error and says what is wrong; torchrun then stops this process. Wait
-            # for that, so that a rank 0 a little behind is not stopped before it has said it. Still
-            # running after the wait: the error is this process's alone, and it says it itself.
-            time.sleep(5)
-        raise
-
-
-def read_recipe(path: str, overrides) -> Recipe:
-    """The recipe; resuming, its tokenizer's files are the copies the run folder keeps when the
-    originals have moved (lab.tokenizer_files)."""
-    raw = apply_overrides(read_toml(path), overrides)
-    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    run_dir = train.get("out_dir") or f"runs/{raw.get('name') or Path(path).stem}"  # as run_folder() has it
-    tokenizer_files.use_kept(raw, run_dir, source=path)
-    return resolve(raw, path)
-
-
-def launcher() -> str:
-    """How this process was started, for the commands messages suggest: '' (plain `lab run`) or torchrun."""
-    layout = distributed.layout()
-    if layout.world_size == 1:
-        return ""
-    nodes = layout.world_size // layout.local_world_size
-    return f"torchrun {f'--nnodes={nodes} ' if nodes > 1 else ''}--nproc_per_node={layout.local_world_size} -m "
-
-
-def launch(command: str, processes: int) -> str:
-    """`lab run ...` as started on that many processes of one node."""
-    return command if processes == 1 else f"torchrun --nproc_per_node={processes} -m {command}"
+from lab.runs.lock import LOCK, RunLock
 
 
 def train(recipe: Recipe, command: str = "") -> int:
@@ -311,7 +271,7 @@ class Trainer:
             state["data"] = checkpoint.data_states(
                 state.get("data", {}), world, self.data.any_layout, ckpt,
                 f"data source '{part.name}' (package '{part.component.package}')",
-                lambda n: launch(self.command.removeprefix(launcher()), n))
+                lambda n: distributed.torchrun_command(self.command.removeprefix(distributed.launcher()), n))
             return checkpoint.read_weights(ckpt, self.model), state
         except checkpoint.Damaged as e:  # found only by reading it: a checkpoint saved before checksums
             raise LabError(f"{e}. Move it out of {ckpt.parent} (e.g. to {self.run_dir / ('damaged_' + ckpt.name)}) "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lab.files import cache_folder, write_text_atomically
-from lab.precision import cpuinfo
+from lab.engine.precision import cpuinfo
 
 # (name pattern, bf16 dense tensor-core peak, fp32 peak) in FLOP/s, from NVIDIA's datasheets. The
 # patterns are tried in order: the H100 PCIe and NVL come before the H100 SXM they would match.

@@ -6,13 +6,13 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lab.errors import LabError
-from lab.evaluate import Item, document_ids
-from lab.prepare import decode, jsonl_documents
+from lab.data.text import decode, jsonl_documents
 
 TEXT_HELP = "give text files (.txt or any UTF-8 text), .jsonl files with a \"text\" field per line, or a " \
             "data folder made by `lab prepare`"
@@ -123,3 +123,19 @@ def hellaswag_clean(text: str) -> str:
     text = text.strip().replace(" [title]", ". ")
     text = re.sub("\\[.*?\\]", "", text)
     return text.replace("  ", " ")
+
+
+def document_ids(tokenizer, text: str) -> list[int]:
+    """A document's tokens, after the end-of-text token when the tokenizer has one, so that its
+    first token is scored too (as a document starts in training data, and as lm-eval does)."""
+    prefix = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    return prefix + tokenizer.encode(text)
+
+
+@dataclass(frozen=True)
+class Item:
+    """A multiple-choice question: the context, the choices that may continue it, the right one."""
+
+    context: str
+    choices: list[str]
+    label: int

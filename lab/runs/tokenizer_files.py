@@ -3,7 +3,7 @@
     tokenizer/tokenizer.json   a copy of each file the tokenizer names in Tokenizer.files()
     tokenizer/files.json       {"name", "fingerprint", "files": {setting: copy's name, ...}}
 
-Reading a run (checkpoint.load_run: lab generate, export-hf, eval, serve) and resuming it build the
+Reading a run (lab.runs.load: lab generate, export-hf, eval, serve) and resuming it build the
 tokenizer from these copies, so the run works after the original files are moved or deleted.
 """
 from __future__ import annotations

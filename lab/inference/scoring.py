@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lab.data.eval_sets import Item
 from lab.errors import LabError
 from lab.fused_loss import padded_rows, soft_cap
 
@@ -121,13 +122,6 @@ class TextScore:
                 "tokens": self.tokens, "bytes": self.bytes}
 
 
-def document_ids(tokenizer, text: str) -> list[int]:
-    """A document's tokens, after the end-of-text token when the tokenizer has one, so that its
-    first token is scored too (as a document starts in training data, and as lm-eval does)."""
-    prefix = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-    return prefix + tokenizer.encode(text)
-
-
 @torch.inference_mode()
 def score_text(model, tokenizer, seqs: list[list[int]], stride: int, batch_size: int = 8,
                desc: str | None = None) -> TextScore:
@@ -146,14 +140,6 @@ def score_text(model, tokenizer, seqs: list[list[int]], stride: int, batch_size:
 
 
 # Multiple choice --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Item:
-    """A multiple-choice question: the context, the choices that may continue it, the right one."""
-
-    context: str
-    choices: list[str]
-    label: int
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -215,7 +201,7 @@ class Evaluator:
     def __init__(self, recipe, tokenizer):
         from pathlib import Path
 
-        from lab.eval_data import read_task, read_token_sequences
+        from lab.data.eval_sets import read_task, read_token_sequences
 
         cfg = recipe.eval
         self.tokenizer, self.batch_size = tokenizer, cfg.batch_size
