@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lab_memmap.embedded import CORPUS
-from lab_tokenizers.train import bpe_trainer, train_bpe, untrained_bpe
+from lab_tokenizer_train.train import bpe_trainer, train_bpe, untrained_bpe
 
 
 def corpus(mb: int) -> Path:

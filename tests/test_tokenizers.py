@@ -262,7 +262,7 @@ def test_data_source_refuses_tokens_of_another_vocabulary_directly(tmp_path, cor
     from lab.plugins import registry
 
     other_dir = tmp_path / "other"
-    from lab_tokenizers.train import train_bpe
+    from lab_tokenizer_train.train import train_bpe
 
     train_bpe([corpus], other_dir, 400, progress=False)
     prepare([corpus], tmp_path / "data", BPETokenizer(BPEConfig(path=str(other_dir))), progress=False)

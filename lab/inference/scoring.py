@@ -1,6 +1,6 @@
 """Scoring a model: bits per byte, the log-likelihood of long text in strided windows, and
 multiple-choice items by the log-likelihood of each choice. `lab run` uses it for its val bits per
-byte and the [eval] table; `lab eval` (plugins/lab_eval) and the lm-evaluation-harness adapter use
+byte and the [eval] table; `lab eval` (plugins/apps/lab_eval) and the lm-evaluation-harness adapter use
 it on a trained run.
 
 Bits per byte compares models whose tokenizers differ: the loss in bits, over the UTF-8 bytes of

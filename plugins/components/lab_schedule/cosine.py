@@ -3,7 +3,7 @@ import math
 from pydantic import BaseModel, Field, NonNegativeInt
 
 from lab.interfaces import Schedule
-from lab_schedule.warmup import warn_if_longer_than_the_run
+from lab_schedule.long_warmup import warn_if_longer_than_the_run
 
 
 class CosineConfig(BaseModel):

@@ -1,19 +1,8 @@
-"""Tokenizers you make yourself: `lab tokenizer train` (a byte-level BPE trained with Hugging Face
-tokenizers, or the characters of a text), the `bpe` component that loads the tokenizer.json it
-writes, and the `char` component that reads its character list."""
+"""`lab tokenizer train`: a byte-level BPE trained with Hugging Face tokenizers on your text, or the
+characters of a text; the tokenizers it writes are loaded by lab_tokenizers' `bpe` and `char`."""
 import importlib
 
 from lab import hookimpl
-from lab_tokenizers.bpe import BPEConfig, BPETokenizer
-from lab_tokenizers.char import CharConfig, CharTokenizer
-
-
-@hookimpl
-def lab_components(register):
-    register("tokenizer", "bpe", BPETokenizer, BPEConfig,
-             "byte-level BPE from a tokenizer.json (train one: lab tokenizer train)")
-    register("tokenizer", "char", CharTokenizer, CharConfig,
-             "one token per character of a vocab.json (make one: lab tokenizer train --char)")
 
 
 @hookimpl
@@ -30,4 +19,4 @@ def lab_commands(subparsers):
                    help="pre-tokenisation regex; default: GPT-2's")
     t.add_argument("--min-frequency", type=int, default=2, metavar="F",
                    help="merge only pairs seen at least F times (default 2)")
-    t.set_defaults(func=lambda args: importlib.import_module("lab_tokenizers.train").cli_train(args))
+    t.set_defaults(func=lambda args: importlib.import_module("lab_tokenizer_train.train").cli_train(args))

@@ -11,7 +11,7 @@ import lab.runs
 from lab.errors import LabError
 from lab.files import usual_mode
 from lab.recipe import Recipe
-from lab_gpt2 import HERE as GPT2_FILES
+from lab_tokenizers.gpt2 import HERE as GPT2_FILES
 from lab_hf import llama
 from lab_hf.names import to_hf
 

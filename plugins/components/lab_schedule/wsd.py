@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, NonNegativeInt
 
 from lab.interfaces import Schedule
-from lab_schedule.warmup import warn_if_longer_than_the_run
+from lab_schedule.long_warmup import warn_if_longer_than_the_run
 
 
 class WSDConfig(BaseModel):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lab.errors import LabError
 from lab.files import write_text_atomically
 from lab.data.text import INPUT_HELP, documents, find_input_files, read_text
-from lab_gpt2 import PATTERN as GPT2_PATTERN
+from lab_tokenizers.gpt2 import PATTERN as GPT2_PATTERN
 from lab_tokenizers.bpe import ENDOFTEXT, tokenizers_library
 
 SPECIALS = [ENDOFTEXT]

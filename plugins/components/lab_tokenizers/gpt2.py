@@ -7,10 +7,9 @@ import tiktoken
 from pydantic import BaseModel
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from lab import hookimpl
 from lab.interfaces import Tokenizer
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent / "gpt2"  # vocab.bpe and encoder.json, as OpenAI published them
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k_pat_str / the original encoder.py).
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -48,9 +47,3 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))
-
-
-@hookimpl
-def lab_components(register):
-    register("tokenizer", "gpt2", GPT2Tokenizer, GPT2Config,
-             "GPT-2 byte-level BPE (tiktoken, from files shipped with lab; no download)")

@@ -20,7 +20,7 @@ RESULTS = "eval.json"
 def cli_eval(args) -> int:
     if not (args.text or args.tasks or args.harness):
         raise LabError("lab eval needs something to score: --text FILE..., --tasks FILE... or --harness TASKS "
-                       "(e.g. lab eval runs/gpt_small --text plugins/lab_memmap/tinyshakespeare.txt)")
+                       "(e.g. lab eval runs/gpt_small --text plugins/components/lab_memmap/tinyshakespeare.txt)")
     check_positive(args.batch_size, "--batch-size")
     if args.limit is not None:
         check_positive(args.limit, "--limit")

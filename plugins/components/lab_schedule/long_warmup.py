@@ -1,4 +1,4 @@
-"""What every warmup schedule checks."""
+"""The warning every warmup schedule gives when its warmup is longer than the run."""
 import os
 import sys
 
