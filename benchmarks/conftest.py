@@ -8,6 +8,7 @@ Each test sets benchmark.group (one shape), and in benchmark.extra_info its "var
 pytest-benchmark writes --benchmark-json / --benchmark-save, so the files hold it too), and the
 summary is printed side by side.
 """
+
 import functools
 import gc
 import math
@@ -23,7 +24,9 @@ from lab.engine.peak import device_peak
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--lab-size", choices=sorted(machine.SIZES), default="cpu",
+        "--lab-size",
+        choices=sorted(machine.SIZES),
+        default="cpu",
         help="shapes to benchmark: cpu (small, the default) or gpu (GPT-2 small and longer sequences)",
     )
 
@@ -101,7 +104,9 @@ def pytest_sessionfinish(session):
 def pytest_terminal_summary(terminalreporter, config):
     benchmarks = _measured(config)
     if benchmarks:
-        terminalreporter.section("lab benchmarks: time/ref = time per call (generation: per token) "
-                                 "over the group's reference's; below 1 is faster")
+        terminalreporter.section(
+            "lab benchmarks: time/ref = time per call (generation: per token) "
+            "over the group's reference's; below 1 is faster"
+        )
         for line in summary_lines(benchmarks):
             terminalreporter.write_line(line)

@@ -19,6 +19,7 @@ and prints one table. Exit status 0 when every row passed, 1 otherwise; without 
 exits 1 at once: it never passes on a machine that could not run it. `--device cpu` runs the same
 code on the CPU with small shapes, to check the script itself (its figures mean nothing there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,22 +62,38 @@ class Shapes:
 
 
 GPU = Shapes((4, 12, 1024, 64), (), 16, 20, 128)
-CPU = Shapes((2, 4, 128, 32), ("model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=128"), 2, 3, 16)
+CPU = Shapes(
+    (2, 4, 128, 32),
+    ("model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=128"),
+    2,
+    3,
+    16,
+)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nanogpt", metavar="DIR", help="a clone of nanoGPT, to time its training step beside lab's")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu: exercise this script on the CPU at small shapes (figures meaningless)")
-    parser.add_argument("--only", metavar="NAMES", help="comma-separated checks to run (default: all): "
-                        + ", ".join(CHECKS))
+    parser.add_argument(
+        "--nanogpt", metavar="DIR", help="a clone of nanoGPT, to time its training step beside lab's"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: exercise this script on the CPU at small shapes (figures meaningless)",
+    )
+    parser.add_argument(
+        "--only", metavar="NAMES", help="comma-separated checks to run (default: all): " + ", ".join(CHECKS)
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: CUDA is missing: torch sees no CUDA device "
-              f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). "
-              "Run it on a machine with an NVIDIA GPU and a CUDA build of torch "
-              "(pip install torch; the CPU wheel has no CUDA). Nothing was checked.", file=sys.stderr)
+        print(
+            "gpu_check: CUDA is missing: torch sees no CUDA device "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). "
+            "Run it on a machine with an NVIDIA GPU and a CUDA build of torch "
+            "(pip install torch; the CPU wheel has no CUDA). Nothing was checked.",
+            file=sys.stderr,
+        )
         return 1
     device = torch.device(args.device)
     shapes = GPU if device.type == "cuda" else CPU
@@ -156,8 +173,13 @@ def recipes_in_bf16(device: torch.device, shapes: Shapes, args=None) -> list[Row
         a, b = losses[torch.float32], losses[torch.bfloat16]
         worst = max(abs(p - q) / abs(p) for p, q in zip(a, b))
         ok = all(math.isfinite(v) for v in b) and worst < 5e-2
-        rows.append(Row(f"bf16 {path.stem}", ok, f"3 steps, loss {b[0]:.3f} -> {b[-1]:.3f}; "
-                        f"worst rel diff from fp32 {worst:.1e}"))
+        rows.append(
+            Row(
+                f"bf16 {path.stem}",
+                ok,
+                f"3 steps, loss {b[0]:.3f} -> {b[-1]:.3f}; worst rel diff from fp32 {worst:.1e}",
+            )
+        )
     return rows
 
 
@@ -181,9 +203,15 @@ def compile_on_and_off(device: torch.device, shapes: Shapes, args=None) -> list[
     a, b = losses[False], losses[True]
     worst = max(abs(p - q) / max(abs(p), 1e-6) for p, q in zip(a, b))
     ok = worst < 2e-2 and all(math.isfinite(v) for v in a + b) and b[-1] < b[0]
-    return [Row("compile on/off", ok, f"loss {a[0]:.3f} -> {a[-1]:.3f} eager, {b[0]:.3f} -> {b[-1]:.3f} compiled "
-                f"(worst rel diff {worst:.1e}); {speeds[False]:,.0f} vs {speeds[True]:,.0f} tok/s "
-                f"({speeds[True] / speeds[False]:.2f}x)")]
+    return [
+        Row(
+            "compile on/off",
+            ok,
+            f"loss {a[0]:.3f} -> {a[-1]:.3f} eager, {b[0]:.3f} -> {b[-1]:.3f} compiled "
+            f"(worst rel diff {worst:.1e}); {speeds[False]:,.0f} vs {speeds[True]:,.0f} tok/s "
+            f"({speeds[True] / speeds[False]:.2f}x)",
+        )
+    ]
 
 
 def sdpa_backends(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
@@ -192,8 +220,12 @@ def sdpa_backends(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
 
     sdpa, manual, x = attention_pair(device, shapes, "sdpa", "manual")
     reference, ref_grad = forward_backward(manual, x)
-    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("mem-efficient", SDPBackend.EFFICIENT_ATTENTION),
-                ("cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)), ("math", SDPBackend.MATH)]
+    backends = [
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("mem-efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)),
+        ("math", SDPBackend.MATH),
+    ]
     rows = []
     for name, backend in backends:
         if backend is None:
@@ -208,25 +240,36 @@ def sdpa_backends(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
             rows.append(Row(f"sdpa/{name}", ok, f"unavailable here ({str(e).splitlines()[0][:70]})"))
             continue
         err, gerr = rel_err(out, reference), rel_err(grad, ref_grad)
-        rows.append(Row(f"sdpa/{name}", err < 2e-2 and gerr < 5e-2,
-                        f"vs manual: out {err:.1e}, grad {gerr:.1e} (rel, bf16); fwd+bwd {seconds * 1e3:.2f} ms",
-                        seconds))
+        rows.append(
+            Row(
+                f"sdpa/{name}",
+                err < 2e-2 and gerr < 5e-2,
+                f"vs manual: out {err:.1e}, grad {gerr:.1e} (rel, bf16); fwd+bwd {seconds * 1e3:.2f} ms",
+                seconds,
+            )
+        )
     return rows
 
 
 def flex_sliding(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
     """Sliding-window attention: FlexAttention block mask (auto on CUDA) against masked SDPA."""
     window = shapes.attention[2] // 4
-    flex, masked, x = attention_pair(device, shapes, "sliding", "sliding",
-                                     {"window": window}, {"window": window, "backend": "sdpa"})
+    flex, masked, x = attention_pair(
+        device, shapes, "sliding", "sliding", {"window": window}, {"window": window, "backend": "sdpa"}
+    )
     out, grad = forward_backward(flex, x)
     reference, ref_grad = forward_backward(masked, x)
     t_flex = time_it(lambda: forward_backward(flex, x), device)
     t_masked = time_it(lambda: forward_backward(masked, x), device)
     err, gerr = rel_err(out, reference), rel_err(grad, ref_grad)
-    return [Row("flex sliding", err < 2e-2 and gerr < 5e-2,
-                f"window {window} of {shapes.attention[2]}: out {err:.1e}, grad {gerr:.1e} (rel); "
-                f"flex {t_flex * 1e3:.2f} ms vs masked sdpa {t_masked * 1e3:.2f} ms fwd+bwd")]
+    return [
+        Row(
+            "flex sliding",
+            err < 2e-2 and gerr < 5e-2,
+            f"window {window} of {shapes.attention[2]}: out {err:.1e}, grad {gerr:.1e} (rel); "
+            f"flex {t_flex * 1e3:.2f} ms vs masked sdpa {t_masked * 1e3:.2f} ms fwd+bwd",
+        )
+    ]
 
 
 def cached_generation(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
@@ -245,13 +288,19 @@ def cached_generation(device: torch.device, shapes: Shapes, args=None) -> list[R
         out[cached] = generate(model, prompt, shapes.new_tokens, temperature=0, use_cache=cached)
         speed[cached] = shapes.new_tokens / t()
     same = torch.equal(out[True], out[False])
-    return [Row("generation", same, f"{shapes.new_tokens} greedy tokens {'equal' if same else 'DIFFER'}; "
-                f"cached {speed[True]:,.0f} vs uncached {speed[False]:,.0f} tok/s "
-                f"({speed[True] / speed[False]:.1f}x), fp32, batch 1")]
+    return [
+        Row(
+            "generation",
+            same,
+            f"{shapes.new_tokens} greedy tokens {'equal' if same else 'DIFFER'}; "
+            f"cached {speed[True]:,.0f} vs uncached {speed[False]:,.0f} tok/s "
+            f"({speed[True] / speed[False]:.1f}x), fp32, batch 1",
+        )
+    ]
 
 
 def gpt2_step(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
-    nanogpt = getattr(args, 'nanogpt', None)
+    nanogpt = getattr(args, "nanogpt", None)
     """GPT-2 124M's training step as `lab run recipes/gpt2_124m.toml` takes it (one micro-batch), with
     nanoGPT's interleaved beside it when a clone is given."""
     from lab.engine.peak import device_peak
@@ -278,7 +327,9 @@ def gpt2_step(device: torch.device, shapes: Shapes, args=None) -> list[Row]:
     mfu = peak.mfu(model.flops_per_token(T), tok_s["lab"])
     detail = f"{B}x{T} tokens: lab {tok_s['lab']:,.0f} tok/s, MFU {mfu:.1%} of the {peak.source}"
     if "nanoGPT" in tok_s:
-        detail += f"; nanoGPT {tok_s['nanoGPT']:,.0f} tok/s (lab/nanoGPT {tok_s['lab'] / tok_s['nanoGPT']:.2f}x)"
+        detail += (
+            f"; nanoGPT {tok_s['nanoGPT']:,.0f} tok/s (lab/nanoGPT {tok_s['lab'] / tok_s['nanoGPT']:.2f}x)"
+        )
     return [Row("gpt2 124M step", math.isfinite(mfu) and mfu > 0, detail)]
 
 
@@ -286,21 +337,50 @@ def torchrun_end_to_end(device: torch.device, shapes: Shapes, args=None) -> list
     """`torchrun --nproc_per_node=1 -m lab run`, 20 steps of gpt_small on the device, then a resume to 30."""
     with tempfile.TemporaryDirectory() as tmp:
         # torchrun through this interpreter: the same environment, whatever bin/ is first on PATH
-        base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "lab", "run", str(RECIPES / "gpt_small.toml"),
-                "--set", f"train.out_dir={tmp}/run", "--set", f"train.device={device.type}",
-                "--set", "train.eval_interval=10", "--set", "train.checkpoint_interval=10",
-                "--set", "generate.max_new_tokens=8"] + [a for o in shapes.overrides for a in ("--set", o)]
+        base = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=1",
+            "-m",
+            "lab",
+            "run",
+            str(RECIPES / "gpt_small.toml"),
+            "--set",
+            f"train.out_dir={tmp}/run",
+            "--set",
+            f"train.device={device.type}",
+            "--set",
+            "train.eval_interval=10",
+            "--set",
+            "train.checkpoint_interval=10",
+            "--set",
+            "generate.max_new_tokens=8",
+        ] + [a for o in shapes.overrides for a in ("--set", o)]
         first = subprocess.run(base + ["--set", "train.max_steps=20"], capture_output=True, text=True)
         second = subprocess.run(base + ["--set", "train.max_steps=30"], capture_output=True, text=True)
     ok = first.returncode == 0 and second.returncode == 0 and "resuming from step 20" in second.stdout
     tail = (first.stderr or second.stderr).strip().splitlines()[-1:] if not ok else []
-    return [Row("torchrun 1 process", ok, f"exit {first.returncode}, then resumed: exit {second.returncode}"
-                + (f" ({tail[0][:100]})" if tail else ""))]
+    return [
+        Row(
+            "torchrun 1 process",
+            ok,
+            f"exit {first.returncode}, then resumed: exit {second.returncode}"
+            + (f" ({tail[0][:100]})" if tail else ""),
+        )
+    ]
 
 
-CHECKS = {"conformance": conformance, "bf16": recipes_in_bf16, "compile": compile_on_and_off,
-          "sdpa": sdpa_backends, "flex": flex_sliding, "generation": cached_generation, "gpt2": gpt2_step,
-          "torchrun": torchrun_end_to_end}
+CHECKS = {
+    "conformance": conformance,
+    "bf16": recipes_in_bf16,
+    "compile": compile_on_and_off,
+    "sdpa": sdpa_backends,
+    "flex": flex_sliding,
+    "generation": cached_generation,
+    "gpt2": gpt2_step,
+    "torchrun": torchrun_end_to_end,
+}
 
 
 # Helpers ----------------------------------------------------------------------------------------
@@ -354,12 +434,22 @@ def build_optimizer(recipe, model):
 
 def nanogpt_step(path: str, recipe, device: torch.device):
     sys.path.insert(0, path)
-    from model import GPT as NanoGPT, GPTConfig  # nanoGPT's model.py
+    from model import GPT as NanoGPT  # nanoGPT's model.py
+    from model import GPTConfig
 
     m = recipe.model
     torch.manual_seed(0)
-    nano = NanoGPT(GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer,
-                             n_head=m.n_head, n_embd=m.n_embd, dropout=0.0, bias=m.bias)).to(device)
+    nano = NanoGPT(
+        GPTConfig(
+            block_size=m.block_size,
+            vocab_size=m.vocab_size,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            n_embd=m.n_embd,
+            dropout=0.0,
+            bias=m.bias,
+        )
+    ).to(device)
     optimizer = nano.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
     forward = torch.compile(nano) if device.type == "cuda" else nano
     precision = (lambda: bf16(device)) if device.type == "cuda" else nullcontext
@@ -376,7 +466,9 @@ def nanogpt_step(path: str, recipe, device: torch.device):
     return step
 
 
-def attention_pair(device, shapes: Shapes, first: str, second: str, first_settings=None, second_settings=None):
+def attention_pair(
+    device, shapes: Shapes, first: str, second: str, first_settings=None, second_settings=None
+):
     """Two attentions with the same weights, in bf16 on CUDA, and an input that needs a gradient."""
     from lab.plugins import registry
     from lab.recipe import ModelConfig
@@ -432,5 +524,7 @@ def time_it(fn, device, repeats: int = 10) -> float:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "lab-gpu-check-inductor"))
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "lab-gpu-check-inductor")
+    )
     raise SystemExit(main())

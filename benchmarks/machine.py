@@ -1,5 +1,6 @@
 """What the benchmarks run on: the device, its dtype, the shapes each --lab-size picks, and
 measuring that waits for the GPU."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -14,6 +14,7 @@ delete the folder to measure again). Evaluations every --eval-interval steps (10
 the same val batches as the recipe's. The load average is printed with each run: on a shared machine
 wall-clock times are noisy, so compare the step counts too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,14 +34,30 @@ def run(recipe: str, seed: int, args) -> Path:
     done = out / "metrics.jsonl"
     if done.exists() and any(r.get("step") == max_steps(out) and "val_loss" in r for r in read(out)):
         return out
-    command = [sys.executable, "-m", "lab", "run", recipe, "--set", f"train.seed={seed}",
-               "--set", f"train.out_dir={out}", "--set", f"train.eval_interval={args.eval_interval}",
-               "--set", "train.checkpoint_interval=100000", *sum((["--set", s] for s in args.set), [])]
+    command = [
+        sys.executable,
+        "-m",
+        "lab",
+        "run",
+        recipe,
+        "--set",
+        f"train.seed={seed}",
+        "--set",
+        f"train.out_dir={out}",
+        "--set",
+        f"train.eval_interval={args.eval_interval}",
+        "--set",
+        "train.checkpoint_interval=100000",
+        *sum((["--set", s] for s in args.set), []),
+    ]
     load = os.getloadavg()[0]
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    print(f"  {out.name}: {time.perf_counter() - started:.0f} s wall, load average {load:.1f} -> "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"  {out.name}: {time.perf_counter() - started:.0f} s wall, load average {load:.1f} -> "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     return out
 
 
@@ -49,7 +66,11 @@ def read(out: Path) -> list[dict]:
 
 
 def max_steps(out: Path) -> int:
-    return tomllib.loads((out / "recipe.toml").read_text())["train"]["max_steps"] if (out / "recipe.toml").exists() else -1
+    return (
+        tomllib.loads((out / "recipe.toml").read_text())["train"]["max_steps"]
+        if (out / "recipe.toml").exists()
+        else -1
+    )
 
 
 def curve(out: Path) -> list[tuple[int, float, float]]:
@@ -95,21 +116,35 @@ def main(argv=None) -> int:
         ref, new = (curve(run(r, seed, args)) for r in (args.reference, args.challenger))
         target, ref_time, ref_steps = ref[-1][2], ref[-1][1], ref[-1][0]
         reach = time_to_reach(new, target)
-        rows.append({"seed": seed, "ref_loss": target, "ref_time": ref_time, "new_loss": new[-1][2],
-                     "new_time": new[-1][1], "reach_ratio": None if reach is None else reach / ref_time,
-                     "new_at_ref_time": loss_at(new, 1, ref_time) if new[-1][1] >= ref_time else new[-1][2],
-                     "new_at_ref_steps": loss_at(new, 0, ref_steps)})
+        rows.append(
+            {
+                "seed": seed,
+                "ref_loss": target,
+                "ref_time": ref_time,
+                "new_loss": new[-1][2],
+                "new_time": new[-1][1],
+                "reach_ratio": None if reach is None else reach / ref_time,
+                "new_at_ref_time": loss_at(new, 1, ref_time) if new[-1][1] >= ref_time else new[-1][2],
+                "new_at_ref_steps": loss_at(new, 0, ref_steps),
+            }
+        )
     a, b = Path(args.reference).stem, Path(args.challenger).stem
-    print(f"\n{'seed':>4} | {a} val loss, time | {b} val loss, time | {b} reaches {a}'s loss at | "
-          f"{b} val loss at {a}'s time | at {a}'s steps")
+    print(
+        f"\n{'seed':>4} | {a} val loss, time | {b} val loss, time | {b} reaches {a}'s loss at | "
+        f"{b} val loss at {a}'s time | at {a}'s steps"
+    )
     for r in rows:
-        print(f"{r['seed']:>4} | {r['ref_loss']:.4f}, {r['ref_time']:.0f} s | {r['new_loss']:.4f}, {r['new_time']:.0f} s | "
-              f"{fmt(r['reach_ratio'], '{:.2f}x')} | {fmt(r['new_at_ref_time'], '{:.4f}')} | "
-              f"{fmt(r['new_at_ref_steps'], '{:.4f}')}")
+        print(
+            f"{r['seed']:>4} | {r['ref_loss']:.4f}, {r['ref_time']:.0f} s | {r['new_loss']:.4f}, {r['new_time']:.0f} s | "
+            f"{fmt(r['reach_ratio'], '{:.2f}x')} | {fmt(r['new_at_ref_time'], '{:.4f}')} | "
+            f"{fmt(r['new_at_ref_steps'], '{:.4f}')}"
+        )
     med = {k: median([r[k] for r in rows]) for k in rows[0] if k != "seed"}
-    print(f"{'med':>4} | {med['ref_loss']:.4f}, {med['ref_time']:.0f} s | {med['new_loss']:.4f}, {med['new_time']:.0f} s | "
-          f"{fmt(med['reach_ratio'], '{:.2f}x')} | {fmt(med['new_at_ref_time'], '{:.4f}')} | "
-          f"{fmt(med['new_at_ref_steps'], '{:.4f}')}")
+    print(
+        f"{'med':>4} | {med['ref_loss']:.4f}, {med['ref_time']:.0f} s | {med['new_loss']:.4f}, {med['new_time']:.0f} s | "
+        f"{fmt(med['reach_ratio'], '{:.2f}x')} | {fmt(med['new_at_ref_time'], '{:.4f}')} | "
+        f"{fmt(med['new_at_ref_steps'], '{:.4f}')}"
+    )
     return 0
 
 

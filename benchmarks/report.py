@@ -8,6 +8,7 @@ reference ("reference"). A benchmark whose call makes several items (generation:
 many in extra_info["items"]; ratios then compare time per item, so an uncached run that makes fewer
 tokens still compares fairly.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,10 @@ def format_time(seconds: float) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m benchmarks.report FILE.json   (from pytest benchmarks/ --benchmark-json=FILE.json)",
-              file=sys.stderr)
+        print(
+            "usage: python -m benchmarks.report FILE.json   (from pytest benchmarks/ --benchmark-json=FILE.json)",
+            file=sys.stderr,
+        )
         return 2
     with open(argv[0]) as f:
         benchmarks = json.load(f)["benchmarks"]

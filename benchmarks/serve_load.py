@@ -10,6 +10,7 @@ first token (p50, p99), aggregate new tokens/s (from the usage each stream ends 
 resident memory after start, after the model loaded, and at the end. Figures, not asserts: a loaded
 machine moves them, so compare variants run on the same machine at the same time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,9 @@ PROMPTS = ["Once upon a time,", "The king said to", "ROMEO: What light", "First 
 
 def random_gpt_small(folder: Path) -> Path:
     """A gpt_small-shaped run folder with its initial (random) weights: what matters for speed is the shape."""
-    from lab.runs.checkpoint import save
     from lab.model import GPT
     from lab.recipe import load_recipe
+    from lab.runs.checkpoint import save
 
     recipe = load_recipe(ROOT / "recipes" / "gpt_small.toml")
     torch.manual_seed(0)
@@ -62,8 +63,15 @@ def client(url, model, max_tokens, stop_at, results, lock, k):
     with httpx.Client(timeout=120) as http:
         i = 0
         while time.monotonic() < stop_at:
-            body = {"model": model, "prompt": PROMPTS[(k + i) % len(PROMPTS)], "max_tokens": max_tokens,
-                    "temperature": 0.8, "top_k": 200, "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "prompt": PROMPTS[(k + i) % len(PROMPTS)],
+                "max_tokens": max_tokens,
+                "temperature": 0.8,
+                "top_k": 200,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             i += 1
             started, first, tokens, ok = time.monotonic(), None, 0, False
             try:
@@ -109,9 +117,23 @@ def main(argv=None) -> int:
     model = run.resolve().name
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "lab", "serve", str(run), "--port", str(port),
-                               "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)],
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lab",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(args.max_batch),
+            "--max-queue",
+            str(4 * args.clients),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     print(f"lab serve started on {url}; {args.clients} clients for {args.seconds:.0f} s", flush=True)
     try:
         deadline = time.monotonic() + 120
@@ -124,15 +146,18 @@ def main(argv=None) -> int:
                     raise SystemExit(f"lab serve did not start:\n{server.stderr.read()}")
                 time.sleep(0.2)
         mem_start = rss_mib(server.pid)
-        httpx.post(url + "/v1/completions", json={"model": model, "prompt": "warm", "max_tokens": 2},
-                   timeout=120).raise_for_status()
+        httpx.post(
+            url + "/v1/completions", json={"model": model, "prompt": "warm", "max_tokens": 2}, timeout=120
+        ).raise_for_status()
         mem_loaded = rss_mib(server.pid)
 
         results, lock = {"done": [], "errors": []}, threading.Lock()
         began = time.monotonic()
         stop_at = began + args.seconds
-        threads = [threading.Thread(target=client, args=(url, model, args.max_tokens, stop_at, results, lock, k))
-                   for k in range(args.clients)]
+        threads = [
+            threading.Thread(target=client, args=(url, model, args.max_tokens, stop_at, results, lock, k))
+            for k in range(args.clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -147,15 +172,22 @@ def main(argv=None) -> int:
     ttft = [d[0] for d in done if d[0] is not None]
     tokens = sum(d[1] for d in done)
     cpu = processor_name()
-    print(f"lab serve load test: {args.clients} streaming clients, {args.seconds:.0f} s, max_tokens "
-          f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} ({'given' if args.run else 'random init'})")
+    print(
+        f"lab serve load test: {args.clients} streaming clients, {args.seconds:.0f} s, max_tokens "
+        f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} ({'given' if args.run else 'random init'})"
+    )
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
-    print(f"errors:              {len(results['errors'])}" + (f" (first: {results['errors'][0]})" if results['errors'] else ""))
+    print(
+        f"errors:              {len(results['errors'])}"
+        + (f" (first: {results['errors'][0]})" if results["errors"] else "")
+    )
     print(f"completed requests:  {len(done)} in {elapsed:.1f} s")
     print(f"time to first token: p50 {percentile(ttft, 50):.2f} s, p99 {percentile(ttft, 99):.2f} s")
     print(f"aggregate tokens/s:  {tokens / elapsed:.1f} ({tokens} new tokens)")
-    print(f"server memory (RSS): {mem_start:.0f} MiB at start, {mem_loaded:.0f} MiB with the model loaded, "
-          f"{mem_end:.0f} MiB at the end")
+    print(
+        f"server memory (RSS): {mem_start:.0f} MiB at start, {mem_loaded:.0f} MiB with the model loaded, "
+        f"{mem_end:.0f} MiB at the end"
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ useful work (a multiply-add is 2; the masked half is not work):
     attention    q@k^T and weights@v, 2*B*H*T*T*D each, halved by causality: 2*B*H*T*T*D,
                  backward 2.5x forward (as FlashAttention counts it: 4 matmuls plus q@k^T recomputed)
 """
+
 import contextlib
 import warnings
 
@@ -63,7 +64,9 @@ def variants() -> list[str]:
     """Every attention's name, then name[key=value,...] for each entry of its Config's extra_settings."""
     out = []
     for name, component in sorted(registry().components["attention"].items()):
-        out += [name] + [with_settings(component, s).name for s in getattr(component.Config, "extra_settings", [])]
+        out += [name] + [
+            with_settings(component, s).name for s in getattr(component.Config, "extra_settings", [])
+        ]
     return out
 
 
@@ -87,8 +90,9 @@ def test_attention(timed, benchmark, device, mode, shape, name, backend):
     call = one_call(attn, x, pos, position, mode)
 
     benchmark.group = f"attention {mode} B={B} H={H} T={T} D={D} {machine.label(device, dt)}"
-    benchmark.extra_info.update(variant=name if backend == "default" else f"{name}[{backend}]",
-                                reference=REFERENCE)
+    benchmark.extra_info.update(
+        variant=name if backend == "default" else f"{name}[{backend}]", reference=REFERENCE
+    )
     with sdpa_backend(backend):
         if backend != "default":
             skip_unless_backend_runs(call, backend)
@@ -179,8 +183,9 @@ def check(attn, reference, x, pos, position, mode) -> str:
     if agree < T:
         return f"matches {REFERENCE} on the first {agree} of {T} tokens only"
     for g, w, what in zip(got, want, ("output", "input gradient")):
-        torch.testing.assert_close(g, w, atol=tol * w.abs().max().item(), rtol=rtol,
-                                   msg=lambda m: f"{what} vs {REFERENCE}: {m}")
+        torch.testing.assert_close(
+            g, w, atol=tol * w.abs().max().item(), rtol=rtol, msg=lambda m: f"{what} vs {REFERENCE}: {m}"
+        )
     error = max((g - w).abs().max().item() for g, w in zip(got, want))
     return f"matches {REFERENCE}, max |err| {error:.1e}"
 

@@ -6,6 +6,7 @@ reference), then the step with the weights as trained and with the layout lab ge
 (lab/decoding.py). time/ref is then how far each step is from the memory limit (1.5 is the target).
 The step keeps the cache at a fixed length, so every round does the same work.
 """
+
 import copy
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def test_decode_step_against_reading_its_weights(timed, benchmark, device, model
     model = models["step, as trained"]
     weights = weights_read(model)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    benchmark.group = (f"decode step: gpt_small, batch 1, {PROMPT} cached tokens, {nbytes / 1e6:.0f} MB of weights "
-                       f"{machine.label(device, weights[0].dtype)}")
+    benchmark.group = (
+        f"decode step: gpt_small, batch 1, {PROMPT} cached tokens, {nbytes / 1e6:.0f} MB of weights "
+        f"{machine.label(device, weights[0].dtype)}"
+    )
     benchmark.extra_info.update(variant=variant, reference=REFERENCE)
     if variant == REFERENCE:
         _, mean = timed(lambda: [w.sum() for w in weights])

@@ -10,6 +10,7 @@ already-scored targets masked, the loss times the targets scored).
 Both score the same windows (block_size 1024, stride 512) of tinyshakespeare; before timing, their
 sums of -log p must agree to 1e-5 of their size. tokens_per_s counts the tokens scored.
 """
+
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,9 @@ def one_window_at_a_time(model, ids, block_size, stride, device):
     nll = 0.0
     with torch.inference_mode():
         for span in strided_spans(0, len(ids), block_size, stride):
-            x = seq[span.start:span.start + span.length][None]
-            y = seq[span.start + 1:span.start + span.length + 1].clone()[None]
-            y[:, :span.skip] = -1  # scored by an earlier window
+            x = seq[span.start : span.start + span.length][None]
+            y = seq[span.start + 1 : span.start + span.length + 1].clone()[None]
+            y[:, : span.skip] = -1  # scored by an earlier window
             scored = span.length - span.skip
             nll += model(x, y)[1].item() * scored
     return nll
@@ -79,8 +80,10 @@ def test_eval_text(timed, benchmark, model, tokenizer, ids, recipe, device, vari
     assert abs(got - expected) <= 1e-5 * abs(expected), (got, expected)
 
     dtype = model.tok_emb.weight.dtype
-    benchmark.group = (f"lab eval --text: gpt_small, {len(ids) - 1:,} tokens in windows of {T}, stride {stride} "
-                       f"{machine.label(device, dtype)}")
+    benchmark.group = (
+        f"lab eval --text: gpt_small, {len(ids) - 1:,} tokens in windows of {T}, stride {stride} "
+        f"{machine.label(device, dtype)}"
+    )
     benchmark.extra_info.update(variant=variant, reference="one_window", items=len(ids) - 1)
     _, mean = timed(single if variant == "one_window" else batched)
     if mean:

@@ -9,6 +9,7 @@ On CPU a cached step at batch 1 is bound by reading the weights, the 51 MB LM he
 every uncached step reads them too: the cache's gain is smallest there. A second row shares those
 reads, so the cache's gain grows with the batch.
 """
+
 from pathlib import Path
 
 import pytest
@@ -66,25 +67,29 @@ def expected(generate, model, prompt, size):
 def test_generation(timed, benchmark, generate, model, prompt, expected, size, device, use_cache):
     n = size.new_tokens
     rows = prompt.size(0)
-    benchmark.group = (f"generate: gpt_small, batch {rows}, prompt {prompt.size(1)}, {n} new tokens, greedy "
-                       f"{machine.label(device, model.tok_emb.weight.dtype)}")
-    benchmark.extra_info.update(variant="cached" if use_cache else "uncached", reference=REFERENCE,
-                                items=rows * n, batch=rows)
+    benchmark.group = (
+        f"generate: gpt_small, batch {rows}, prompt {prompt.size(1)}, {n} new tokens, greedy "
+        f"{machine.label(device, model.tok_emb.weight.dtype)}"
+    )
+    benchmark.extra_info.update(
+        variant="cached" if use_cache else "uncached", reference=REFERENCE, items=rows * n, batch=rows
+    )
 
     out, mean = timed(lambda: generate(model, prompt, n, temperature=0.0, use_cache=use_cache))
 
     tokens = new_tokens(out, prompt)
     assert tokens.shape == (rows, n), f"asked for {rows} x {n} new tokens, got {tuple(tokens.shape)}"
     assert torch.equal(tokens, expected), (
-        f"cached and uncached greedy tokens differ from position {first_difference(tokens, expected)}")
+        f"cached and uncached greedy tokens differ from position {first_difference(tokens, expected)}"
+    )
     if mean:
         benchmark.extra_info["tokens_per_s"] = rows * n / mean
 
 
 def new_tokens(out: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
     """generate returns the prompt followed by the new tokens."""
-    assert torch.equal(out[:, :prompt.size(1)], prompt), "generate's output does not start with the prompt"
-    return out[:, prompt.size(1):]
+    assert torch.equal(out[:, : prompt.size(1)], prompt), "generate's output does not start with the prompt"
+    return out[:, prompt.size(1) :]
 
 
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:

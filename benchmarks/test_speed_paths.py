@@ -7,12 +7,13 @@
 Each variant starts from the same weights and batch; before timing, its loss on that batch must
 match the plain path's (1e-5 in fp32, 1% under bf16).
 """
+
 import pytest
 import torch
 
 from benchmarks.test_train_step import loss_on, random_batch, train_step
-from lab.model import GPT
 from lab.engine.precision import pick_dtype
+from lab.model import GPT
 from lab.recipe import load_recipe
 from lab.roles import build_optimizer
 
@@ -63,5 +64,6 @@ def test_speed_path(timed, benchmark, device, size, peak, gpt_small, reference_l
     _, mean = timed(lambda: step(x, y))
     if mean:
         tokens_per_s = B * T / mean
-        benchmark.extra_info.update(tokens_per_s=tokens_per_s,
-                                    mfu=peak(dtype).mfu(model.flops_per_token(T), tokens_per_s))
+        benchmark.extra_info.update(
+            tokens_per_s=tokens_per_s, mfu=peak(dtype).mfu(model.flops_per_token(T), tokens_per_s)
+        )

@@ -5,6 +5,7 @@ recipe compiles), backward, gradient clipping, optimizer step. The batches are r
 data plugin is not part of the step. MFU = model.flops_per_token * tokens/s / the peak `lab run`
 uses (see lab.engine.peak).
 """
+
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from benchmarks import machine
+from lab.engine.precision import pick_dtype
 from lab.model import GPT
 from lab.recipe import load_recipe
-from lab.engine.precision import pick_dtype
 from lab.roles import build_optimizer
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
@@ -36,8 +37,9 @@ def test_train_step(timed, benchmark, device, size, peak, path):
     x, y = random_batch(B, T, m.vocab_size, device)
     loss_before = loss_on(model, x, y, device, dtype)
 
-    benchmark.group = (f"train step: {m.n_layer} layers, n_embd {m.n_embd}, {B}x{T} tokens "
-                       f"{machine.label(device, dtype)}")
+    benchmark.group = (
+        f"train step: {m.n_layer} layers, n_embd {m.n_embd}, {B}x{T} tokens {machine.label(device, dtype)}"
+    )
     benchmark.extra_info.update(variant=path.stem, reference=REFERENCE, compiled=compiled)
     _, mean = timed(lambda: step(x, y))
 

@@ -9,6 +9,7 @@ the file in Rust; lab reads it in Python, in pieces cut between lines, as `lab p
 feeds them to the same trainer (`train_from_iterator`). The two runs alternate, so a busy machine
 slows both alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,13 @@ def main() -> None:
             times[name].append(time.perf_counter() - started)
             print(f"{name}: {times[name][-1]:.1f} s", flush=True)
     a, b = (set(r.get_vocab()) for r in results.values())
-    print(f"{path.stat().st_size / 2**20:.0f} MB, vocab {args.vocab_size}, {os.cpu_count()} cores; best of "
-          f"{args.rounds}: " + ", ".join(f"{n} {min(t):.1f} s" for n, t in times.items())
-          + f"; lab/direct {min(times['lab tokenizer train']) / min(times['tokenizers direct']):.2f}; "
-          f"vocabularies share {len(a & b) / len(a):.1%} of tokens")
+    print(
+        f"{path.stat().st_size / 2**20:.0f} MB, vocab {args.vocab_size}, {os.cpu_count()} cores; best of "
+        f"{args.rounds}: "
+        + ", ".join(f"{n} {min(t):.1f} s" for n, t in times.items())
+        + f"; lab/direct {min(times['lab tokenizer train']) / min(times['tokenizers direct']):.2f}; "
+        f"vocabularies share {len(a & b) / len(a):.1%} of tokens"
+    )
 
 
 if __name__ == "__main__":

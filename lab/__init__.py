@@ -2,6 +2,7 @@
 
 Plugins import `hookimpl` from here and implement the hooks in `lab.hookspecs`.
 """
+
 import pluggy
 
 __version__ = "0.1.0"

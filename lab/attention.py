@@ -1,5 +1,6 @@
 """Tools for writing softmax attention plugins: a K/V cache, causal masks, and a base class that
 does the projections, heads, positions and cache so a plugin only writes how q attends to k, v."""
+
 from __future__ import annotations
 
 import torch

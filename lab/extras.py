@@ -15,6 +15,7 @@ val loss, with the terms beside it (`val_loss.NAME`).
 Outside a model's forward (a component used on its own, as the conformance checks do) both calls do
 nothing, unless the component is inside `collecting(module)`.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -23,7 +24,6 @@ import torch
 from torch import nn
 
 from lab.errors import LabError
-
 
 RESERVED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"}
 
@@ -43,8 +43,10 @@ class Extras:
     def add_loss(self, owner: str, name: str, value, weight: float) -> None:
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise LabError(f"{owner} added the extra loss '{name}' as {shape}, not a scalar tensor; "
-                           "reduce it to one number (e.g. .mean()) before add_loss")
+            raise LabError(
+                f"{owner} added the extra loss '{name}' as {shape}, not a scalar tensor; "
+                "reduce it to one number (e.g. .mean()) before add_loss"
+            )
         value = value.float().reshape(())
         self.terms[name] = self.terms[name] + value if name in self.terms else value
         self.weights[name] = float(weight)
@@ -52,9 +54,15 @@ class Extras:
 
     def log_scalar(self, owner: str, name: str, value) -> None:
         if name in RESERVED or name.startswith(("loss.", "lr.", "val_")):
-            raise LabError(f"{owner} logs a scalar called '{name}', a name metrics.jsonl keeps for lab's own "
-                           "numbers; give it a name of its own (e.g. 'router_entropy')")
-        value = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            raise LabError(
+                f"{owner} logs a scalar called '{name}', a name metrics.jsonl keeps for lab's own "
+                "numbers; give it a name of its own (e.g. 'router_entropy')"
+            )
+        value = (
+            value.detach().float().reshape(())
+            if isinstance(value, torch.Tensor)
+            else torch.tensor(float(value))
+        )
         self.scalars.setdefault(name, []).append(value)
         self.owners.setdefault(name, owner)
 
@@ -72,11 +80,13 @@ class Extras:
 def attach(model: nn.Module, extras: Extras) -> Extras:
     """Let every module of `model` reach `extras`, each labelled with the component it belongs to
     (Part.build labels what it builds: `lab_component`)."""
+
     def label(module, owner):
         owner = getattr(module, "lab_component", None) or owner
         module.__dict__["_lab_extras"] = (extras, owner)
         for child in module.children():
             label(child, owner)
+
     label(model, f"{type(model).__name__}")
     return extras
 

@@ -7,6 +7,7 @@ and dropped. The gradients are computed during the forward pass because the loss
 end of the graph: backward only scales them by the incoming gradient. Same three matmuls as the
 plain path, a fraction of the memory traffic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # With a soft-cap, d capped / d logits = 1 - tanh^2, kept per chunk for the gradient.
         slope = torch.empty_like(buffer) if softcap and need_grad else None
         for start in range(0, x.size(0), chunk):
-            xc, tc = x[start:start + chunk], targets[start:start + chunk]
+            xc, tc = x[start : start + chunk], targets[start : start + chunk]
             logits = buffer[: len(tc)]  # (n, V_padded)
             if same:
                 torch.mm(xc, w.t(), out=logits)
@@ -54,8 +55,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = (peak + norm.log()).squeeze(1)
             total += (lse - target_logit).masked_fill(ignored, 0).sum()
             if need_grad:
-                chunk_grads(probs, norm, ignored, safe_t, xc, w, None if slope is None else slope[: len(tc)],
-                            grad_x[start:start + chunk], grad_w, first=same and start == 0)
+                chunk_grads(
+                    probs,
+                    norm,
+                    ignored,
+                    safe_t,
+                    xc,
+                    w,
+                    None if slope is None else slope[: len(tc)],
+                    grad_x[start : start + chunk],
+                    grad_w,
+                    first=same and start == 0,
+                )
         if need_grad:  # the mean's 1/n, applied once to the small results rather than every logit
             grad_w = grad_w[: weight.size(0)]  # the padding rows' gradients are zero: dropped
             ctx.save_for_backward(grad_x / n_valid.to(x.dtype), (grad_w / n_valid).to(weight.dtype))
@@ -64,7 +75,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
+        return (
+            grad_x * grad_loss.to(grad_x.dtype),
+            grad_w * grad_loss.to(grad_w.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def chunk_grads(probs, norm, ignored, targets, xc, w, slope, grad_x, grad_w, first: bool):
@@ -103,8 +122,15 @@ def padded_rows(w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
 
 
-def chunked_cross_entropy(x, weight, targets, vocab_size: int | None = None, chunk: int = 1024,
-                          ignore_index: int = -1, softcap: float | None = None) -> torch.Tensor:
+def chunked_cross_entropy(
+    x,
+    weight,
+    targets,
+    vocab_size: int | None = None,
+    chunk: int = 1024,
+    ignore_index: int = -1,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy of (x @ weight.T), soft-capped if softcap is set, against targets, over
     the rows whose target is not ignore_index. x (..., C), weight (V, C), targets (...)."""
     vocab_size = vocab_size or weight.size(0)

@@ -1,4 +1,5 @@
 """The hooks a lab plugin can implement. Bodies are docstrings: pluggy calls the implementations."""
+
 import pluggy
 
 hookspec = pluggy.HookspecMarker("lab")

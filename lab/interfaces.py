@@ -12,6 +12,7 @@ on the slot:
 
 `config` is the plugin's own pydantic Config, validated from the recipe's table.
 """
+
 from __future__ import annotations
 
 import hashlib

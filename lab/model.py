@@ -2,6 +2,7 @@
 
 Which attention, MLP, norm and position it uses comes from the recipe; this file only wires them.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,9 @@ class GPT(nn.Module):
         self.position = parts["position"].build(config)
         self.drop = dropout(config.dropout)
         # Each block's components know their layer (config.layer) and may differ by layer ([model.layers]).
-        self.blocks = nn.ModuleList(Block(config.for_layer(i), recipe.layer(i)) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(config.for_layer(i), recipe.layer(i)) for i in range(config.n_layer)
+        )
         self.norm_f = parts["norm"].build(config)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -86,8 +89,9 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         if targets is not None and self.config.loss_chunk:
-            return None, chunked_cross_entropy(x, self.head.weight, targets, chunk=self.config.loss_chunk,
-                                               softcap=self.config.logit_softcap)
+            return None, chunked_cross_entropy(
+                x, self.head.weight, targets, chunk=self.config.loss_chunk, softcap=self.config.logit_softcap
+            )
         logits = self.logits(x)  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -1,5 +1,6 @@
 """Finding components: every plugin, built-in or third-party, comes through the entry-point group
 `lab.plugins` and registers its components with the `lab_components` hook."""
+
 from __future__ import annotations
 
 import sys
@@ -29,9 +30,7 @@ class Component:
 
 @dataclass
 class Registry:
-    components: dict[str, dict[str, Component]] = field(
-        default_factory=lambda: {slot: {} for slot in SLOTS}
-    )
+    components: dict[str, dict[str, Component]] = field(default_factory=lambda: {slot: {} for slot in SLOTS})
     failures: list[tuple[str, str]] = field(default_factory=list)  # (package, error) that failed
     hook: object = None  # pluggy's hook relay, for hooks other than lab_components
 
@@ -42,9 +41,7 @@ class Registry:
             return found[name]
         where = f" in {where}" if where else ""
         available = ", ".join(sorted(found)) or "none (is lab installed? pip install -e .)"
-        raise LabError(
-            f"unknown {slot} '{name}'{where}; available: {available}.{did_you_mean(name, found)}"
-        )
+        raise LabError(f"unknown {slot} '{name}'{where}; available: {available}.{did_you_mean(name, found)}")
 
     def add(self, component: Component) -> None:
         if component.slot not in SLOTS:
@@ -91,8 +88,11 @@ def build_registry(extra_plugins: dict[str, object] | None = None, warn=True) ->
         except Exception as e:  # a broken plugin must not take the others down
             registry.failures.append((package, f"{type(e).__name__}: {e}"))
             if warn:
-                print(f"warning: plugin package '{package}' (entry point '{ep.name}') failed to "
-                      f"load and is skipped: {type(e).__name__}: {e}", file=sys.stderr)
+                print(
+                    f"warning: plugin package '{package}' (entry point '{ep.name}') failed to "
+                    f"load and is skipped: {type(e).__name__}: {e}",
+                    file=sys.stderr,
+                )
             continue
         package_of[f"{package}:{ep.name}"] = package
     for package, plugin in (extra_plugins or {}).items():

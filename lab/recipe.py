@@ -4,6 +4,7 @@ The core validates its own sections (model shape, train, generate); each compone
 validated by that component's own pydantic Config. Every mistake becomes one LabError that names
 the file, the table, the key and the fix.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,9 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
-
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 
 from lab.errors import LabError, did_you_mean
@@ -58,22 +67,28 @@ class ModelConfig(Section):
     """The model's shape; handed to every model component's factory."""
 
     vocab_size: Union[PositiveInt, Literal["auto"]] = Field(
-        50257, description="tokens the embedding and head cover; \"auto\": the tokenizer's, rounded up to "
-        "vocab_multiple (resolved when the recipe is read)"
+        50257,
+        description='tokens the embedding and head cover; "auto": the tokenizer\'s, rounded up to '
+        "vocab_multiple (resolved when the recipe is read)",
     )
     vocab_multiple: PositiveInt = Field(
-        1, description="with vocab_size = \"auto\", round the tokenizer's size up to a multiple of this; 64 "
-        "gives the head matmul-friendly shapes (nanoGPT pads GPT-2's 50257 to 50304)"
+        1,
+        description='with vocab_size = "auto", round the tokenizer\'s size up to a multiple of this; 64 '
+        "gives the head matmul-friendly shapes (nanoGPT pads GPT-2's 50257 to 50304)",
     )
     block_size: PositiveInt = Field(1024, description="longest context, in tokens")
     n_layer: PositiveInt = Field(12, description="transformer blocks")
     n_head: PositiveInt = Field(12, description="attention heads")
     n_kv_head: PositiveInt | None = Field(
-        None, description="key/value heads, shared by groups of query heads (grouped-query attention); "
-        "1: multi-query; unset: n_head. Must divide n_head"
+        None,
+        description="key/value heads, shared by groups of query heads (grouped-query attention); "
+        "1: multi-query; unset: n_head. Must divide n_head",
     )
-    qk_norm: bool = Field(False, description="RMSNorm (with a learned gain) on each head's queries and keys, "
-                          "before positions are applied (OLMo 2, Qwen 3, Gemma 3)")
+    qk_norm: bool = Field(
+        False,
+        description="RMSNorm (with a learned gain) on each head's queries and keys, "
+        "before positions are applied (OLMo 2, Qwen 3, Gemma 3)",
+    )
     n_embd: PositiveInt = Field(768, description="residual stream width")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability in training")
     bias: bool = Field(True, description="biases in linear layers and norms")
@@ -82,12 +97,14 @@ class ModelConfig(Section):
         256, description="rows per chunk of the fused LM head + loss (full logits never held); 0: plain path"
     )
     logit_softcap: Optional[float] = Field(
-        None, description="squash the logits into (-cap, cap) with cap * tanh(logits / cap), in training "
-        "and sampling (Gemma 2: 30, modded-nanogpt: 15); unset: no cap"
+        None,
+        description="squash the logits into (-cap, cap) with cap * tanh(logits / cap), in training "
+        "and sampling (Gemma 2: 30, modded-nanogpt: 15); unset: no cap",
     )
     zero_init_residual: bool = Field(
-        False, description="residual output projections start at zero, so every block starts as the "
-        "identity (modded-nanogpt, nanochat); false: GPT-2's scaled normal"
+        False,
+        description="residual output projections start at zero, so every block starts as the "
+        "identity (modded-nanogpt, nanochat); false: GPT-2's scaled normal",
     )
 
     @model_validator(mode="after")
@@ -109,8 +126,10 @@ class ModelConfig(Section):
     @classmethod
     def _positive_cap(cls, cap):
         if cap is not None and not cap > 0:  # also catches nan
-            raise ValueError("the logit soft-cap must be > 0 (logits are squashed into (-cap, cap)); "
-                             "leave logit_softcap out for no cap, or use e.g. 15 or 30")
+            raise ValueError(
+                "the logit soft-cap must be > 0 (logits are squashed into (-cap, cap)); "
+                "leave logit_softcap out for no cap, or use e.g. 15 or 30"
+            )
         return cap
 
     @property
@@ -141,21 +160,24 @@ class TrainConfig(Section):
     batch_size: PositiveInt = Field(4, description="micro-batch per process, in sequences")
     grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step, per process")
     global_batch_size: NonNegativeInt = Field(
-        0, description="sequences per optimizer step over all processes; 0: batch_size x grad_accum x "
+        0,
+        description="sequences per optimizer step over all processes; 0: batch_size x grad_accum x "
         "processes. Set, it decides grad_accum (global_batch_size / (batch_size x processes)), so a run "
-        "keeps its batch on any number of processes"
+        "keeps its batch on any number of processes",
     )
     max_steps: Optional[NonNegativeInt] = Field(
         None, description="optimizer steps to train; unset (or 0): from max_tokens, else 1000"
     )
     max_tokens: Optional[NonNegativeInt] = Field(
-        None, description="tokens to train on (all processes together) instead of max_steps: the run takes "
+        None,
+        description="tokens to train on (all processes together) instead of max_steps: the run takes "
         "ceil(max_tokens / tokens per step) steps and the schedule follows them, so variants with other batch "
-        "shapes compare at equal tokens; unset (or 0): max_steps decides"
+        "shapes compare at equal tokens; unset (or 0): max_steps decides",
     )
     eval_interval: PositiveInt = Field(100, description="validate every this many steps")
     eval_batches: PositiveInt = Field(
-        10, description="micro-batches per validation, shared among processes (rounded up to a multiple of them)"
+        10,
+        description="micro-batches per validation, shared among processes (rounded up to a multiple of them)",
     )
     log_interval: PositiveInt = Field(10, description="log a line every this many steps")
     checkpoint_interval: PositiveInt = Field(500, description="save every this many steps")
@@ -169,8 +191,9 @@ class TrainConfig(Section):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="with several processes (torchrun): ddp, each holds the whole model; fsdp, "
-        "each holds a shard of it (FSDP2); auto: ddp"
+        "auto",
+        description="with several processes (torchrun): ddp, each holds the whole model; fsdp, "
+        "each holds a shard of it (FSDP2); auto: ddp",
     )
     out_dir: str = Field("", description="run folder; empty: runs/<recipe name>")
 
@@ -203,19 +226,32 @@ class GenerateConfig(Section):
     max_new_tokens: PositiveInt = Field(100, description="tokens per sample")
     temperature: float = Field(0.8, ge=0.0, description="0 is greedy")
     top_k: int = Field(200, ge=0, description="sample from the k likeliest tokens; 0: all")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="sample from the likeliest tokens "
-                                "whose probabilities add up to top_p (nucleus sampling); unset: all")
+    top_p: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="sample from the likeliest tokens "
+        "whose probabilities add up to top_p (nucleus sampling); unset: all",
+    )
     seed: Seed = Field(1337, description="the same seed gives the same text")
 
 
 class EvalConfig(Section):
     """Evaluation during training, beside the val loss: every eval_interval steps and at the end."""
 
-    text: list[str] = Field([], description="text files, .jsonl files (a \"text\" field per line) or data "
-                            "folders from lab prepare: loss, perplexity and bits per byte of each")
-    tasks: list[str] = Field([], description="multiple-choice .jsonl files ({context, choices, label} or "
-                             "HellaSwag's format): acc and acc_norm of each")
-    stride: NonNegativeInt = Field(0, description="tokens between the starts of text windows; 0: half of block_size")
+    text: list[str] = Field(
+        [],
+        description='text files, .jsonl files (a "text" field per line) or data '
+        "folders from lab prepare: loss, perplexity and bits per byte of each",
+    )
+    tasks: list[str] = Field(
+        [],
+        description="multiple-choice .jsonl files ({context, choices, label} or "
+        "HellaSwag's format): acc and acc_norm of each",
+    )
+    stride: NonNegativeInt = Field(
+        0, description="tokens between the starts of text windows; 0: half of block_size"
+    )
     limit: NonNegativeInt = Field(0, description="items scored per task; 0: all")
     batch_size: PositiveInt = Field(8, description="windows or choices per forward pass")
 
@@ -284,8 +320,12 @@ class Recipe:
     def to_dict(self) -> dict:
         """The resolved recipe, every default filled in, nested as in the TOML file."""
         out: dict[str, Any] = {"name": self.name}
-        for key, section in (("model", self.model), ("train", self.train), ("generate", self.generate),
-                             ("eval", self.eval)):
+        for key, section in (
+            ("model", self.model),
+            ("train", self.train),
+            ("generate", self.generate),
+            ("eval", self.eval),
+        ):
             out[key] = section.model_dump()
         for slot, part in self.parts.items():
             table = _table(out, TABLES[slot])
@@ -294,7 +334,9 @@ class Recipe:
         for layer, parts in sorted(self.layer_parts.items()):
             for slot, part in parts.items():
                 out["model"].setdefault("layers", {}).setdefault(str(layer), {})[slot] = {
-                    "name": part.name, **part.config.model_dump(mode="json")}
+                    "name": part.name,
+                    **part.config.model_dump(mode="json"),
+                }
         if self.loggers:
             out["logger"] = {part.name: part.config.model_dump(mode="json") for part in self.loggers}
         return _drop_none(out)
@@ -322,8 +364,10 @@ def read_toml(path: str) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise LabError(f"cannot parse {path}: {e}. Fix the TOML syntax there") from None
     except UnicodeDecodeError as e:
-        raise LabError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); a recipe is a TOML file, "
-                       "saved as UTF-8") from None
+        raise LabError(
+            f"{path} is not UTF-8 text (bad byte at offset {e.start}); a recipe is a TOML file, "
+            "saved as UTF-8"
+        ) from None
     except OSError as e:
         raise LabError(f"cannot read recipe file {path}: {e.strerror}") from None
 
@@ -352,8 +396,10 @@ def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
             if isinstance(old, dict) and old.get("name") != value:
                 dropped = [k for k in old if k != "name"]
                 if dropped and notes is not None:
-                    notes.append(f"--set {text}: [{'.'.join(keys[:-1])}] starts from {value}'s defaults; "
-                                 f"dropped {old.get('name')}'s {', '.join(dropped)}")
+                    notes.append(
+                        f"--set {text}: [{'.'.join(keys[:-1])}] starts from {value}'s defaults; "
+                        f"dropped {old.get('name')}'s {', '.join(dropped)}"
+                    )
                 old.clear()
     for text, keys, value in parsed:
         table = raw
@@ -367,7 +413,8 @@ def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
 
 def _is_component_table(path: list[str]) -> bool:
     return tuple(path) in TABLES.values() or (
-        len(path) == 4 and path[:2] == ["model", "layers"] and path[3] in LAYER_SLOTS)
+        len(path) == 4 and path[:2] == ["model", "layers"] and path[3] in LAYER_SLOTS
+    )
 
 
 def _get(raw: dict, path: list[str]):
@@ -398,8 +445,15 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
     if sections["model"].vocab_size == "auto":
         sections["model"].vocab_size = _tokenizer_vocab(parts["tokenizer"], sections["model"].vocab_multiple)
     layer_parts = _resolve_layers(layers, base_tables, sections["model"].n_layer, source, plugins)
-    recipe = Recipe(name=str(name), source=source, parts=parts, layer_parts=layer_parts, notes=notes,
-                    loggers=loggers, **sections)
+    recipe = Recipe(
+        name=str(name),
+        source=source,
+        parts=parts,
+        layer_parts=layer_parts,
+        notes=notes,
+        loggers=loggers,
+        **sections,
+    )
     check_parts(recipe)
     return recipe
 
@@ -409,8 +463,10 @@ def _resolve_many(raw: dict, slot: str, source: str, plugins: Registry) -> list[
     key = MANY[slot]
     tables = raw.pop(key, {})
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-        raise LabError(f"{source}: [{key}] holds one table per {slot}, e.g.\n  [{key}.NAME]\n"
-                       f"available: {', '.join(sorted(plugins.components[slot])) or 'none installed'}")
+        raise LabError(
+            f"{source}: [{key}] holds one table per {slot}, e.g.\n  [{key}.NAME]\n"
+            f"available: {', '.join(sorted(plugins.components[slot])) or 'none installed'}"
+        )
     parts = []
     for name, table in tables.items():
         component = plugins.get(slot, name, where=f"{source} [{key}.{name}]")
@@ -432,14 +488,21 @@ def _resolve_layers(layers, base_tables: dict, n_layer: int, source: str, plugin
             raise LabError(f"{source} {where} must be a table of slots, e.g. [model.layers.{spec}.attention]")
         for slot, table in slots.items():
             if slot not in LAYER_SLOTS:
-                raise LabError(f"{source} {where}: '{slot}' cannot be set per layer.{did_you_mean(slot, LAYER_SLOTS)} "
-                               f"Per-layer slots: {', '.join(LAYER_SLOTS)}")
+                raise LabError(
+                    f"{source} {where}: '{slot}' cannot be set per layer.{did_you_mean(slot, LAYER_SLOTS)} "
+                    f"Per-layer slots: {', '.join(LAYER_SLOTS)}"
+                )
             if not isinstance(table, dict):
                 raise LabError(f"{source} {where}.{slot} must be a table, e.g. [model.layers.{spec}.{slot}]")
             base = base_tables[slot]
-            table = dict(table) if "name" in table and table["name"] != base.get("name") else {**base, **table}
+            table = (
+                dict(table) if "name" in table and table["name"] != base.get("name") else {**base, **table}
+            )
             component = plugins.get(slot, str(table.pop("name")), where=f"{source} {where}.{slot}")
-            part = Part(component, _validate(component.Config, table, source, f"model.layers.{spec}.{slot}", component))
+            part = Part(
+                component,
+                _validate(component.Config, table, source, f"model.layers.{spec}.{slot}", component),
+            )
             for i in indices:
                 out.setdefault(i, {})[slot] = part
     return out
@@ -458,12 +521,16 @@ def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
                 i = int(piece)
                 indices.append(i + n_layer if i < 0 else i)
     except ValueError:
-        raise LabError(f"{where}: '{spec}' is not a layer; write an index (3), a range (0-2), a list (1,3) or "
-                       f"-1 for the last layer") from None
+        raise LabError(
+            f"{where}: '{spec}' is not a layer; write an index (3), a range (0-2), a list (1,3) or "
+            f"-1 for the last layer"
+        ) from None
     wrong = [i for i in indices if not 0 <= i < n_layer]
     if wrong or not indices:
-        raise LabError(f"{where}: the model has {n_layer} layers (0 to {n_layer - 1}), so layer {spec} does not "
-                       f"exist; use an index below {n_layer} or raise [model] n_layer")
+        raise LabError(
+            f"{where}: the model has {n_layer} layers (0 to {n_layer - 1}), so layer {spec} does not "
+            f"exist; use an index below {n_layer} or raise [model] n_layer"
+        )
     return sorted(set(indices))
 
 
@@ -472,8 +539,11 @@ def check_parts(recipe: Recipe) -> None:
     training layout) now, when the recipe is read, not when the model is built. A component's Config
     may define `check_recipe(self, recipe)`, raising ValueError("what is wrong and how to fix it")."""
     every = [(f"[{'.'.join(TABLES[slot])}]", part) for slot, part in recipe.parts.items()]
-    every += [(f"[model.layers.{i}.{slot}]", part) for i, parts in recipe.layer_parts.items()
-              for slot, part in parts.items()]
+    every += [
+        (f"[model.layers.{i}.{slot}]", part)
+        for i, parts in recipe.layer_parts.items()
+        for slot, part in parts.items()
+    ]
     for table, part in every:
         where = f"{recipe.source} {table} ({part.label})"
         check = getattr(part.config, "check_recipe", None)
@@ -484,9 +554,11 @@ def check_parts(recipe: Recipe) -> None:
                 raise LabError(f"{where}: {e}") from None
     optimizer = recipe.parts["optimizer"]
     if recipe.train.parallel == "fsdp" and not getattr(optimizer.config, "works_on_shards", True):
-        raise LabError(f"{recipe.source} [train] parallel = \"fsdp\": {optimizer.label} needs whole parameters, "
-                       "and FSDP2 hands each process a shard of every one. Set train.parallel = \"ddp\", or "
-                       "choose another optimizer")
+        raise LabError(
+            f'{recipe.source} [train] parallel = "fsdp": {optimizer.label} needs whole parameters, '
+            'and FSDP2 hands each process a shard of every one. Set train.parallel = "ddp", or '
+            "choose another optimizer"
+        )
 
 
 def _tokenizer_vocab(tokenizer: Part, multiple: int) -> int:
@@ -508,7 +580,7 @@ def _resolve_part(raw: dict, slot: str, source: str, plugins: Registry) -> Part:
     available = ", ".join(sorted(plugins.components[slot])) or "none installed"
     if not isinstance(table, dict) or "name" not in table:
         raise LabError(
-            f"{source} needs a {where} table with a name, e.g.\n  {where}\n  name = \"...\"\n"
+            f'{source} needs a {where} table with a name, e.g.\n  {where}\n  name = "..."\n'
             f"available {slot} components: {available}"
         )
     table = dict(table)
@@ -530,8 +602,10 @@ def _validate(cls: type[BaseModel], table: Any, source: str, where: str, compone
             )
     for key, value in table.items():
         if not _finite(value):
-            raise LabError(f"{source} [{where}] {key} = {value!r}: a number must be finite (not nan or inf). "
-                           f"Fix it in the file or with --set {where}.{key}=...")
+            raise LabError(
+                f"{source} [{where}] {key} = {value!r}: a number must be finite (not nan or inf). "
+                f"Fix it in the file or with --set {where}.{key}=..."
+            )
     try:
         return cls.model_validate(table)
     except ValidationError as err:

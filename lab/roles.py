@@ -10,6 +10,7 @@ a typo (`"matirx"`) is caught when the component is built.
 The optimizer factory is handed `params`: a list of `Param(name, param, role)`, one per trainable
 parameter (a tied parameter once), and the model.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -47,9 +48,11 @@ def set_role(module: nn.Module, role: str, *names: str) -> nn.Module:
     """Give `module`'s parameters (all of them, its submodules' too, or only those `names`) a role.
     Returns the module. The role is kept on the module, so it survives .to(), deepcopy and FSDP2."""
     if role not in ROLES:
-        raise LabError(f"unknown parameter role '{role}'.{did_you_mean(role, ROLES)} Roles: "
-                       f"{', '.join(ROLES)}; a role of your own needs lab.roles.declare_role('{role}', "
-                       "'what it is') first")
+        raise LabError(
+            f"unknown parameter role '{role}'.{did_you_mean(role, ROLES)} Roles: "
+            f"{', '.join(ROLES)}; a role of your own needs lab.roles.declare_role('{role}', "
+            "'what it is') first"
+        )
     for sub in module.modules():
         roles = sub.__dict__.setdefault("_lab_roles", {})
         for name in sub._parameters:
@@ -57,8 +60,10 @@ def set_role(module: nn.Module, role: str, *names: str) -> nn.Module:
                 roles[name] = role
     missing = [n for n in names if n not in module._parameters]
     if missing:
-        raise LabError(f"set_role('{role}') names parameters {missing} that {type(module).__name__} does not "
-                       f"have; it has: {', '.join(module._parameters) or 'none'}")
+        raise LabError(
+            f"set_role('{role}') names parameters {missing} that {type(module).__name__} does not "
+            f"have; it has: {', '.join(module._parameters) or 'none'}"
+        )
     return module
 
 
@@ -77,7 +82,9 @@ def parameters(model: nn.Module) -> list[Param]:
             if p is None or id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            out.append(Param(f"{prefix}.{name}" if prefix else name, p, roles.get(name) or default_role(name, p)))
+            out.append(
+                Param(f"{prefix}.{name}" if prefix else name, p, roles.get(name) or default_role(name, p))
+            )
     return out
 
 

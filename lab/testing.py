@@ -20,6 +20,7 @@ A check that cannot apply raises unittest.SkipTest (pytest shows a skip, with th
 attention that refuses a position with a LabError (linear attention has no scores for ALiBi to
 bias), or a data source whose default settings need files that are not there.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,7 +61,9 @@ class Case:
         return self.id
 
 
-def assert_close_to_scale(actual, expected, tol: float, what: str = "values", scale: float | None = None) -> None:
+def assert_close_to_scale(
+    actual, expected, tol: float, what: str = "values", scale: float | None = None
+) -> None:
     """Fail unless every |actual - expected| <= tol x the values' scale (by default the largest |expected|).
 
     Why the scale and not a fixed number: two float32 computations of one thing (two kernels, or one
@@ -70,29 +73,37 @@ def assert_close_to_scale(actual, expected, tol: float, what: str = "values", sc
     terms and carries their rounding. Pass `scale` when the terms were larger than the result (a dot
     product of long vectors: |q| |k|)."""
     actual, expected = torch.as_tensor(actual).detach().double(), torch.as_tensor(expected).detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    )
     if scale is None:
         scale = expected.abs().max().item() if expected.numel() else 0.0
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert error <= tol * scale, (f"{what}: the largest difference, {error:.3g}, is more than {tol:g} x the "
-                                  f"values' scale {scale:.3g}")
+    assert error <= tol * scale, (
+        f"{what}: the largest difference, {error:.3g}, is more than {tol:g} x the values' scale {scale:.3g}"
+    )
 
 
 def build(component: Component, *args, **settings):
     """The component built from its Config's defaults (plus settings), type-checked like in a recipe. A
     setting with no default (a tokenizer's file) takes the first of its Field's `examples`."""
-    examples = {key: field.examples[0] for key, field in component.Config.model_fields.items()
-                if field.is_required() and field.examples}
+    examples = {
+        key: field.examples[0]
+        for key, field in component.Config.model_fields.items()
+        if field.is_required() and field.examples
+    }
     return Part(component, component.Config(**{**examples, **settings})).build(*args)
 
 
 def _seeded(check):
     """Each check starts from seed 0 and leaves the caller's random state as it was."""
+
     @functools.wraps(check)
     def run(*args, **kwargs):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return check(*args, **kwargs)
+
     return run
 
 
@@ -109,6 +120,7 @@ def _all_gradients(module, what):
 
 
 # --- attention ---------------------------------------------------------------------------------
+
 
 def _attention_input():
     return torch.randn(B, T, MODEL.n_embd), torch.arange(T)
@@ -181,12 +193,14 @@ def attention_cached_decoding(component, position: Position | None = None, model
 
 def attention_with_position(component, position_component, model: ModelConfig = MODEL):
     """Forward, causality and cached decoding with a real position component (rope, alibi...)."""
+
     @_seeded
     def with_position():
         position = build(position_component, model).eval()
         attention_shapes(component, position, model)
         attention_causality(component, position, model)
         attention_cached_decoding(component, position, model)
+
     return with_position
 
 
@@ -208,6 +222,7 @@ def attention_grouped_query(component):
 
 # --- position ----------------------------------------------------------------------------------
 
+
 def _qk(dtype=torch.float32):
     shape = (B, MODEL.n_head, T, MODEL.head_dim)
     return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
@@ -227,7 +242,9 @@ def position_shapes(component):
         bias = p.bias(q_pos, pos)
         if bias is not None:
             expected = (MODEL.n_head, len(q_pos), T)
-            assert tuple(bias.shape) == expected, f"bias shape {tuple(bias.shape)}, expected (nh, Tq, Tk) = {expected}"
+            assert tuple(bias.shape) == expected, (
+                f"bias shape {tuple(bias.shape)}, expected (nh, Tq, Tk) = {expected}"
+            )
             assert torch.isfinite(bias).all(), "bias has inf or nan"
 
 
@@ -240,10 +257,15 @@ def position_grouped_heads(component):
     k_few = k[:, :2]
     q2, k2 = p.rotate(q, k_few, pos)
     assert q2.shape == q.shape and k2.shape == k_few.shape, (
-        f"rotate(q {tuple(q.shape)}, k {tuple(k_few.shape)}) gave {tuple(q2.shape)}, {tuple(k2.shape)}")
+        f"rotate(q {tuple(q.shape)}, k {tuple(k_few.shape)}) gave {tuple(q2.shape)}, {tuple(k2.shape)}"
+    )
     q_same, k_same = p.rotate(q, k, pos)
-    assert_close_to_scale(q2, q_same, 1e-6, "q rotated beside fewer k heads, against q rotated beside as many")
-    assert_close_to_scale(k2, k_same[:, :2], 1e-6, "k with fewer heads, against the same heads rotated beside q's count")
+    assert_close_to_scale(
+        q2, q_same, 1e-6, "q rotated beside fewer k heads, against q rotated beside as many"
+    )
+    assert_close_to_scale(
+        k2, k_same[:, :2], 1e-6, "k with fewer heads, against the same heads rotated beside q's count"
+    )
 
 
 @_seeded
@@ -265,12 +287,16 @@ def position_token_by_token(component):
     whole_x, (whole_q, whole_k), whole_bias = p.embed(x, pos), p.rotate(q, k, pos), p.bias(pos, pos)
     for t in (0, T - 1):
         one = slice(t, t + 1)
-        assert_close_to_scale(p.embed(x[:, one], pos[one]), whole_x[:, one], 1e-5, f"embed of token {t} alone")
+        assert_close_to_scale(
+            p.embed(x[:, one], pos[one]), whole_x[:, one], 1e-5, f"embed of token {t} alone"
+        )
         q1, k1 = p.rotate(q[:, :, one], k[:, :, one], pos[one])
         assert_close_to_scale(q1, whole_q[:, :, one], 1e-5, f"rotate of token {t} alone (q)")
         assert_close_to_scale(k1, whole_k[:, :, one], 1e-5, f"rotate of token {t} alone (k)")
         if whole_bias is not None:
-            assert_close_to_scale(p.bias(pos[one], pos), whole_bias[:, one], 1e-5, f"bias for query {t} alone")
+            assert_close_to_scale(
+                p.bias(pos[one], pos), whole_bias[:, one], 1e-5, f"bias for query {t} alone"
+            )
 
 
 @_seeded
@@ -278,7 +304,9 @@ def position_max_len(component):
     """max_len is None (any length: far positions must work) or the positions it can place."""
     p = build(component, MODEL)
     limit = p.max_len
-    assert limit is None or (isinstance(limit, int) and limit > 0), f"max_len must be None or a positive int, got {limit!r}"
+    assert limit is None or (isinstance(limit, int) and limit > 0), (
+        f"max_len must be None or a positive int, got {limit!r}"
+    )
     last = torch.tensor([limit - 1 if limit else 100 * MODEL.block_size])
     x = torch.randn(B, 1, MODEL.n_embd)
     q, k = (t[:, :, :1] for t in _qk())
@@ -303,6 +331,7 @@ def position_gradients(component):
 
 # --- mlp and norm: per-token maps (B, T, C) -> (B, T, C) -------------------------------------
 
+
 @_seeded
 def token_map_shapes_and_dtypes(component):
     module, x = build(component, MODEL).eval(), torch.randn(B, T, MODEL.n_embd)
@@ -325,7 +354,9 @@ def token_map_per_token(component):
     x2[:, t] = torch.randn(B, MODEL.n_embd)
     y, y2 = module(x), module(x2)
     others = [i for i in range(T) if i != t]
-    assert_close_to_scale(y2[:, others], y[:, others], 1e-5, f"other tokens' outputs after changing token {t}")
+    assert_close_to_scale(
+        y2[:, others], y[:, others], 1e-5, f"other tokens' outputs after changing token {t}"
+    )
     _changes(y[:, t], y2[:, t], f"the output at token {t} after changing it")
 
 
@@ -339,6 +370,7 @@ def token_map_gradients(component):
 
 
 # --- schedule ----------------------------------------------------------------------------------
+
 
 def schedule_pure(component):
     """lr(step) depends on the step only: any order of calls, any fresh instance, same values."""
@@ -361,6 +393,7 @@ def schedule_finite_non_negative(component):
 
 # --- optimizer ----------------------------------------------------------------------------------
 
+
 def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
     """A 2-layer GPT of the first installed component of every model slot (lab's own first, which
     are known to work together), or `swap` in its slot: the core's roles and the components'."""
@@ -379,8 +412,9 @@ def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
         parts[swap.slot] = Part(swap, swap.Config())
     # Every section at its defaults (a section added to recipes needs no change here), but the model's.
     sections = {key: section() for key, section in SECTIONS.items()}
-    sections["model"] = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16,
-                                    tie_embeddings=False, loss_chunk=0)
+    sections["model"] = ModelConfig(
+        vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False, loss_chunk=0
+    )
     return GPT(Recipe(name="tiny", source="lab.testing", parts=parts, **sections))
 
 
@@ -392,8 +426,10 @@ def _gpt_batch():
 def role_split(optimizer, params) -> dict[str, list[str]]:
     """{group name: the roles of its parameters}: how an optimizer grouped the roles."""
     role_of = {id(p.param): p.role for p in params}
-    return {str(g.get("name", i)): sorted({role_of.get(id(p), "?") for p in g["params"]})
-            for i, g in enumerate(optimizer.param_groups)}
+    return {
+        str(g.get("name", i)): sorted({role_of.get(id(p), "?") for p in g["params"]})
+        for i, g in enumerate(optimizer.param_groups)
+    }
 
 
 def _build_optimizer(component, model):
@@ -433,7 +469,9 @@ def optimizer_reduces_loss(component):
         optimizer.zero_grad()
         loss().backward()
         optimizer.step()
-    assert loss().item() < start, f"10 steps on one batch took the loss from {start:.4f} to {loss().item():.4f}"
+    assert loss().item() < start, (
+        f"10 steps on one batch took the loss from {start:.4f} to {loss().item():.4f}"
+    )
 
 
 @_seeded
@@ -459,6 +497,7 @@ def optimizer_state_round_trip(component):
 
 # --- extra loss terms (lab/extras.py), for mlp, norm and attention -------------------------------
 
+
 @_seeded
 def extra_loss_gradients(component):
     """A component that adds loss terms, in its slot of a tiny GPT: each term is a finite scalar, its
@@ -478,12 +517,19 @@ def extra_loss_gradients(component):
         raise unittest.SkipTest(f"{slot} '{component.name}' adds no extra loss term")
     for name, term in terms.items():
         assert torch.isfinite(term).all(), f"extra loss '{name}' is {term}"
-        assert term.requires_grad, f"extra loss '{name}' has no gradient (detached?): it cannot train anything"
-    owned = [p for m in model.modules() if getattr(m, "lab_component", None) and component.name in m.lab_component
-             for p in m.parameters()]
+        assert term.requires_grad, (
+            f"extra loss '{name}' has no gradient (detached?): it cannot train anything"
+        )
+    owned = [
+        p
+        for m in model.modules()
+        if getattr(m, "lab_component", None) and component.name in m.lab_component
+        for p in m.parameters()
+    ]
     reach = torch.autograd.grad(model.extras.loss(), owned, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in reach), (
-        f"the extra loss terms {sorted(terms)} give no gradient to the parameters of {slot} '{component.name}'")
+        f"the extra loss terms {sorted(terms)} give no gradient to the parameters of {slot} '{component.name}'"
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     expected = [torch.zeros_like(p) for p in params]
     for half in (slice(0, 2), slice(2, 4)):  # the reference: each micro-batch's gradient, averaged
@@ -497,11 +543,16 @@ def extra_loss_gradients(component):
     for (name, p), e in zip(model.named_parameters(), expected):
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         # The same sums in another order at most: float32 rounding, relative to the gradient's scale.
-        assert_close_to_scale(got, e, 1e-5, f"gradient of {name} under grad_accum = 2, against the mean of the "
-                              "micro-batches' gradients")
+        assert_close_to_scale(
+            got,
+            e,
+            1e-5,
+            f"gradient of {name} under grad_accum = 2, against the mean of the micro-batches' gradients",
+        )
 
 
 # --- logger -----------------------------------------------------------------------------------
+
 
 def logger_records_a_run(component):
     """A logger opens on a run folder, takes a run's records (steps, an evaluation), closes, and opens
@@ -514,8 +565,11 @@ def logger_records_a_run(component):
         logger = build(component, **settings)
     except LabError as e:  # its package is missing: that is the recipe's message to give, not a failure
         raise unittest.SkipTest(str(e)) from None
-    records = [{"step": 1, "loss": 2.5, "lr": 1e-3}, {"step": 2, "loss": 2.25, "lr": 1e-3},
-               {"step": 2, "val_loss": 2.4}]
+    records = [
+        {"step": 1, "loss": 2.5, "lr": 1e-3},
+        {"step": 2, "loss": 2.25, "lr": 1e-3},
+        {"step": 2, "val_loss": 2.4},
+    ]
     with tempfile.TemporaryDirectory() as run_dir:
         for first_step in (0, 2):  # a fresh run, then a resume from step 2
             try:
@@ -524,23 +578,30 @@ def logger_records_a_run(component):
                     logger.log(record)
                 logger.close()
             except Exception as e:
-                raise AssertionError(f"logger '{component.name}' failed on a run's records "
-                                     f"(first_step {first_step}): {type(e).__name__}: {e}") from e
+                raise AssertionError(
+                    f"logger '{component.name}' failed on a run's records "
+                    f"(first_step {first_step}): {type(e).__name__}: {e}"
+                ) from e
             logger = build(component, **settings)
 
 
 # --- tokenizer and data ------------------------------------------------------------------------
 
+
 def tokenizer_round_trip(component):
     tokenizer = build(component)
     assert tokenizer.vocab_size > 0, "vocab_size must be positive"
-    assert tokenizer.eot_id is None or 0 <= tokenizer.eot_id < tokenizer.vocab_size, "eot_id outside the vocabulary"
+    assert tokenizer.eot_id is None or 0 <= tokenizer.eot_id < tokenizer.vocab_size, (
+        "eot_id outside the vocabulary"
+    )
     for text in TEXTS:
         try:
             ids = tokenizer.encode(text)
         except LabError:
             continue  # a closed vocabulary (a char tokenizer) refuses, with a message, text it never saw
-        assert all(isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids), f"ids outside the vocabulary for {text!r}"
+        assert all(isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids), (
+            f"ids outside the vocabulary for {text!r}"
+        )
         assert tokenizer.decode(ids) == text, f"decode(encode({text!r})) gave {tokenizer.decode(ids)!r}"
 
 
@@ -549,15 +610,24 @@ def _data_context(plugins: Registry, rank: int = 0, world_size: int = 1) -> Data
     if not tokenizers:
         raise unittest.SkipTest("no tokenizer installed to build a data source with")
     tokenizer = build(tokenizers[sorted(tokenizers)[0]])
-    return DataContext(block_size=8, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer, seed=0, rank=rank,
-                       world_size=world_size, rows_per_step=2 * world_size)
+    return DataContext(
+        block_size=8,
+        vocab_size=tokenizer.vocab_size,
+        tokenizer=tokenizer,
+        seed=0,
+        rank=rank,
+        world_size=world_size,
+        rows_per_step=2 * world_size,
+    )
 
 
 def _data_source(component, context: DataContext):
     try:
         return build(component, context)
     except LabError as e:  # e.g. its default settings name files that are not here
-        raise unittest.SkipTest(f"data '{component.name}' cannot be built with its default settings: {e}") from None
+        raise unittest.SkipTest(
+            f"data '{component.name}' cannot be built with its default settings: {e}"
+        ) from None
 
 
 def _rows(rank: int, world_size: int, rows: int = 2) -> range:
@@ -572,7 +642,9 @@ def data_batches(component, plugins: Registry):
     source = _data_source(component, context)
     for split in ("train", "val"):
         x, y = source.batch(split, 0, range(2))
-        assert x.shape == y.shape == (2, 8), f"{split} batch shapes {tuple(x.shape)}, {tuple(y.shape)}; expected (2, 8)"
+        assert x.shape == y.shape == (2, 8), (
+            f"{split} batch shapes {tuple(x.shape)}, {tuple(y.shape)}; expected (2, 8)"
+        )
         assert x.dtype == y.dtype == torch.int64, f"{split} batch dtype {x.dtype}, expected torch.int64"
         assert torch.equal(x[:, 1:], y[:, :-1]), f"{split}: y is not x shifted by one token"
         assert 0 <= int(x.min()) and int(x.max()) < context.vocab_size, f"{split}: ids outside the vocabulary"
@@ -594,25 +666,42 @@ def data_resume(component, plugins: Registry):
             got = resumed.batch("train", step, rows)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (
                 f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another batch "
-                f"at step {step} than the source it was taken from (is the stream's position in state_dict()?)")
+                f"at step {step} than the source it was taken from (is the stream's position in state_dict()?)"
+            )
 
 
 def data_processes_share(component, plugins: Registry):
     """Two processes get different rows of a step: a source that ignored its rank would train every
     process on the same text."""
-    batches = [_data_source(component, _data_context(plugins, rank, 2)).batch("train", 0, _rows(rank, 2))
-               for rank in range(2)]
-    assert not torch.equal(batches[0][0], batches[1][0]), \
+    batches = [
+        _data_source(component, _data_context(plugins, rank, 2)).batch("train", 0, _rows(rank, 2))
+        for rank in range(2)
+    ]
+    assert not torch.equal(batches[0][0], batches[1][0]), (
         "processes 0 and 1 of 2 got the same batch: take the rows asked for, or a share by DataContext.rank"
+    )
 
 
 # --- which checks run for what -----------------------------------------------------------------
 
 CHECKS: dict[str, list[Callable]] = {
-    "attention": [attention_shapes, attention_causality, attention_gradients, attention_dtypes,
-                  attention_cached_decoding, attention_grouped_query, extra_loss_gradients],
-    "position": [position_shapes, position_grouped_heads, position_rotate_preserves_norms, position_token_by_token,
-                 position_max_len, position_gradients],
+    "attention": [
+        attention_shapes,
+        attention_causality,
+        attention_gradients,
+        attention_dtypes,
+        attention_cached_decoding,
+        attention_grouped_query,
+        extra_loss_gradients,
+    ],
+    "position": [
+        position_shapes,
+        position_grouped_heads,
+        position_rotate_preserves_norms,
+        position_token_by_token,
+        position_max_len,
+        position_gradients,
+    ],
     "mlp": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
     "norm": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
     "schedule": [schedule_pure, schedule_finite_non_negative],
@@ -623,8 +712,12 @@ CHECKS: dict[str, list[Callable]] = {
 }
 
 
-def cases(slot: str | None = None, name: str | None = None, plugins: Registry | None = None,
-          settings: dict | None = None) -> list[Case]:
+def cases(
+    slot: str | None = None,
+    name: str | None = None,
+    plugins: Registry | None = None,
+    settings: dict | None = None,
+) -> list[Case]:
     """Every check for every installed component (or only those of one slot / one name), with each
     component's Config defaults and with every entry of its Config's `extra_settings` (a ClassVar
     list of dicts). `settings` runs one component's checks on those settings instead."""
@@ -635,7 +728,11 @@ def cases(slot: str | None = None, name: str | None = None, plugins: Registry | 
     for s, components in plugins.components.items():
         for n, component in sorted(components.items()):
             if slot in (None, s) and name in (None, n):
-                variants = [settings] if settings is not None else [{}, *getattr(component.Config, "extra_settings", [])]
+                variants = (
+                    [settings]
+                    if settings is not None
+                    else [{}, *getattr(component.Config, "extra_settings", [])]
+                )
                 for variant in variants:
                     found += _cases_for(with_settings(component, variant), plugins)
     return found
@@ -649,7 +746,10 @@ def with_settings(component: Component, settings: dict) -> Component:
     component.Config(**settings)  # a wrong setting fails here, with pydantic's message
 
     def factory(config, *args):
-        return component.factory(component.Config(**{**settings, **config.model_dump(exclude_unset=True)}), *args)
+        return component.factory(
+            component.Config(**{**settings, **config.model_dump(exclude_unset=True)}), *args
+        )
+
     label = ",".join(f"{k}={v}" for k, v in settings.items())
     return dataclasses.replace(component, name=f"{component.name}[{label}]", factory=factory)
 

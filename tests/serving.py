@@ -1,13 +1,14 @@
 """What the `lab serve` tests share: tiny run folders, and a real server on a free loopback port."""
+
 import json
 import threading
 import time
 from pathlib import Path
 
-from lab.runs.checkpoint import save
-from lab.recipe import load_recipe
-
 from test_generate import TINY, tiny_model
+
+from lab.recipe import load_recipe
+from lab.runs.checkpoint import save
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gpt_small.toml"
 WIDER = ["model.vocab_size=50257", "model.block_size=64"]  # GPT-2's tokenizer; room for a prompt and a reply
@@ -24,8 +25,16 @@ def make_run(folder, seed=0, steps=6) -> Path:
     (folder / "recipe.toml").write_text(recipe.to_toml())
     lines = [{"step": 0, "val_loss": 11.0}]
     for s in range(1, steps + 1):
-        lines.append({"step": s, "loss": 11.0 - s * 0.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0,
-                      "mfu": 0.0})
+        lines.append(
+            {
+                "step": s,
+                "loss": 11.0 - s * 0.5,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_s": 1000.0,
+                "mfu": 0.0,
+            }
+        )
         if s % 3 == 0:
             lines.append({"step": s, "val_loss": 11.0 - s * 0.4})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -1,6 +1,7 @@
 """The attention benchmark's correctness check and FLOP count (benchmarks/test_attention.py): every
 softmax attention is checked against manual with the same weights, even one with parameters of its
 own, and FLOPs come from the attention where it counts them."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,11 +1,12 @@
 """Equal budgets and an exact seconds axis: train.max_tokens instead of max_steps, and the elapsed
 seconds every metrics.jsonl record carries, continued across a resume."""
+
 import pytest
+from test_train import tiny_recipe
 
 from lab.commands.cli import main
 from lab.recipe import load_recipe
 from lab.runs.metrics import read_metrics
-from test_train import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,8 +29,20 @@ def test_max_tokens_decides_the_steps_and_the_schedule_follows(tmp_path):
 def test_a_bigger_batch_takes_fewer_steps_for_the_same_tokens(tmp_path):
     recipe = tiny_recipe(tmp_path)
     budget = ["--set", "train.max_steps=0", "--set", f"train.max_tokens={4 * TOKENS_PER_STEP}"]
-    assert main(["run", recipe, *budget, "--set", "train.grad_accum=2",
-                 "--set", f"train.out_dir={tmp_path / 'big'}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                recipe,
+                *budget,
+                "--set",
+                "train.grad_accum=2",
+                "--set",
+                f"train.out_dir={tmp_path / 'big'}",
+            ]
+        )
+        == 0
+    )
     records = [r for r in read_metrics(tmp_path / "big" / "metrics.jsonl") if "loss" in r]
     assert [(r["step"], r["tokens"]) for r in records] == [(1, 256), (2, 512)]
 
@@ -60,6 +73,6 @@ def test_the_seconds_axis_continues_across_a_resume(tmp_path):
     first = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert main(["run", recipe, "--set", "train.max_steps=10"]) == 0
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert records[:len(first)] == first
+    assert records[: len(first)] == first
     seconds = [r["elapsed"] for r in records]
     assert seconds == sorted(seconds) and seconds[len(first)] >= first[-1]["elapsed"]

@@ -1,5 +1,6 @@
 """The second family of components (rope, alibi, rmsnorm, swiglu, wsd, sliding), each against an
 independent reference: a float64 formula written here, or torch's own module."""
+
 import math
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lab.interfaces import Position
-from lab.plugins import registry
 from lab.model import GPT
+from lab.plugins import registry
 from lab.recipe import ModelConfig, load_recipe
 from lab.testing import assert_close_to_scale, build
 
@@ -23,12 +24,15 @@ def component(slot, name, *args, **settings):
 
 # --- rope --------------------------------------------------------------------------------------
 
+
 def rope_reference(x, pos, theta, dims):
     """Pairs (i, i + dims/2) as complex numbers, times e^(i * pos * theta^(-2i/dims)), in float64."""
     x = x.double()
     half = dims // 2
     freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / dims)
-    z = torch.complex(x[..., :half], x[..., half:dims]) * torch.polar(torch.ones(1, dtype=torch.float64), pos.double()[:, None] * freqs)
+    z = torch.complex(x[..., :half], x[..., half:dims]) * torch.polar(
+        torch.ones(1, dtype=torch.float64), pos.double()[:, None] * freqs
+    )
     return torch.cat([z.real, z.imag, x[..., dims:]], dim=-1)
 
 
@@ -63,12 +67,13 @@ def test_rope_scores_depend_only_on_the_distance():
 
 # --- alibi -------------------------------------------------------------------------------------
 
+
 def test_alibi_slopes_are_the_papers():
     from lab_position.alibi import alibi_slopes
 
-    assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    assert alibi_slopes(8).tolist() == [2.0**-i for i in range(1, 9)]
     # 6 heads: the 4-head slopes, then the odd ones of the 8-head set (Press et al.'s code)
-    assert alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+    assert alibi_slopes(6).tolist() == [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
 
 
 def test_alibi_bias_is_slope_times_distance():
@@ -77,12 +82,13 @@ def test_alibi_bias_is_slope_times_distance():
     q_pos = torch.tensor([5])  # one new token during decoding
     bias = alibi.bias(q_pos, k_pos)
     assert bias.shape == (4, 1, 6)
-    for h, m in enumerate([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8]):
+    for h, m in enumerate([2**-2, 2**-4, 2**-6, 2**-8]):
         assert bias[h, 0].tolist() == [-m * (5 - j) for j in range(6)]
     assert alibi.max_len is None and alibi.rotate(k_pos, k_pos, k_pos)[0] is k_pos
 
 
 # --- rmsnorm -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_matches_torch(dtype):
@@ -99,6 +105,7 @@ def test_rmsnorm_matches_torch(dtype):
 
 
 # --- swiglu ------------------------------------------------------------------------------------
+
 
 def test_swiglu_width_follows_llama():
     from lab_mlp.swiglu import SwiGLUConfig, hidden_width
@@ -123,21 +130,27 @@ def test_swiglu_matches_the_formula_and_drops_biases():
 
 # --- wsd ---------------------------------------------------------------------------------------
 
+
 def test_wsd_warms_up_holds_and_decays_to_the_floor():
-    wsd = component("schedule", "wsd", 100, warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1, shape="linear")
+    wsd = component(
+        "schedule", "wsd", 100, warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1, shape="linear"
+    )
     assert wsd(0) == pytest.approx(1 / 11) and wsd(9) == pytest.approx(10 / 11)
     assert [wsd(s) for s in (10, 50, 79, 80)] == [1.0] * 4
     assert wsd(90) == pytest.approx(0.55)
     assert wsd(100) == pytest.approx(0.1) and wsd(1000) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("shape, at_quarter", [("sqrt", 1 - math.sqrt(0.25)), ("cosine", 0.5 * (1 + math.cos(math.pi / 4)))])
+@pytest.mark.parametrize(
+    "shape, at_quarter", [("sqrt", 1 - math.sqrt(0.25)), ("cosine", 0.5 * (1 + math.cos(math.pi / 4)))]
+)
 def test_wsd_decay_shapes(shape, at_quarter):
     wsd = component("schedule", "wsd", 100, warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.0, shape=shape)
     assert wsd(85) == pytest.approx(at_quarter)
 
 
 # --- sliding -----------------------------------------------------------------------------------
+
 
 def reference_attention(attn, x, window=None, bias=None):
     """Softmax attention in float64 from the module's own weights, masked to the last `window` keys."""
@@ -188,11 +201,23 @@ def test_flex_sliding_kernel_matches_the_reference(with_bias):
 
 # --- the llama_style recipe --------------------------------------------------------------------
 
+
 def test_llama_style_builds_and_decodes_with_a_cache():
-    recipe = load_recipe(RECIPES / "llama_style.toml", ["model.n_layer=2", "model.n_embd=32", "model.n_head=4",
-                                                      "model.vocab_size=64", "model.block_size=16"])
-    assert {s: p.name for s, p in recipe.parts.items() if s in ("position", "norm", "mlp")} == \
-        {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+    recipe = load_recipe(
+        RECIPES / "llama_style.toml",
+        [
+            "model.n_layer=2",
+            "model.n_embd=32",
+            "model.n_head=4",
+            "model.vocab_size=64",
+            "model.block_size=16",
+        ],
+    )
+    assert {s: p.name for s, p in recipe.parts.items() if s in ("position", "norm", "mlp")} == {
+        "position": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+    }
     model = GPT(recipe).eval()
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
     idx = torch.randint(0, 64, (2, 40))  # longer than block_size: rope has no length limit

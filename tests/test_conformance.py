@@ -1,6 +1,7 @@
 """Every installed component, built-in or third-party, against lab.testing's conformance checks:
 the cases come from the registry, so a newly installed plugin is checked without a new test.
 Then the checks themselves, shown to catch a component that breaks each rule."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ def test_conformance(case):
 
 
 # --- components that each break one rule -------------------------------------------------------
+
 
 class Empty(BaseModel):
     pass
@@ -73,9 +75,11 @@ class OneHeadCount(Position):
 
 def norm_over_time(config, model):
     """Normalises across tokens, not features: token t's output depends on every token."""
+
     class OverTime(torch.nn.Module):
         def forward(self, x):
             return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)
+
     return OverTime()
 
 
@@ -171,21 +175,24 @@ def broken():
     return build_registry({"broken-components": Broken()}, warn=False)
 
 
-@pytest.mark.parametrize("slot, name, check", [
-    ("attention", "peeking", "attention_causality"),
-    ("attention", "forgetful", "attention_cached_decoding"),
-    ("attention", "upcasting", "attention_dtypes"),
-    ("position", "stretching", "position_rotate_preserves_norms"),
-    ("position", "one_head_count", "position_grouped_heads"),
-    ("norm", "over_time", "token_map_per_token"),
-    ("schedule", "counting", "schedule_pure"),
-    ("optimizer", "frozen", "optimizer_reduces_loss"),
-    ("optimizer", "matrices_only", "optimizer_roles"),
-    ("tokenizer", "lowercasing", "tokenizer_round_trip"),
-    ("data", "amnesic", "data_resume"),
-    ("data", "same_everywhere", "data_processes_share"),
-    ("logger", "steps_only", "logger_records_a_run"),
-])
+@pytest.mark.parametrize(
+    "slot, name, check",
+    [
+        ("attention", "peeking", "attention_causality"),
+        ("attention", "forgetful", "attention_cached_decoding"),
+        ("attention", "upcasting", "attention_dtypes"),
+        ("position", "stretching", "position_rotate_preserves_norms"),
+        ("position", "one_head_count", "position_grouped_heads"),
+        ("norm", "over_time", "token_map_per_token"),
+        ("schedule", "counting", "schedule_pure"),
+        ("optimizer", "frozen", "optimizer_reduces_loss"),
+        ("optimizer", "matrices_only", "optimizer_roles"),
+        ("tokenizer", "lowercasing", "tokenizer_round_trip"),
+        ("data", "amnesic", "data_resume"),
+        ("data", "same_everywhere", "data_processes_share"),
+        ("logger", "steps_only", "logger_records_a_run"),
+    ],
+)
 def test_the_checks_catch_a_broken_component(broken, slot, name, check):
     [case] = [c for c in cases(slot, name, broken) if str(c).endswith(check)]
     with pytest.raises(AssertionError):

@@ -2,6 +2,7 @@
 package would write them: a top-2 mixture of experts with a load-balancing loss (extra loss terms,
 logged scalars, its own parameter role, active parameters), a role-grouping optimizer, and the
 mistakes a plugin author can make."""
+
 import math
 from typing import ClassVar
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
+from tiny import counting_tokens, tiny_recipe
 from torch import nn
 
 from lab import hookimpl
@@ -18,10 +20,9 @@ from lab.extras import add_loss, collecting, log_scalar
 from lab.model import GPT
 from lab.plugins import build_registry
 from lab.recipe import load_recipe
-from lab.runs.metrics import read_metrics
 from lab.roles import build_optimizer, declare_role, parameters, set_role
+from lab.runs.metrics import read_metrics
 from lab.testing import cases
-from tiny import counting_tokens, tiny_recipe
 
 ROUTER = declare_role("router", "a mixture of experts' router matrix")
 
@@ -31,7 +32,9 @@ class MoEConfig(BaseModel):
     experts: int = Field(4, description="experts per layer")
     top_k: int = Field(2, description="experts per token")
     balance: float = Field(0.01, description="weight of the load-balancing loss")
-    broken: str = Field("", description="for the tests: 'detach', 'nan' or 'vector' breaks the loss on purpose")
+    broken: str = Field(
+        "", description="for the tests: 'detach', 'nan' or 'vector' breaks the loss on purpose"
+    )
 
 
 class MoE(nn.Module):
@@ -82,8 +85,17 @@ class PerRoleConfig(BaseModel):
 def per_role_sgd(config, params, model):
     """One group per role, each named after it: what a role-aware optimizer does."""
     roles = sorted({p.role for p in params})
-    return torch.optim.SGD([{"name": r, "params": [p.param for p in params if p.role == r],
-                             "lr": config.lr * (2 if r == "router" else 1)} for r in roles], lr=config.lr)
+    return torch.optim.SGD(
+        [
+            {
+                "name": r,
+                "params": [p.param for p in params if p.role == r],
+                "lr": config.lr * (2 if r == "router" else 1),
+            }
+            for r in roles
+        ],
+        lr=config.lr,
+    )
 
 
 class WholeConfig(BaseModel):
@@ -116,9 +128,13 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, config, params):
         matrices = [p.param for p in params if p.role == "matrix" and p.param.dim() == 2]
         others = [p.param for p in params if not (p.role == "matrix" and p.param.dim() == 2)]
-        super().__init__([{"name": "muon", "params": matrices, "lr": config.lr, "kind": "muon"},
-                          {"name": "adamw", "params": others, "lr": config.adam_lr, "kind": "adamw"}],
-                         dict(momentum=config.momentum))
+        super().__init__(
+            [
+                {"name": "muon", "params": matrices, "lr": config.lr, "kind": "muon"},
+                {"name": "adamw", "params": others, "lr": config.adam_lr, "kind": "adamw"},
+            ],
+            dict(momentum=config.momentum),
+        )
 
     @torch.no_grad()
     def step(self):
@@ -134,7 +150,10 @@ class Muon(torch.optim.Optimizer):
                     p.add_(newton_schulz(p.grad + group["momentum"] * buf), alpha=-group["lr"] * scale)
                 else:
                     state.setdefault("step", torch.zeros(()))
-                    m, v = state.setdefault("m", torch.zeros_like(p)), state.setdefault("v", torch.zeros_like(p))
+                    m, v = (
+                        state.setdefault("m", torch.zeros_like(p)),
+                        state.setdefault("v", torch.zeros_like(p)),
+                    )
                     state["step"] += 1
                     m.lerp_(p.grad, 0.1)
                     v.lerp_(p.grad.square(), 0.05)
@@ -149,8 +168,13 @@ class Package:
         register("optimizer", "per_role", per_role_sgd, PerRoleConfig, "SGD, a group per role")
         register("optimizer", "whole", per_role_sgd, WholeConfig, "needs whole parameters")
         # "toy_muon": lab ships a real "muon" (issue 14); this one is a third party's, written from the docs
-        register("optimizer", "toy_muon", lambda config, params, model: Muon(config, params), MuonConfig,
-                 "Muon for hidden matrices, AdamW for the rest")
+        register(
+            "optimizer",
+            "toy_muon",
+            lambda config, params, model: Muon(config, params),
+            MuonConfig,
+            "Muon for hidden matrices, AdamW for the rest",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +190,10 @@ def run_recipe(tmp_path):
 
     def write(rest="", **fmt):
         path = tmp_path / "moe.toml"
-        path.write_text(tiny_recipe("moe", """
+        path.write_text(
+            tiny_recipe(
+                "moe",
+                """
 [schedule]
 name = "cosine"
 warmup_steps = 1
@@ -183,8 +210,12 @@ device = "cpu"
 [generate]
 num_samples = 1
 max_new_tokens = 2
-""" + rest).format(data=data, out=tmp_path / "run"))
+"""
+                + rest,
+            ).format(data=data, out=tmp_path / "run")
+        )
         return str(path)
+
     return write
 
 
@@ -196,16 +227,31 @@ def edit(path, old, new):
 
 def small(plugins, mlp="toy_moe", **settings):
     from lab.recipe import resolve
-    raw = {"model": {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16,
-                     "tie_embeddings": False, "loss_chunk": 0,
-                     "attention": {"name": "sdpa"}, "mlp": {"name": mlp, **settings},
-                     "norm": {"name": "layernorm"}, "position": {"name": "learned"}},
-           "tokenizer": {"name": "gpt2"}, "data": {"name": "memmap"}, "optimizer": {"name": "adamw"},
-           "schedule": {"name": "cosine"}}
+
+    raw = {
+        "model": {
+            "vocab_size": 64,
+            "block_size": 16,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 16,
+            "tie_embeddings": False,
+            "loss_chunk": 0,
+            "attention": {"name": "sdpa"},
+            "mlp": {"name": mlp, **settings},
+            "norm": {"name": "layernorm"},
+            "position": {"name": "learned"},
+        },
+        "tokenizer": {"name": "gpt2"},
+        "data": {"name": "memmap"},
+        "optimizer": {"name": "adamw"},
+        "schedule": {"name": "cosine"},
+    }
     return resolve(raw, "small.toml", plugins=plugins)
 
 
 # --- parameter roles ---------------------------------------------------------------------------
+
 
 def test_adamw_groups_from_roles_are_gpt2s_rank_rule(gpt_small_path):
     recipe = load_recipe(gpt_small_path, ["model.n_layer=2", "model.n_embd=64", "model.n_head=2"])
@@ -223,8 +269,9 @@ def test_an_optimizer_part_built_from_the_model_alone_gets_the_roles(gpt_small_p
     recipe = load_recipe(gpt_small_path, ["model.n_layer=2", "model.n_embd=64", "model.n_head=2"])
     model = GPT(recipe)
     old, new = recipe.parts["optimizer"].build(model), build_optimizer(recipe.parts["optimizer"], model)
-    assert [[id(p) for p in g["params"]] for g in old.param_groups] == \
-        [[id(p) for p in g["params"]] for g in new.param_groups]
+    assert [[id(p) for p in g["params"]] for g in old.param_groups] == [
+        [id(p) for p in g["params"]] for g in new.param_groups
+    ]
 
 
 def test_roles_of_a_gpt(plugins):
@@ -249,16 +296,25 @@ def test_an_unknown_role_names_the_component_and_the_fix(plugins):
         def lab_components(self, register):
             register("mlp", "typo", Typo, MoEConfig, "")
 
-    with pytest.raises(LabError, match=r"mlp 'typo' from package 'lab-typo': unknown parameter role 'matirx'. "
-                                       r"Did you mean 'matrix'\?.*declare_role"):
+    with pytest.raises(
+        LabError,
+        match=r"mlp 'typo' from package 'lab-typo': unknown parameter role 'matirx'. "
+        r"Did you mean 'matrix'\?.*declare_role",
+    ):
         GPT(small(build_registry({"lab-typo": P()}, warn=False), mlp="typo"))
 
 
 def test_every_groups_lr_is_logged(plugins, run_recipe, tmp_path, monkeypatch):
     import lab.plugins
+
     monkeypatch.setattr(lab.plugins, "_registry", plugins)
     path = run_recipe()
-    text = open(path).read().replace('name = "gelu"', 'name = "toy_moe"').replace('name = "adamw"\nlr = 3e-3', 'name = "per_role"')
+    text = (
+        open(path)
+        .read()
+        .replace('name = "gelu"', 'name = "toy_moe"')
+        .replace('name = "adamw"\nlr = 3e-3', 'name = "per_role"')
+    )
     open(path, "w").write(text)
     assert main(["run", path]) == 0
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
@@ -268,6 +324,7 @@ def test_every_groups_lr_is_logged(plugins, run_recipe, tmp_path, monkeypatch):
 
 def test_an_optimizer_that_needs_whole_parameters_refuses_fsdp(plugins, run_recipe, monkeypatch, capsys):
     import lab.plugins
+
     monkeypatch.setattr(lab.plugins, "_registry", plugins)
     path = run_recipe()
     text = open(path).read().replace('name = "adamw"\nlr = 3e-3', 'name = "whole"')
@@ -281,8 +338,10 @@ def test_an_optimizer_that_needs_whole_parameters_refuses_fsdp(plugins, run_reci
 
 # --- extra losses ------------------------------------------------------------------------------
 
+
 def test_extra_loss_terms_and_scalars_reach_metrics(plugins, run_recipe, tmp_path, monkeypatch, capsys):
     import lab.plugins
+
     monkeypatch.setattr(lab.plugins, "_registry", plugins)
     path = run_recipe()
     edit(path, 'name = "gelu"', 'name = "toy_moe"')
@@ -298,13 +357,24 @@ def test_extra_loss_terms_and_scalars_reach_metrics(plugins, run_recipe, tmp_pat
     assert "active per token" in out
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("nan", r"mlp 'toy_moe' from package 'lab-toy' gave the extra loss term 'balance' = nan at step 1.*finite"),
-    ("vector", r"mlp 'toy_moe' from package 'lab-toy' added the extra loss 'balance' as \(4,\), not a scalar"),
-])
-def test_a_bad_extra_loss_stops_with_a_message_and_touches_no_checkpoint(plugins, run_recipe, tmp_path,
-                                                                          monkeypatch, capsys, broken, message):
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        (
+            "nan",
+            r"mlp 'toy_moe' from package 'lab-toy' gave the extra loss term 'balance' = nan at step 1.*finite",
+        ),
+        (
+            "vector",
+            r"mlp 'toy_moe' from package 'lab-toy' added the extra loss 'balance' as \(4,\), not a scalar",
+        ),
+    ],
+)
+def test_a_bad_extra_loss_stops_with_a_message_and_touches_no_checkpoint(
+    plugins, run_recipe, tmp_path, monkeypatch, capsys, broken, message
+):
     import lab.plugins
+
     monkeypatch.setattr(lab.plugins, "_registry", plugins)
     path = run_recipe()
     edit(path, 'name = "gelu"', f'name = "toy_moe"\nbroken = "{broken}"')
@@ -312,6 +382,7 @@ def test_a_bad_extra_loss_stops_with_a_message_and_touches_no_checkpoint(plugins
     err = capsys.readouterr().err
     assert "Traceback" not in err
     import re
+
     assert re.search(message, err), err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -329,6 +400,7 @@ def test_the_extra_loss_check_catches_a_detached_loss(plugins):
         @hookimpl
         def lab_components(self, register):
             register("mlp", "detached", lambda c, m: MoE(MoEConfig(broken="detach"), m), MoEConfig, "")
+
     broken = build_registry({"lab-broken": P()}, warn=False)
     [case] = [c for c in cases("mlp", "detached", broken) if str(c) == "mlp-detached-extra_loss_gradients"]
     with pytest.raises(AssertionError, match="no gradient"):
@@ -337,6 +409,7 @@ def test_the_extra_loss_check_catches_a_detached_loss(plugins):
 
 def test_collecting_a_component_on_its_own():
     from lab.recipe import ModelConfig
+
     moe = MoE(MoEConfig(), ModelConfig(n_embd=16, n_head=2))
     x = torch.randn(2, 5, 16)
     moe(x)  # outside a model and outside collecting: the calls do nothing
@@ -369,7 +442,11 @@ def test_declared_extra_settings_are_checked_too(plugins):
     ids = [str(c) for c in cases("mlp", "toy_moe", plugins)]
     assert "mlp-toy_moe-extra_loss_gradients" in ids
     assert "mlp-toy_moe[experts=8,top_k=1]-extra_loss_gradients" in ids
-    [case] = [c for c in cases("mlp", "toy_moe", plugins) if str(c) == "mlp-toy_moe[experts=8,top_k=1]-token_map_per_token"]
+    [case] = [
+        c
+        for c in cases("mlp", "toy_moe", plugins)
+        if str(c) == "mlp-toy_moe[experts=8,top_k=1]-token_map_per_token"
+    ]
     case()
     # and settings given by hand replace them
     ids = [str(c) for c in cases("mlp", "toy_moe", plugins, settings={"experts": 2})]
@@ -379,5 +456,7 @@ def test_declared_extra_settings_are_checked_too(plugins):
 def test_a_muon_written_from_the_docs_passes_the_optimizer_checks(plugins, capsys):
     for case in cases("optimizer", "toy_muon", plugins):
         case()
-    assert "optimizer 'toy_muon' groups roles as {'muon': ['matrix'], 'adamw': ['bias', 'embedding', 'gain', 'head'" \
+    assert (
+        "optimizer 'toy_muon' groups roles as {'muon': ['matrix'], 'adamw': ['bias', 'embedding', 'gain', 'head'"
         in capsys.readouterr().out
+    )

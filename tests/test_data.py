@@ -1,6 +1,7 @@
 """The memmap data source: a batch is a pure function of (seed, split, step, row), y is x one token
 later, token files are checked before they are trusted, and the shipped corpus is tokenized once
 into the user's cache."""
+
 import contextlib
 import io
 import json
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from lab.data.prepare import prepare
 from lab.errors import LabError
 from lab.interfaces import DataContext, Tokenizer
 from lab.plugins import registry
-from lab.data.prepare import prepare
 from lab_memmap import MemmapConfig, MemmapData
 from lab_memmap.embedded import CORPUS
 
@@ -36,9 +37,14 @@ def write_data(folder, train, val, dtype="uint16", meta=True, tokenizer=NumberTo
     np.asarray(train, dtype=dtype).tofile(folder / "train.bin")
     np.asarray(val, dtype=dtype).tofile(folder / "val.bin")
     if meta:
-        fields = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "dtype": dtype,
-                  "train_tokens": len(train), "val_tokens": len(val),
-                  "max_token_id": int(max(np.max(train), np.max(val)))}
+        fields = {
+            "tokenizer": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "dtype": dtype,
+            "train_tokens": len(train),
+            "val_tokens": len(val),
+            "max_token_id": int(max(np.max(train), np.max(val))),
+        }
         (folder / "meta.json").write_text(json.dumps({**fields, **meta_changes}))
     return folder
 
@@ -70,7 +76,9 @@ def test_a_batch_is_a_pure_function_of_seed_split_step_and_row(counting):
     a, b = source(counting, seed=7), source(counting, seed=7)
     assert torch.equal(a.batch("train", 5, range(4))[0], b.batch("train", 5, range(4))[0])
     assert not torch.equal(a.batch("train", 5, range(4))[0], a.batch("train", 6, range(4))[0])
-    assert not torch.equal(a.batch("train", 5, range(4))[0], source(counting, seed=8).batch("train", 5, range(4))[0])
+    assert not torch.equal(
+        a.batch("train", 5, range(4))[0], source(counting, seed=8).batch("train", 5, range(4))[0]
+    )
     assert a.batch("val", 5, range(4))[0].max() < 500  # val rows come from val.bin
 
 
@@ -115,7 +123,9 @@ def test_a_file_that_is_not_whole_tokens_is_refused(tmp_path):
     folder = write_data(tmp_path / "odd", np.arange(900), np.arange(100), meta=False)
     with open(folder / "train.bin", "ab") as f:
         f.write(b"\x01")  # 1801 bytes: not a whole number of uint16
-    with pytest.raises(LabError, match=r"train\.bin is 1801 bytes, not a whole number of uint16 .*\[data\] dtype"):
+    with pytest.raises(
+        LabError, match=r"train\.bin is 1801 bytes, not a whole number of uint16 .*\[data\] dtype"
+    ):
         source(folder)
 
 
@@ -131,18 +141,24 @@ def test_ids_beyond_the_vocabulary_are_found_from_meta_json(counting):
 
 
 def test_meta_json_from_another_tokenizer_is_refused(counting):
-    with pytest.raises(LabError, match=r"tokenizer 'numbers'.*\[tokenizer\] is 'letters'.*--tokenizer letters"):
+    with pytest.raises(
+        LabError, match=r"tokenizer 'numbers'.*\[tokenizer\] is 'letters'.*--tokenizer letters"
+    ):
         source(counting, tokenizer=NumberTokenizer(name="letters"))
 
 
 def test_token_counts_that_disagree_with_meta_json_are_refused(tmp_path):
     folder = write_data(tmp_path / "changed", np.arange(900), np.arange(100), val_tokens=150)
-    with pytest.raises(LabError, match=r"val\.bin holds 100 tokens but .*meta\.json says 150.*lab prepare again"):
+    with pytest.raises(
+        LabError, match=r"val\.bin holds 100 tokens but .*meta\.json says 150.*lab prepare again"
+    ):
         source(folder)
 
 
 def test_a_block_longer_than_a_split_is_refused(counting):
-    with pytest.raises(LabError, match=r"val\.bin holds 500 tokens, too few for .*\[model\] block_size = 600"):
+    with pytest.raises(
+        LabError, match=r"val\.bin holds 500 tokens, too few for .*\[model\] block_size = 600"
+    ):
         source(counting, block_size=600)
 
 

@@ -1,4 +1,5 @@
 """Weights laid out for decoding (lab/decoding.py): another read of the same weights, same numbers."""
+
 import copy
 
 import pytest
@@ -29,7 +30,9 @@ def tiny(gpt_small_path, overrides=()):
     return model
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.bias=false", "model.tie_embeddings=false"]], ids=["gpt2", "untied-no-bias"])
+@pytest.mark.parametrize(
+    "overrides", [[], ["model.bias=false", "model.tie_embeddings=false"]], ids=["gpt2", "untied-no-bias"]
+)
 def test_same_logits_and_greedy_tokens_state_dict_untouched(gpt_small_path, always_copy, overrides):
     trained = tiny(gpt_small_path, overrides)
     laid_out = copy.deepcopy(trained)
@@ -48,7 +51,9 @@ def test_same_logits_and_greedy_tokens_state_dict_untouched(gpt_small_path, alwa
             # Another summation order: a few ulps of the logits' scale. Measured 3.4e-7 of it with
             # AVX-512 or AVX2 kernels, 4.8e-7 with ATEN_CPU_CAPABILITY=default: checked at 1e-5.
             assert_close_to_scale(b, a, 1e-5, "logits of the laid-out model")
-    assert torch.equal(generate(trained, prompt, 30, temperature=0), generate(laid_out, prompt, 30, temperature=0))
+    assert torch.equal(
+        generate(trained, prompt, 30, temperature=0), generate(laid_out, prompt, 30, temperature=0)
+    )
 
 
 def test_many_rows_keep_the_trained_path(gpt_small_path, always_copy, monkeypatch):
@@ -62,7 +67,9 @@ def test_many_rows_keep_the_trained_path(gpt_small_path, always_copy, monkeypatc
 
 
 def test_a_layer_keeps_its_layout_where_the_copy_is_not_faster(gpt_small_path, monkeypatch):
-    monkeypatch.setattr(decoding, "transposed_is_faster", lambda shape, *rest: shape[0] == 301)  # the head only
+    monkeypatch.setattr(
+        decoding, "transposed_is_faster", lambda shape, *rest: shape[0] == 301
+    )  # the head only
     model = tiny(gpt_small_path)
     choices = decoding.lay_out_for_decoding(model)
     assert choices["head"] == "copy"

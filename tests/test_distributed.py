@@ -1,6 +1,7 @@
 """Several processes, one run: `torchrun --nproc_per_node=2 -m lab run` on two CPU processes (gloo)
 logs the losses of one process with the same global batch, with DDP and with FSDP2; a checkpoint
 written by one layout resumes in another; rank 0 alone prints and writes; a mistake is one message."""
+
 import os
 import socket
 import subprocess
@@ -9,24 +10,26 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import counting_tokens, tiny_recipe
 
-from lab.runs import checkpoint
-from lab.engine import distributed
 from lab.commands.cli import main
+from lab.engine import distributed
+from lab.engine.trainer import accumulation, micro_rows
 from lab.errors import LabError
 from lab.recipe import load_recipe
+from lab.roles import build_optimizer
+from lab.runs import checkpoint
 from lab.runs.metrics import read_metrics
 from lab.testing import assert_close_to_scale
-from lab.engine.trainer import accumulation, micro_rows
-from lab.roles import build_optimizer
-from tiny import counting_tokens, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A global batch of 8 sequences: one process takes it as 2 micro-batches of 4, two processes as one
 # each. Dropout 0: the processes' dropout masks would differ from one process's (see Trainer.resume).
 # decay_steps: the lr schedule of a leg run to max_steps = 3 is that of the whole run of 6 steps.
-RECIPE = tiny_recipe("tiny", """
+RECIPE = tiny_recipe(
+    "tiny",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 2
@@ -45,7 +48,8 @@ device = "cpu"
 [generate]
 num_samples = 1
 max_new_tokens = 4
-""")
+""",
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +72,40 @@ def torchrun(folder, out, *sets) -> subprocess.CompletedProcess:
     with socket.socket() as s:  # a free port for rank 0's store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", "-m", "lab", "run", "tiny.toml", "--set", f"train.out_dir={out}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "lab",
+        "run",
+        "tiny.toml",
+        "--set",
+        f"train.out_dir={out}",
+    ]
     loopback = next(name for _, name in socket.if_nameindex() if name.startswith("lo"))  # lo, or lo0 on macOS
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback}
-    return subprocess.run(command + [a for s in sets for a in ("--set", s)], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        command + [a for s in sets for a in ("--set", s)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def records(run) -> dict:
     """{(step, 'loss' | 'val_loss' | 'grad_norm'): value} of a run folder's metrics.jsonl."""
-    return {(r["step"], key): r[key] for r in read_metrics(run / "metrics.jsonl")
-            for key in ("loss", "val_loss", "grad_norm") if key in r}
+    return {
+        (r["step"], key): r[key]
+        for r in read_metrics(run / "metrics.jsonl")
+        for key in ("loss", "val_loss", "grad_norm")
+        if key in r
+    }
 
 
 def assert_same_losses(run, reference, grad_norm_rel=1e-4):
@@ -136,9 +162,11 @@ def test_a_global_batch_that_does_not_split_is_one_message_from_rank_0(folder):
     assert done.returncode != 0
     # One message, rank 0's, and no traceback of lab's (torchrun then reports the failure its own way).
     assert done.stderr.count("error: ") == 1 and "lab/train.py" not in done.stderr
-    assert ("tiny.toml [train] global batch 6 cannot be split into micro-batches of 4 over 2 process(es); "
-            "set global_batch_size to a multiple of 8 (e.g. 8), or batch_size to a divisor of 3 (e.g. 3)"
-            in done.stderr)
+    assert (
+        "tiny.toml [train] global batch 6 cannot be split into micro-batches of 4 over 2 process(es); "
+        "set global_batch_size to a multiple of 8 (e.g. 8), or batch_size to a divisor of 3 (e.g. 3)"
+        in done.stderr
+    )
     assert not (folder / "bad").exists()
 
 
@@ -147,25 +175,35 @@ def test_a_global_batch_that_does_not_split_is_one_message_from_rank_0(folder):
 
 @pytest.mark.parametrize("batch_size, accum, world", [(8, 1, 1), (4, 2, 1), (4, 1, 2), (2, 2, 2), (1, 2, 4)])
 def test_every_layout_takes_the_same_global_batch(batch_size, accum, world):
-    rows = [row for rank in range(world) for micro in range(accum)
-            for row in micro_rows(micro, batch_size, rank, world)]
+    rows = [
+        row
+        for rank in range(world)
+        for micro in range(accum)
+        for row in micro_rows(micro, batch_size, rank, world)
+    ]
     assert sorted(rows) == list(range(8))
 
 
 def test_global_batch_size_decides_grad_accum(folder):
     recipe = load_recipe(folder / "tiny.toml", ["train.batch_size=2", "train.global_batch_size=16"])
     assert [accumulation(recipe, world) for world in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    with pytest.raises(LabError, match="global batch 16 cannot be split into micro-batches of 2 over 3 "
-                       r"process\(es\); set global_batch_size to a multiple of 6 \(e.g. 18\), or start a "
-                       "number of processes that divides 16"):
+    with pytest.raises(
+        LabError,
+        match="global batch 16 cannot be split into micro-batches of 2 over 3 "
+        r"process\(es\); set global_batch_size to a multiple of 6 \(e.g. 18\), or start a "
+        "number of processes that divides 16",
+    ):
         accumulation(recipe, 3)
     assert accumulation(load_recipe(folder / "tiny.toml", ["train.global_batch_size=0"]), 2) == 1
 
 
 @pytest.mark.skipif(torch.distributed.is_nccl_available(), reason="needs a torch without NCCL")
 def test_gpus_without_nccl_is_one_clear_message():
-    with pytest.raises(LabError, match="training on cuda with several processes needs torch.distributed's nccl "
-                       "backend, which this build of torch"):
+    with pytest.raises(
+        LabError,
+        match="training on cuda with several processes needs torch.distributed's nccl "
+        "backend, which this build of torch",
+    ):
         distributed.backend_for(torch.device("cuda"))
     assert distributed.backend_for(torch.device("cpu")) == "gloo"
 

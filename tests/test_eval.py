@@ -1,28 +1,31 @@
 """`lab eval`: loss, perplexity and bits per byte of text in strided windows, multiple-choice tasks
 and lm-evaluation-harness, checked against transformers on an imported GPT-2 and on a model made to
 copy; and every mistake a user can make is one message with exit status 2."""
+
 import json
 import math
 import socket
 
 import pytest
 import torch
+from test_hf import hf_model  # noqa: F401  (a fixture: transformers' GPT-2, shrunk to block 48)
+from tiny import tiny_recipe
 
 import lab.runs
-from lab.runs.checkpoint import save
 from lab.commands.cli import main
 from lab.data.eval_sets import Item
 from lab.inference.scoring import encode_pair, loglikelihoods, strided_spans
 from lab.model import GPT
 from lab.recipe import load_recipe
+from lab.runs.checkpoint import save
 from lab.runs.metrics import read_metrics
-from tiny import tiny_recipe
-from test_hf import hf_model  # noqa: F401  (a fixture: transformers' GPT-2, shrunk to block 48)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish? café ☕ naïve\n") * 3
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish? café ☕ naïve\n"
+) * 3
 ITEMS = [
     {"context": "The cat sat on the", "choices": ["mat.", "quantum chromodynamics.", "table"], "label": 0},
     {"context": "Hello, my name", "choices": ["is", "was", "zebra"], "label": 2},
@@ -57,7 +60,10 @@ def write_jsonl(path, records):
 
 # Text --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, block, stride", [(100, 16, 8), (100, 16, 16), (17, 16, 5), (5, 16, 4), (64, 8, 3)])
+
+@pytest.mark.parametrize(
+    "n, block, stride", [(100, 16, 8), (100, 16, 16), (17, 16, 5), (5, 16, 4), (64, 8, 3)]
+)
 def test_windows_score_every_token_once_with_context(n, block, stride):
     spans = strided_spans(0, n, block, stride)
     scored = [s.start + 1 + j for s in spans for j in range(s.skip, s.length)]
@@ -71,7 +77,7 @@ def transformers_text_score(hf_model, ids: list[int], block: int, stride: int) -
     n, length = len(ids), min(block, len(ids) - 1)
     nll, scored_through, count = 0.0, 0, 0
     for start in [*range(0, n - 1 - length, stride), n - 1 - length]:
-        x = torch.tensor([ids[start:start + length]])
+        x = torch.tensor([ids[start : start + length]])
         with torch.no_grad():
             logprobs = hf_model(x).logits[0].double().log_softmax(-1)
         for j in range(length):
@@ -102,36 +108,53 @@ def test_text_loss_perplexity_and_bpb_equal_transformers(gpt2_run, hf_model, tok
 
 
 def test_jsonl_documents_and_a_prepared_folder(gpt2_run, hf_model, tokenizer, tmp_path, capsys):
-    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "Speak, speak."}, {"text": "You are all resolved."}])
-    assert run_lab(capsys, "prepare", tmp_path / "docs.jsonl", "--out", tmp_path / "data", "--val-fraction", 0.5)[0] == 0
+    docs = write_jsonl(
+        tmp_path / "docs.jsonl", [{"text": "Speak, speak."}, {"text": "You are all resolved."}]
+    )
+    assert (
+        run_lab(
+            capsys, "prepare", tmp_path / "docs.jsonl", "--out", tmp_path / "data", "--val-fraction", 0.5
+        )[0]
+        == 0
+    )
     assert run_lab(capsys, "eval", gpt2_run, "--text", docs, tmp_path / "data")[0] == 0
     saved = json.loads((gpt2_run / "eval.json").read_text())["text"]
     # each document scored on its own, after an end-of-text token
-    refs = [transformers_text_score(hf_model, [tokenizer.eot_id] + tokenizer.encode(t), 48, 24)
-            for t in ("Speak, speak.", "You are all resolved.")]
-    assert saved[str(docs)]["loss"] == pytest.approx(sum(r[0] for r in refs) / sum(r[1] for r in refs), rel=1e-5)
+    refs = [
+        transformers_text_score(hf_model, [tokenizer.eot_id] + tokenizer.encode(t), 48, 24)
+        for t in ("Speak, speak.", "You are all resolved.")
+    ]
+    assert saved[str(docs)]["loss"] == pytest.approx(
+        sum(r[0] for r in refs) / sum(r[1] for r in refs), rel=1e-5
+    )
     assert saved[str(tmp_path / "data")]["tokens"] > 0
 
 
 # Multiple choice ---------------------------------------------------------------------------------
 
+
 def test_choice_loglikelihoods_equal_transformers(gpt2_run, hf_model, tokenizer):
     _, model, _ = lab.runs.load(gpt2_run)
-    pairs = [encode_pair(tokenizer, item["context"], " " + choice) for item in ITEMS for choice in item["choices"]]
+    pairs = [
+        encode_pair(tokenizer, item["context"], " " + choice) for item in ITEMS for choice in item["choices"]
+    ]
     ours = loglikelihoods(model, pairs, batch_size=4)
     for (context, continuation), (logprob, greedy) in zip(pairs, ours):
         whole = torch.tensor([context + continuation])
         with torch.no_grad():
             logprobs = hf_model(whole[:, :-1]).logits[0].double().log_softmax(-1)
-        picks = logprobs[len(context) - 1:].gather(1, torch.tensor(continuation)[:, None])
+        picks = logprobs[len(context) - 1 :].gather(1, torch.tensor(continuation)[:, None])
         assert logprob == pytest.approx(picks.sum().item(), rel=1e-5)
-        assert greedy == bool((logprobs[len(context) - 1:].argmax(-1) == torch.tensor(continuation)).all())
+        assert greedy == bool((logprobs[len(context) - 1 :].argmax(-1) == torch.tensor(continuation)).all())
 
 
 def test_continuation_tokens_are_lm_evals(tokenizer):
     # a context that ends in a space gives it to the continuation; the continuation's ids are those
     # of the whole text past the context's; an empty context is the end-of-text token
-    assert encode_pair(tokenizer, "Hello ", "world") == (tokenizer.encode("Hello"), tokenizer.encode(" world"))
+    assert encode_pair(tokenizer, "Hello ", "world") == (
+        tokenizer.encode("Hello"),
+        tokenizer.encode(" world"),
+    )
     assert encode_pair(tokenizer, "", "Hi") == ([tokenizer.eot_id], tokenizer.encode("Hi"))
 
 
@@ -157,8 +180,11 @@ def copy_run(tmp_path_factory, tokenizer):
 
 def folder_recipe(folder):
     path = folder / "copy.toml"
-    path.write_text(tiny_recipe("copy", "[schedule]\nname = \"cosine\"\n", data=str(folder),
-                                model_extra="n_embd = 64\n").replace("n_embd = 32\n", ""))
+    path.write_text(
+        tiny_recipe(
+            "copy", '[schedule]\nname = "cosine"\n', data=str(folder), model_extra="n_embd = 64\n"
+        ).replace("n_embd = 32\n", "")
+    )
     return path
 
 
@@ -182,19 +208,28 @@ def test_a_model_that_copies_gets_every_copy_item(copy_run, tmp_path, capsys):
 def test_hellaswag_items_are_cleaned_as_lm_eval_does(tmp_path):
     from lab.data.eval_sets import read_task
 
-    line = {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow [title] covering",
-            "ctx_b": "the window of a car.", "endings": [" a woman  wearing [header] clothes", "b", "c", "d"],
-            "label": "3"}
+    line = {
+        "activity_label": "Removing ice from car",
+        "ctx_a": "Then, the man writes over the snow [title] covering",
+        "ctx_b": "the window of a car.",
+        "endings": [" a woman  wearing [header] clothes", "b", "c", "d"],
+        "label": "3",
+    }
     item = read_task(write_jsonl(tmp_path / "hs.jsonl", [line]))[0]
-    assert item == Item("Removing ice from car: Then, the man writes over the snow. covering The window of a car.",
-                        ["a woman wearing clothes", "b", "c", "d"], 3)
+    assert item == Item(
+        "Removing ice from car: Then, the man writes over the snow. covering The window of a car.",
+        ["a woman wearing clothes", "b", "c", "d"],
+        3,
+    )
 
 
 # lm-evaluation-harness ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):
     """Any attempt to reach the network fails the test; the datasets cache is the test's own."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args}")
 
@@ -229,8 +264,17 @@ def test_harness_task_gives_lab_evals_accuracy(gpt2_run, tmp_path, capsys, no_ne
     # every label of every item too: whatever the model prefers, some answers are right and some wrong
     items = ITEMS + [{**item, "label": k} for item in ITEMS for k in range(len(item["choices"]))]
     local_task(tasks, "local_mc", items)
-    status, out, err = run_lab(capsys, "eval", gpt2_run, "--harness", "local_mc", "--include-path", tasks,
-                               "--tasks", tasks / "local_mc.jsonl")
+    status, out, err = run_lab(
+        capsys,
+        "eval",
+        gpt2_run,
+        "--harness",
+        "local_mc",
+        "--include-path",
+        tasks,
+        "--tasks",
+        tasks / "local_mc.jsonl",
+    )
     assert status == 0, err
     saved = json.loads((gpt2_run / "eval.json").read_text())
     ours, harness = saved["tasks"][str(tasks / "local_mc.jsonl")], saved["harness"]["local_mc"]
@@ -241,10 +285,11 @@ def test_harness_task_gives_lab_evals_accuracy(gpt2_run, tmp_path, capsys, no_ne
 
 def test_lab_is_an_lm_eval_model(copy_run, tmp_path, no_network):
     lm_eval = pytest.importorskip("lm_eval")
-    import lab_eval.harness  # noqa: F401  (registers "lab")
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
+
+    import lab_eval.harness  # noqa: F401  (registers "lab")
 
     lm = get_model("lab").create_from_arg_string(f"run_dir={copy_run}", {"batch_size": 2, "device": "cpu"})
     request = lambda kind, args: Instance(kind, {}, args, 0)  # noqa: E731
@@ -252,7 +297,9 @@ def test_lab_is_an_lm_eval_model(copy_run, tmp_path, no_network):
     assert greedy and logprob > -1.0
     [text] = lm.generate_until([request("generate_until", ("go go", {"until": ["\n"], "max_gen_toks": 3}))])
     assert text == " go go go"
-    [text] = lm.generate_until([request("generate_until", ("go go", {"until": [" go go"], "max_gen_toks": 8}))])
+    [text] = lm.generate_until(
+        [request("generate_until", ("go go", {"until": [" go go"], "max_gen_toks": 8}))]
+    )
     assert text == ""  # cut at the stop string
     [rolling] = lm.loglikelihood_rolling([request("loglikelihood_rolling", ("go go go go",))])
     assert rolling < 0
@@ -260,13 +307,18 @@ def test_lab_is_an_lm_eval_model(copy_run, tmp_path, no_network):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     local_task(tasks, "copy_mc", COPY_ITEMS)
-    out = lm_eval.simple_evaluate(model="lab", model_args=f"run_dir={copy_run}", tasks=["copy_mc"],
-                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-                                  device="cpu")
+    out = lm_eval.simple_evaluate(
+        model="lab",
+        model_args=f"run_dir={copy_run}",
+        tasks=["copy_mc"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        device="cpu",
+    )
     assert out["results"]["copy_mc"]["acc,none"] == 1.0
 
 
 # Mistakes ----------------------------------------------------------------------------------------
+
 
 def assert_one_message(status, err, *words):
     assert status == 2 and "Traceback" not in err and err.count("\n") == 1, err
@@ -278,24 +330,31 @@ def test_a_run_folder_without_checkpoint(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     text = tmp_path / "a.txt"
     text.write_text("hello")
-    assert_one_message(*run_lab(capsys, "eval", tmp_path / "run", "--text", text)[::2], "no complete checkpoint")
+    assert_one_message(
+        *run_lab(capsys, "eval", tmp_path / "run", "--text", text)[::2], "no complete checkpoint"
+    )
 
 
 def test_a_file_that_is_not_text(gpt2_run, tmp_path, capsys):
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)) * 4)
-    assert_one_message(*run_lab(capsys, "eval", gpt2_run, "--text", binary)[::2], "weights.bin is not a text file")
+    assert_one_message(
+        *run_lab(capsys, "eval", gpt2_run, "--text", binary)[::2], "weights.bin is not a text file"
+    )
     latin1 = tmp_path / "old.txt"
     latin1.write_bytes("café".encode("latin-1"))
     assert_one_message(*run_lab(capsys, "eval", gpt2_run, "--text", latin1)[::2], "not UTF-8", "iconv")
 
 
-@pytest.mark.parametrize("line, words", [
-    ('{"context": "a", "choices": ["b", "c"], "label": 0', ["line 2 is not valid JSON"]),
-    ('{"context": "a", "choices": ["b", "c"], "label": 2}', ["line 2: label 2", "0 to 1"]),
-    ('{"context": "a", "choices": ["b"], "label": 0}', ["line 2", "at least two"]),
-    ('{"context": "a", "answers": ["b", "c"], "label": 0}', ["line 2 has neither"]),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"context": "a", "choices": ["b", "c"], "label": 0', ["line 2 is not valid JSON"]),
+        ('{"context": "a", "choices": ["b", "c"], "label": 2}', ["line 2: label 2", "0 to 1"]),
+        ('{"context": "a", "choices": ["b"], "label": 0}', ["line 2", "at least two"]),
+        ('{"context": "a", "answers": ["b", "c"], "label": 0}', ["line 2 has neither"]),
+    ],
+)
 def test_a_task_file_with_a_bad_line(gpt2_run, tmp_path, capsys, line, words):
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps(ITEMS[0]) + "\n" + line + "\n")
@@ -304,16 +363,23 @@ def test_a_task_file_with_a_bad_line(gpt2_run, tmp_path, capsys, line, words):
 
 def test_an_empty_task_and_empty_text(gpt2_run, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
-    assert_one_message(*run_lab(capsys, "eval", gpt2_run, "--tasks", tmp_path / "empty.jsonl")[::2], "holds no items")
+    assert_one_message(
+        *run_lab(capsys, "eval", gpt2_run, "--tasks", tmp_path / "empty.jsonl")[::2], "holds no items"
+    )
     (tmp_path / "empty.txt").write_text("")
-    assert_one_message(*run_lab(capsys, "eval", gpt2_run, "--text", tmp_path / "empty.txt")[::2], "no text to score")
+    assert_one_message(
+        *run_lab(capsys, "eval", gpt2_run, "--text", tmp_path / "empty.txt")[::2], "no text to score"
+    )
 
 
 def test_a_stride_longer_than_the_block(gpt2_run, tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("hello")
-    assert_one_message(*run_lab(capsys, "eval", gpt2_run, "--text", text, "--stride", 49)[::2],
-                       "--stride 49", "block_size, 48")
+    assert_one_message(
+        *run_lab(capsys, "eval", gpt2_run, "--text", text, "--stride", 49)[::2],
+        "--stride 49",
+        "block_size, 48",
+    )
 
 
 def test_nothing_to_score(gpt2_run, capsys):
@@ -331,11 +397,14 @@ def test_lm_eval_not_installed(gpt2_run, capsys, monkeypatch):
 
 def test_an_unknown_harness_task(gpt2_run, capsys, no_network):
     pytest.importorskip("lm_eval")
-    assert_one_message(*run_lab(capsys, "eval", gpt2_run, "--harness", "no_such_task_xyz")[::2],
-                       "unknown lm-eval task(s): no_such_task_xyz")
+    assert_one_message(
+        *run_lab(capsys, "eval", gpt2_run, "--harness", "no_such_task_xyz")[::2],
+        "unknown lm-eval task(s): no_such_task_xyz",
+    )
 
 
 # During training: [eval] -------------------------------------------------------------------------
+
 
 def recipe_with_eval(tmp_path, eval_table: str) -> str:
     import test_train
@@ -349,24 +418,46 @@ def recipe_with_eval(tmp_path, eval_table: str) -> str:
 def test_eval_table_scores_text_and_tasks_with_the_val_loss(tmp_path, capsys):
     (tmp_path / "play.txt").write_text(TEXT)
     task = write_jsonl(tmp_path / "copy.jsonl", COPY_ITEMS)
-    recipe = recipe_with_eval(tmp_path, f'text = ["{tmp_path / "play.txt"}"]\ntasks = ["{task}"]\nstride = 16\n')
+    recipe = recipe_with_eval(
+        tmp_path, f'text = ["{tmp_path / "play.txt"}"]\ntasks = ["{task}"]\nstride = 16\n'
+    )
     assert main(["run", recipe]) == 0
     out = capsys.readouterr().out
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 4, 8]  # with every val loss: first, every eval_interval, last
     for r in evals:
-        assert set(r) >= {"eval/play.txt/loss", "eval/play.txt/perplexity", "eval/play.txt/bpb",
-                          "eval/copy.jsonl/acc", "eval/copy.jsonl/acc_norm"}
+        assert set(r) >= {
+            "eval/play.txt/loss",
+            "eval/play.txt/perplexity",
+            "eval/play.txt/bpb",
+            "eval/copy.jsonl/acc",
+            "eval/copy.jsonl/acc_norm",
+        }
         assert r["eval/play.txt/perplexity"] == pytest.approx(math.exp(r["eval/play.txt/loss"]))
     assert evals[-1]["eval/play.txt/loss"] < evals[0]["eval/play.txt/loss"]
     last = evals[-1]
-    assert (f"step     8/8 | play.txt: loss {last['eval/play.txt/loss']:.4f} | perplexity "
-            f"{last['eval/play.txt/perplexity']:.2f} | bpb {last['eval/play.txt/bpb']:.4f}") in out
+    assert (
+        f"step     8/8 | play.txt: loss {last['eval/play.txt/loss']:.4f} | perplexity "
+        f"{last['eval/play.txt/perplexity']:.2f} | bpb {last['eval/play.txt/bpb']:.4f}"
+    ) in out
     assert f"step     8/8 | copy.jsonl: acc {last['eval/copy.jsonl/acc']:.4f} | acc_norm " in out
 
     # the scores are those lab eval gives the final checkpoint
-    assert main(["eval", str(tmp_path / "run"), "--text", str(tmp_path / "play.txt"), "--stride", "16",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "run"),
+                "--text",
+                str(tmp_path / "play.txt"),
+                "--stride",
+                "16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())["text"][str(tmp_path / "play.txt")]
     assert saved["loss"] == pytest.approx(last["eval/play.txt/loss"], rel=1e-5)
 

@@ -1,4 +1,5 @@
 """lab/evaluate.py: bits per byte, checked by hand."""
+
 import math
 
 import pytest
@@ -40,8 +41,9 @@ def test_token_logprobs_are_the_models_own_loss(gpt_small_path, softcap):
     from lab.recipe import load_recipe
 
     cap = [f"model.logit_softcap={softcap}"] if softcap else []
-    recipe = load_recipe(gpt_small_path, ["model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-                                          "model.block_size=16", *cap])
+    recipe = load_recipe(
+        gpt_small_path, ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", *cap]
+    )
     torch.manual_seed(0)
     model = GPT(recipe).eval()
     idx = torch.randint(0, 50257, (2, 16))
@@ -51,5 +53,7 @@ def test_token_logprobs_are_the_models_own_loss(gpt_small_path, softcap):
         logits, _ = model(idx)
         expected = logits.double().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)[scored]
         logprobs, greedy = token_logprobs(model, idx, targets, scored)
-    torch.testing.assert_close(logprobs.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(
+        logprobs.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()
+    )
     assert torch.equal(greedy, (logits.argmax(-1) == targets)[scored])

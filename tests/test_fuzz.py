@@ -6,6 +6,7 @@ files, tables where values belong. Bounded to about a minute of the suite: few e
 command, each small (a 1-step run of a tiny model).
 
 LAB_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py explores further."""
+
 import contextlib
 import io
 import math
@@ -18,12 +19,12 @@ import tomli_w
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny import counting_tokens, tiny_recipe
 
-from lab.runs import checkpoint
 from lab.commands.cli import build_parser, main
 from lab.model import GPT
 from lab.recipe import load_recipe
-from tiny import counting_tokens, tiny_recipe
+from lab.runs import checkpoint
 
 EXAMPLES = int(os.environ.get("LAB_FUZZ_EXAMPLES", "0"))
 
@@ -31,11 +32,18 @@ EXAMPLES = int(os.environ.get("LAB_FUZZ_EXAMPLES", "0"))
 def fuzz(examples: int):
     """hypothesis settings: derandomized so the suite is the same on every run (LAB_FUZZ_EXAMPLES
     explores at random, with more examples)."""
-    return settings(max_examples=EXAMPLES or examples, deadline=None, derandomize=not EXAMPLES,
-                    database=None, suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=EXAMPLES or examples,
+        deadline=None,
+        derandomize=not EXAMPLES,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
-BASE = tiny_recipe("fuzz", """
+BASE = tiny_recipe(
+    "fuzz",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 1
@@ -53,7 +61,8 @@ out_dir = "{out}"
 [generate]
 num_samples = 1
 max_new_tokens = 2
-""")
+""",
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +90,60 @@ def world(tmp_path_factory):
     return root
 
 
-PATHS = ["recipe.toml", "run", "text.txt", "binary.bin", "latin1.txt", "junk.jsonl", "empty.txt", "folder",
-         "foreign", "hf", "missing", "run/checkpoints", "data", "data/train.bin", "", "-", "text.txt/below"]
+PATHS = [
+    "recipe.toml",
+    "run",
+    "text.txt",
+    "binary.bin",
+    "latin1.txt",
+    "junk.jsonl",
+    "empty.txt",
+    "folder",
+    "foreign",
+    "hf",
+    "missing",
+    "run/checkpoints",
+    "data",
+    "data/train.bin",
+    "",
+    "-",
+    "text.txt/below",
+]
 NUMBERS = st.one_of(
-    st.integers(-3, 12), st.integers(), st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0]),
+    st.integers(-3, 12),
+    st.integers(),
+    st.floats(),
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0]),
 )
-WORDS = st.one_of(st.text(max_size=12), st.sampled_from([
-    "nan", "inf", "-1", "0", "1e999", "0x10", "true", "[]", "{}", "\udcff", "\x00", "sdpa", "cpu", "cuda", "auto",
-    "1e-320", "5e-324", "1e308", str(10**30), str(-(10**30)), "-0.0", "1e-5"]))
+WORDS = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "nan",
+            "inf",
+            "-1",
+            "0",
+            "1e999",
+            "0x10",
+            "true",
+            "[]",
+            "{}",
+            "\udcff",
+            "\x00",
+            "sdpa",
+            "cpu",
+            "cuda",
+            "auto",
+            "1e-320",
+            "5e-324",
+            "1e308",
+            str(10**30),
+            str(-(10**30)),
+            "-0.0",
+            "1e-5",
+        ]
+    ),
+)
 
 
 def lab(world, argv) -> tuple[int, str]:
@@ -115,22 +170,59 @@ def check(world, argv) -> None:
 
 def flags(options: dict):
     """A strategy for argv tails: a subset of `options` (flag -> value strategy, or None for a switch)."""
+
     def pairs(chosen):
-        return st.tuples(*[st.just([flag]) if options[flag] is None else options[flag].map(
-            lambda v, f=flag: [f, v]) for flag in chosen]).map(lambda ps: [a for p in ps for a in p])
+        return st.tuples(
+            *[
+                st.just([flag]) if options[flag] is None else options[flag].map(lambda v, f=flag: [f, v])
+                for flag in chosen
+            ]
+        ).map(lambda ps: [a for p in ps for a in p])
+
     return st.lists(st.sampled_from(sorted(options)), unique=True, max_size=4).flatmap(pairs)
 
 
 PATH = st.sampled_from(PATHS)
 # Counts that size the work (samples, tokens, steps) stay small: a valid huge one is work, not an error.
-SMALL = st.one_of(st.integers(-2, 6).map(str), st.sampled_from(["nan", "1e999", "", "x", "-0", "0x10", "\udcff"]))
+SMALL = st.one_of(
+    st.integers(-2, 6).map(str), st.sampled_from(["nan", "1e999", "", "x", "-0", "0x10", "\udcff"])
+)
 ANY = st.one_of(NUMBERS.map(str), WORDS)
-SETTING_KEYS = ["train.max_steps", "train.batch_size", "train.lr", "optimizer.lr", "optimizer.betas",
-                "optimizer.weight_decay", "schedule.warmup_steps", "schedule.name", "model.n_head", "model.dropout",
-                "model.attention.name", "model.position", "model", "train", "data.path", "data.dtype",
-                "generate.temperature", "generate.top_p", "generate.top_k", "generate.prompt", "train.device",
-                "train.precision", "train.out_dir", "train.global_batch_size", "tokenizer.name", "name",
-                "model.vocab_size", "train.seed", "generate.seed", "train.grad_clip", "x.y.z", "", "."]
+SETTING_KEYS = [
+    "train.max_steps",
+    "train.batch_size",
+    "train.lr",
+    "optimizer.lr",
+    "optimizer.betas",
+    "optimizer.weight_decay",
+    "schedule.warmup_steps",
+    "schedule.name",
+    "model.n_head",
+    "model.dropout",
+    "model.attention.name",
+    "model.position",
+    "model",
+    "train",
+    "data.path",
+    "data.dtype",
+    "generate.temperature",
+    "generate.top_p",
+    "generate.top_k",
+    "generate.prompt",
+    "train.device",
+    "train.precision",
+    "train.out_dir",
+    "train.global_batch_size",
+    "tokenizer.name",
+    "name",
+    "model.vocab_size",
+    "train.seed",
+    "generate.seed",
+    "train.grad_clip",
+    "x.y.z",
+    "",
+    ".",
+]
 SETTING = st.tuples(st.sampled_from(SETTING_KEYS), ANY).map(lambda kv: f"{kv[0]}={kv[1]}")
 SETS = st.lists(SETTING, max_size=3).map(lambda sets: [a for s in sets for a in ("--set", s)])
 
@@ -166,15 +258,37 @@ def test_lab_plugins(world, path):
 # a value where a table belongs, or bytes that are not TOML or not UTF-8.
 TOML_VALUES = st.recursive(
     st.one_of(st.integers(), st.floats(), st.text(max_size=8), st.booleans()),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=5)
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=5,
+)
 
 
 @fuzz(25)
-@given(where=st.sampled_from(["model", "model.attention", "model.n_head", "train", "train.max_steps", "data",
-                              "optimizer", "optimizer.lr", "schedule", "generate", "generate.temperature",
-                              "tokenizer", "name", "extra", "model.mlp.expansion"]),
-       value=TOML_VALUES, raw=st.one_of(st.none(), st.binary(max_size=40)))
+@given(
+    where=st.sampled_from(
+        [
+            "model",
+            "model.attention",
+            "model.n_head",
+            "train",
+            "train.max_steps",
+            "data",
+            "optimizer",
+            "optimizer.lr",
+            "schedule",
+            "generate",
+            "generate.temperature",
+            "tokenizer",
+            "name",
+            "extra",
+            "model.mlp.expansion",
+        ]
+    ),
+    value=TOML_VALUES,
+    raw=st.one_of(st.none(), st.binary(max_size=40)),
+)
 def test_recipe_files(world, where, value, raw):
     import tomllib
 
@@ -200,9 +314,20 @@ def test_lab_run(world, sets):
     check(world, small_sizes(["run", "recipe.toml", "--set", f"train.out_dir={out}/r", *sets]))
 
 
-GENERATE = {"--prompt": st.one_of(st.text(max_size=10), WORDS), "--prompt-file": PATH, "--num-samples": SMALL,
-            "--max-new-tokens": SMALL, "--temperature": ANY, "--top-k": ANY, "--top-p": ANY, "--seed": ANY,
-            "--no-cache": None, "--ignore-eos": None, "--device": WORDS, "-o": PATH}
+GENERATE = {
+    "--prompt": st.one_of(st.text(max_size=10), WORDS),
+    "--prompt-file": PATH,
+    "--num-samples": SMALL,
+    "--max-new-tokens": SMALL,
+    "--temperature": ANY,
+    "--top-k": ANY,
+    "--top-p": ANY,
+    "--seed": ANY,
+    "--no-cache": None,
+    "--ignore-eos": None,
+    "--device": WORDS,
+    "-o": PATH,
+}
 
 
 @fuzz(30)
@@ -212,9 +337,17 @@ def test_lab_generate(world, run, rest):
 
 
 @fuzz(15)
-@given(inputs=st.lists(PATH, min_size=1, max_size=2), out=st.one_of(PATH, st.just("prepared")),
-       rest=flags({"--tokenizer": WORDS, "--val-fraction": ANY, "--workers": st.one_of(st.integers(-2, 1).map(str),
-                                                                                       WORDS)}))
+@given(
+    inputs=st.lists(PATH, min_size=1, max_size=2),
+    out=st.one_of(PATH, st.just("prepared")),
+    rest=flags(
+        {
+            "--tokenizer": WORDS,
+            "--val-fraction": ANY,
+            "--workers": st.one_of(st.integers(-2, 1).map(str), WORDS),
+        }
+    ),
+)
 def test_lab_prepare(world, inputs, out, rest):
     check(world, ["prepare", *inputs, "--out", out, *rest])
 

@@ -1,17 +1,18 @@
 """Generation: the KV cache changes nothing but the speed, sampling filters do what they say, a seed
 gives the same text, <|endoftext|> ends a sample, and `lab generate` turns mistakes into one message."""
+
 import sys
 
 import pytest
 import torch
 
-from lab.runs.checkpoint import save
 from lab.commands.cli import main
 from lab.errors import LabError
 from lab.inference.sampling import candidates, generate, sample
 from lab.model import GPT
 from lab.plugins import registry
 from lab.recipe import load_recipe
+from lab.runs.checkpoint import save
 from lab.testing import assert_close_to_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,8 +23,9 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
 def tiny_model(path, attention="sdpa", vocab_size=101, seed=1, overrides=()):
     """A 2-layer model with large random weights: its logits are spread out, so greedy choices are
     no near-ties that float32 rounding could flip."""
-    recipe = load_recipe(path, TINY + [f"model.vocab_size={vocab_size}", f"model.attention.name={attention}",
-                                       *overrides])
+    recipe = load_recipe(
+        path, TINY + [f"model.vocab_size={vocab_size}", f"model.attention.name={attention}", *overrides]
+    )
     torch.manual_seed(seed)
     model = GPT(recipe).eval()
     with torch.no_grad():
@@ -36,7 +38,9 @@ def tiny_model(path, attention="sdpa", vocab_size=101, seed=1, overrides=()):
 def record_calls(model):
     """(tokens fed, last-position logits (B, vocab)) of every forward call."""
     seen = []
-    model.register_forward_hook(lambda module, args, out: seen.append((args[0].size(1), out[0][:, -1].clone())))
+    model.register_forward_hook(
+        lambda module, args, out: seen.append((args[0].size(1), out[0][:, -1].clone()))
+    )
     return seen
 
 
@@ -78,7 +82,9 @@ def test_sampling_with_a_seed_is_reproducible(gpt_small_path):
     prompt = torch.tensor([[1, 2, 3]])
 
     def draw(seed, **kw):
-        return generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+        return generate(
+            model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw
+        )
 
     assert torch.equal(draw(7), draw(7))
     assert torch.equal(draw(7, top_k=10, top_p=0.9), draw(7, top_k=10, top_p=0.9))
@@ -122,8 +128,15 @@ def test_sampling_distribution_matches_transformers_warpers():
             warped = lp.TopPLogitsWarper(top_p=top_p)(None, warped)
         return torch.softmax(warped, dim=-1)
 
-    for kw in ({"top_k": 1}, {"top_k": 5}, {"top_k": 50}, {"top_p": 0.1}, {"top_p": 0.5}, {"top_p": 0.9},
-               {"top_k": 50, "top_p": 0.5}):
+    for kw in (
+        {"top_k": 1},
+        {"top_k": 5},
+        {"top_k": 50},
+        {"top_p": 0.1},
+        {"top_p": 0.5},
+        {"top_p": 0.9},
+        {"top_k": 50, "top_p": 0.5},
+    ):
         # probabilities: relative to the largest, as a flat top-k of many tokens has small ones
         assert_close_to_scale(ours(**kw), theirs(**kw), 1e-5, f"probabilities with {kw}")
 
@@ -198,7 +211,9 @@ def test_lab_generate_same_seed_same_text_and_writes_the_file(run_dir, capsys, t
     assert status == 0
     assert lab_generate(capsys, run_dir, *flags, "--seed", "5")[1] == first
     assert lab_generate(capsys, run_dir, *flags, "--seed", "6")[1] != first
-    assert first.startswith("--- sample 1/2 ---\nHello, world") and "\n--- sample 2/2 ---\nHello, world" in first
+    assert (
+        first.startswith("--- sample 1/2 ---\nHello, world") and "\n--- sample 2/2 ---\nHello, world" in first
+    )
     assert (tmp_path / "s.txt").read_text() == first
 
 
@@ -246,8 +261,11 @@ def test_lab_generate_draws_the_samples_as_one_batch(run_dir, capsys, monkeypatc
 
     batches = []
     real_stream = lab.inference.sampling.stream
-    monkeypatch.setattr(lab.commands.generate, "stream", lambda model, idx, *a, **k: batches.append(idx.shape) or
-                        real_stream(model, idx, *a, **k))
+    monkeypatch.setattr(
+        lab.commands.generate,
+        "stream",
+        lambda model, idx, *a, **k: batches.append(idx.shape) or real_stream(model, idx, *a, **k),
+    )
     flags = ["--prompt", "The", "--max-new-tokens", "6", "--temperature", "0"]
     status, three, _ = lab_generate(capsys, run_dir, *flags, "--num-samples", "3")
     assert status == 0 and batches == [(3, 1)]  # one stream of 3 rows, not 3 streams of one
@@ -257,17 +275,22 @@ def test_lab_generate_draws_the_samples_as_one_batch(run_dir, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
-def test_lab_generate_ends_each_sample_at_its_own_endoftext(run_dir, capsys, monkeypatch, terminal,
-                                                          gpt_small_path):
+def test_lab_generate_ends_each_sample_at_its_own_endoftext(
+    run_dir, capsys, monkeypatch, terminal, gpt_small_path
+):
     """Rows of one batch end when they say <|endoftext|>, each on its own; what follows is dropped."""
     import lab.commands.generate
     import lab.inference.sampling
 
     eot = 50256
     steps = [[11, 12, 13], [eot, 14, 15], [16, eot, 17], [18, 19, 20]]  # token of each row, step by step
-    monkeypatch.setattr(lab.commands.generate, "stream", lambda *a, **k: (torch.tensor([[t] for t in step]) for step in steps))
+    monkeypatch.setattr(
+        lab.commands.generate, "stream", lambda *a, **k: (torch.tensor([[t] for t in step]) for step in steps)
+    )
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
-    status, out, _ = lab_generate(capsys, run_dir, "--prompt", "X", "--num-samples", "3", "--max-new-tokens", "4")
+    status, out, _ = lab_generate(
+        capsys, run_dir, "--prompt", "X", "--num-samples", "3", "--max-new-tokens", "4"
+    )
     decode = load_recipe(gpt_small_path).parts["tokenizer"].build().decode
     expected = [[11], [12, 14], [13, 15, 17, 20]]
     assert status == 0
@@ -303,14 +326,17 @@ def test_generated_ids_can_be_trained_on(gpt_small_path):
     assert model.tok_emb.weight.grad is not None
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--temperature", "-0.5"], "temperature must be >= 0"),
-    (["--prompt", " ".join(["word"] * 40)], "prompt is 40 tokens; this model places at most 32"),
-    (["--max-new-tokens", "40"], "lower --max-new-tokens to"),
-    (["--prompt", "a", "--prompt-file", "p.txt"], "--prompt or --prompt-file, not both"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--prompt", " ".join(["word"] * 40)], "prompt is 40 tokens; this model places at most 32"),
+        (["--max-new-tokens", "40"], "lower --max-new-tokens to"),
+        (["--prompt", "a", "--prompt-file", "p.txt"], "--prompt or --prompt-file, not both"),
+    ],
+)
 def test_lab_generate_bad_settings_are_one_message(run_dir, capsys, flags, message):
     status, out, err = lab_generate(capsys, run_dir, *flags)
     assert status == 2 and out == ""

@@ -1,4 +1,5 @@
 """benchmarks/gpu_check.py never passes on a machine that could not run it."""
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def test_without_cuda_it_fails_and_says_cuda_is_missing(monkeypatch, capsys):
 
 def test_a_failed_row_fails_the_run(monkeypatch, capsys):
     gpu_check = load()
-    monkeypatch.setitem(gpu_check.CHECKS, "conformance",
-                        lambda device, shapes, args: [gpu_check.Row("conformance", False, "broken on purpose")])
+    monkeypatch.setitem(
+        gpu_check.CHECKS,
+        "conformance",
+        lambda device, shapes, args: [gpu_check.Row("conformance", False, "broken on purpose")],
+    )
     assert gpu_check.main(["--device", "cpu", "--only", "conformance"]) == 1
     assert "| conformance | FAIL | broken on purpose |" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Grouped-query attention and QK-norm in lab.attention.SelfAttention: n_kv_head key/value heads
 shared by groups of query heads, equal to a float64 formula and to transformers' Llama (GQA) and
 Qwen 3 (GQA + QK-norm) attention with the same weights; the KV cache holds n_kv_head heads."""
+
 import math
 
 import pytest
@@ -15,8 +16,9 @@ from lab.testing import build
 
 
 def config(n_kv_head, qk_norm=False, bias=False):
-    return ModelConfig(n_embd=32, n_head=4, n_kv_head=n_kv_head, qk_norm=qk_norm, block_size=16, bias=bias,
-                       dropout=0.0)
+    return ModelConfig(
+        n_embd=32, n_head=4, n_kv_head=n_kv_head, qk_norm=qk_norm, block_size=16, bias=bias, dropout=0.0
+    )
 
 
 def reference(attn, x, qk_norm=False, rope=None):
@@ -27,8 +29,8 @@ def reference(attn, x, qk_norm=False, rope=None):
     nh, nkv, hs = attn.n_head, attn.n_kv_head, attn.head_dim
     qkv = x @ W.T + b
     q = qkv[..., :C].view(B, T, nh, hs).transpose(1, 2)
-    k = qkv[..., C:C + nkv * hs].view(B, T, nkv, hs).transpose(1, 2)
-    v = qkv[..., C + nkv * hs:].view(B, T, nkv, hs).transpose(1, 2)
+    k = qkv[..., C : C + nkv * hs].view(B, T, nkv, hs).transpose(1, 2)
+    v = qkv[..., C + nkv * hs :].view(B, T, nkv, hs).transpose(1, 2)
     if qk_norm:
         q = q / (q.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * attn.q_norm.weight.double()
         k = k / (k.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * attn.k_norm.weight.double()
@@ -76,6 +78,7 @@ def test_the_projection_and_cache_shrink_with_kv_heads():
 
 def _hf_rope(hf_config, T):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     rotary = LlamaRotaryEmbedding(hf_config)
     return rotary(torch.zeros(1, T, 1), torch.arange(T)[None])
 
@@ -106,8 +109,16 @@ def test_grouped_query_attention_equals_transformers(family, name):
         from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention as HFAttention
     qk_norm = family == "qwen3"
     torch.manual_seed(0)
-    hf_config = Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       attention_bias=False, rms_norm_eps=1e-6, max_position_embeddings=16, rope_theta=10000.0)
+    hf_config = Config(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_bias=False,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=16,
+        rope_theta=10000.0,
+    )
     hf_config._attn_implementation = "eager"
     hf = HFAttention(hf_config, layer_idx=0).eval()
     attn = randomize(build(registry().get("attention", name), config(2, qk_norm))).eval()
@@ -133,9 +144,18 @@ def test_a_gqa_model_trains_and_decodes_with_the_cache(gpt_small_path):
     from lab.model import GPT
     from lab.recipe import load_recipe
 
-    recipe = load_recipe(gpt_small_path, ["model.n_layer=2", "model.n_embd=32", "model.n_head=4",
-                                          "model.n_kv_head=1", "model.qk_norm=true", "model.vocab_size=64",
-                                          "model.position.name=rope"])
+    recipe = load_recipe(
+        gpt_small_path,
+        [
+            "model.n_layer=2",
+            "model.n_embd=32",
+            "model.n_head=4",
+            "model.n_kv_head=1",
+            "model.qk_norm=true",
+            "model.vocab_size=64",
+            "model.position.name=rope",
+        ],
+    )
     torch.manual_seed(0)
     model = GPT(recipe).eval()
     idx = torch.randint(0, 64, (2, 5))

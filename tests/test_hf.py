@@ -1,6 +1,7 @@
 """GPT-2 interop: a transformers GPT-2 folder imports into a run folder that generates exactly what
 transformers generates, a GPT-2 run folder exports to one transformers loads with the same logits,
 and anything that is not GPT-2 is refused with one message."""
+
 import json
 
 import pytest
@@ -9,14 +10,14 @@ from pydantic import BaseModel
 from torch import nn
 
 import lab.plugins as plugins
-from lab import hookimpl
-from lab.runs import checkpoint
 import lab.runs
-from lab.runs.checkpoint import save
+from lab import hookimpl
 from lab.commands.cli import main
 from lab.inference.sampling import generate
 from lab.model import GPT
 from lab.recipe import load_recipe
+from lab.runs import checkpoint
+from lab.runs.checkpoint import save
 from lab.testing import assert_close_to_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,21 +76,42 @@ def test_imported_gpt2_generates_what_transformers_generates(hf_model, tmp_path,
         expected = hf_model.generate(idx, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eot_id)
     ours = generate(model, idx, 20, temperature=0, eos_id=tokenizer.eot_id)
     assert torch.equal(ours, expected)
-    assert len(set(expected[0, idx.size(1):].tolist())) > 3  # a real sequence, not one token repeated
+    assert len(set(expected[0, idx.size(1) :].tolist())) > 3  # a real sequence, not one token repeated
 
-    new = [t for t in expected[0, idx.size(1):].tolist() if t != tokenizer.eot_id]
-    status, out, _ = run_lab(capsys, "generate", tmp_path / "run", "--prompt", PROMPT, "--temperature", "0",
-                         "--max-new-tokens", "20", "--num-samples", "1")
+    new = [t for t in expected[0, idx.size(1) :].tolist() if t != tokenizer.eot_id]
+    status, out, _ = run_lab(
+        capsys,
+        "generate",
+        tmp_path / "run",
+        "--prompt",
+        PROMPT,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "20",
+        "--num-samples",
+        "1",
+    )
     assert status == 0 and out == f"--- sample 1/1 ---\n{PROMPT}{tokenizer.decode(new)}\n"
 
 
-def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path, capsys, gpt_small_path, umask_027,
-                                                                file_modes):
+def test_exported_run_loads_in_transformers_with_the_same_logits(
+    tmp_path, capsys, gpt_small_path, umask_027, file_modes
+):
     """Not the default MLP settings either: exact GELU and 2x width must come out as GPT-2's
     activation_function = "gelu" and n_inner."""
-    recipe = load_recipe(gpt_small_path, ["model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-                                          "model.block_size=48", "model.mlp.approximate=none",
-                                          "model.mlp.expansion=2", "model.norm.eps=1e-6"])
+    recipe = load_recipe(
+        gpt_small_path,
+        [
+            "model.n_layer=2",
+            "model.n_head=2",
+            "model.n_embd=32",
+            "model.block_size=48",
+            "model.mlp.approximate=none",
+            "model.mlp.expansion=2",
+            "model.norm.eps=1e-6",
+        ],
+    )
     torch.manual_seed(0)
     model = GPT(recipe).eval()
     with torch.no_grad():
@@ -119,6 +141,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path, capsy
 
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, capsys, gpt_small_path, monkeypatch):
     """An MLP GPT-2 has no equivalent for, untied embeddings and no biases: all named at once."""
+
     class IdentityConfig(BaseModel):
         pass
 
@@ -128,9 +151,19 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, capsys, gpt_small_pat
             register("mlp", "identity", lambda config, model: nn.Identity(), IdentityConfig, "test")
 
     monkeypatch.setattr(plugins, "_registry", plugins.build_registry(extra_plugins={"lab-test": Plugin}))
-    recipe = load_recipe(gpt_small_path, ["model.n_layer=1", "model.n_embd=32", "model.mlp.name=identity",
-                                          "model.tie_embeddings=false", "model.bias=false",
-                                          "model.logit_softcap=30", "model.n_kv_head=2", "model.qk_norm=true"])
+    recipe = load_recipe(
+        gpt_small_path,
+        [
+            "model.n_layer=1",
+            "model.n_embd=32",
+            "model.mlp.name=identity",
+            "model.tie_embeddings=false",
+            "model.bias=false",
+            "model.logit_softcap=30",
+            "model.n_kv_head=2",
+            "model.qk_norm=true",
+        ],
+    )
     save(tmp_path / "run", 0, GPT(recipe), recipe.to_toml(), {"step": 0})
 
     status, _, err = run_lab(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "hf")
@@ -148,14 +181,25 @@ def write_config(folder, **config):
     return folder
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: d / "missing", "is not a folder"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "has no config.json"),
-    (lambda d: write_config(d / "mistral", model_type="mistral"), "model_type = 'mistral'; import-hf reads GPT-2"),
-    (lambda d: write_config(d / "noweights", model_type="gpt2"), "no model.safetensors or pytorch_model.bin"),
-    (lambda d: write_config(d / "relu", model_type="gpt2", activation_function="relu"),
-     "activation_function = 'relu' has no lab equivalent"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing", "is not a folder"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "has no config.json"),
+        (
+            lambda d: write_config(d / "mistral", model_type="mistral"),
+            "model_type = 'mistral'; import-hf reads GPT-2",
+        ),
+        (
+            lambda d: write_config(d / "noweights", model_type="gpt2"),
+            "no model.safetensors or pytorch_model.bin",
+        ),
+        (
+            lambda d: write_config(d / "relu", model_type="gpt2", activation_function="relu"),
+            "activation_function = 'relu' has no lab equivalent",
+        ),
+    ],
+)
 def test_import_refuses_what_is_not_a_gpt2_folder(tmp_path, capsys, make, message):
     status, _, err = run_lab(capsys, "import-hf", make(tmp_path), "--out", tmp_path / "run")
     assert status == 2 and message in err and "Traceback" not in err
@@ -172,8 +216,10 @@ def test_import_does_not_overwrite_a_run(hf_model, tmp_path, capsys):
 def test_import_refuses_weights_that_do_not_match_config_json(hf_model, tmp_path, capsys):
     hf_dir = save_hf(hf_model, tmp_path / "hf", "safetensors")
     config = json.loads((hf_dir / "config.json").read_text())
-    for change, message in (({"n_embd": 64}, "do not match its config.json"),
-                            ({"n_layer": 3}, "has no tensor 'h.2.ln_1.weight'")):
+    for change, message in (
+        ({"n_embd": 64}, "do not match its config.json"),
+        ({"n_layer": 3}, "has no tensor 'h.2.ln_1.weight'"),
+    ):
         (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
         status, _, err = run_lab(capsys, "import-hf", hf_dir, "--out", tmp_path / "run")
         assert status == 2 and message in err and "Traceback" not in err
@@ -192,8 +238,15 @@ def test_an_imported_folder_fine_tunes_with_lab_run(hf_model, tmp_path, capsys):
     data.mkdir()
     for split, n in (("train", 3000), ("val", 600)):
         (np.arange(n) % 500).astype(np.uint16).tofile(data / f"{split}.bin")
-    settings = [f"data.path={data}", "train.max_steps=3", "train.batch_size=2", "train.eval_batches=1",
-                "train.device=cpu", "generate.max_new_tokens=2", "generate.num_samples=1"]
+    settings = [
+        f"data.path={data}",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.eval_batches=1",
+        "train.device=cpu",
+        "generate.max_new_tokens=2",
+        "generate.num_samples=1",
+    ]
     args = [a for s in settings for a in ("--set", s)]
     status, out, err = run_lab(capsys, "run", tmp_path / "run" / "recipe.toml", *args)
     assert status == 0, err
@@ -203,8 +256,9 @@ def test_an_imported_folder_fine_tunes_with_lab_run(hf_model, tmp_path, capsys):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
     # It trained from the imported weights: its loss before the first step is theirs, not a fresh model's.
-    status, out, err = run_lab(capsys, "run", tmp_path / "run" / "recipe.toml", *args,
-                               "--set", f"train.out_dir={tmp_path / 'fresh'}")
+    status, out, err = run_lab(
+        capsys, "run", tmp_path / "run" / "recipe.toml", *args, "--set", f"train.out_dir={tmp_path / 'fresh'}"
+    )
     assert status == 0, err
     fresh = read_metrics(tmp_path / "fresh" / "metrics.jsonl")
     assert records[0]["val_loss"] != fresh[0]["val_loss"]

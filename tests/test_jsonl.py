@@ -1,6 +1,7 @@
 """The jsonl data source: documents streamed from .jsonl and .txt files, tokenized as they are read,
 shared out between processes, resuming exactly where it stopped; and bad input is one message.
 The end-to-end resumes (Ctrl-C, SIGTERM, SIGKILL; one and two processes) are in test_jsonl_resume.py."""
+
 import copy
 import json
 from pathlib import Path
@@ -32,8 +33,15 @@ class Bytes(Tokenizer):
 
 
 def source(rank=0, world=1, tokenizer=Bytes(), **settings):
-    context = DataContext(block_size=BLOCK, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer, seed=0,
-                          rank=rank, world_size=world, rows_per_step=2 * world)
+    context = DataContext(
+        block_size=BLOCK,
+        vocab_size=tokenizer.vocab_size,
+        tokenizer=tokenizer,
+        seed=0,
+        rank=rank,
+        world_size=world,
+        rows_per_step=2 * world,
+    )
     return build(registry().get("data", "jsonl"), context, **settings)
 
 
@@ -64,14 +72,18 @@ DOCS = [f"doc{i:02d} " + "abc" * (i % 3) for i in range(30)]
 
 
 def test_the_stream_is_the_documents_in_order_with_eot_before_each(tmp_path):
-    data = source(path=write_jsonl(tmp_path / "a.jsonl", DOCS), val_path=write_jsonl(tmp_path / "v.jsonl", ["v"]))
+    data = source(
+        path=write_jsonl(tmp_path / "a.jsonl", DOCS), val_path=write_jsonl(tmp_path / "v.jsonl", ["v"])
+    )
     assert stream_text(data) == ("".join(f"|{d}" for d in DOCS) * 2)[: 40 * BLOCK + 1]  # then over again
 
 
 def test_blank_lines_are_skipped_and_text_files_are_documents(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n   \n{"text": "two"}\n')
     (tmp_path / "b.txt").write_text("a text file\nof two lines\n")
-    data = source(path=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], val_path=str(tmp_path / "a.jsonl"))
+    data = source(
+        path=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], val_path=str(tmp_path / "a.jsonl")
+    )
     assert stream_text(data, rows=6).startswith("|one|two|a text file\nof two lines\n|one|two|")
 
 
@@ -90,7 +102,9 @@ def test_a_big_text_file_is_read_in_pieces_tokenized_as_the_whole(tmp_path, monk
     monkeypatch.setattr(stream, "PIECE_BYTES", 64)
     pieces = []
     read_piece = stream.Reader.next_piece
-    monkeypatch.setattr(stream.Reader, "next_piece", lambda self: pieces.append(read_piece(self)) or pieces[-1])
+    monkeypatch.setattr(
+        stream.Reader, "next_piece", lambda self: pieces.append(read_piece(self)) or pieces[-1]
+    )
     text = "".join(f"Line {i}: some words, naïve café\n" for i in range(200))
     (tmp_path / "big.txt").write_text(text)
     gpt2 = build(registry().get("tokenizer", "gpt2"))
@@ -148,13 +162,19 @@ def test_a_source_loaded_from_its_state_gives_the_next_batches_across_epochs(tmp
             resumed = source(rank, world, path=path)
             resumed.load_state_dict(states[step])
             for later in range(step, min(step + 3, 40)):
-                assert all(torch.equal(u, v) for u, v in zip(resumed.batch("train", later, range(3)), batches[later]))
+                assert all(
+                    torch.equal(u, v) for u, v in zip(resumed.batch("train", later, range(3)), batches[later])
+                )
 
 
 def test_the_jsonl_source_passes_lab_testing():
     """With its defaults it streams the sample that ships with it."""
     found = cases("data", "jsonl")
-    assert {str(c).rsplit("-", 1)[-1] for c in found} >= {"data_batches", "data_resume", "data_processes_share"}
+    assert {str(c).rsplit("-", 1)[-1] for c in found} >= {
+        "data_batches",
+        "data_resume",
+        "data_processes_share",
+    }
     for case in found:
         case()
 
@@ -165,17 +185,26 @@ def test_a_source_refuses_files_that_changed_since_the_checkpoint(tmp_path):
     data.batch("train", 0, range(3))
     state = data.state_dict()
     write_jsonl(tmp_path / "a.jsonl", DOCS[:3])
-    with pytest.raises(LabError, match="a.jsonl is .* bytes, .* when the checkpoint was saved: the data changed"):
+    with pytest.raises(
+        LabError, match="a.jsonl is .* bytes, .* when the checkpoint was saved: the data changed"
+    ):
         source(path=path).load_state_dict(state)
 
 
 # --- bad input: one message naming the file and the line ---------------------------------------
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"text": "fine"}', "{not json"], r"a.jsonl line 2 is not valid JSON \(.*\); each line of a .jsonl file"),
-    (['{"text": "fine"}', '{"body": "x"}'], r"a.jsonl line 2 has no \"text\" string"),
-    (['["text"]'], r"a.jsonl line 1 has no \"text\" string"),
-])
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"text": "fine"}', "{not json"],
+            r"a.jsonl line 2 is not valid JSON \(.*\); each line of a .jsonl file",
+        ),
+        (['{"text": "fine"}', '{"body": "x"}'], r"a.jsonl line 2 has no \"text\" string"),
+        (['["text"]'], r"a.jsonl line 1 has no \"text\" string"),
+    ],
+)
 def test_a_bad_line_is_named_by_file_and_line(tmp_path, lines, message):
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     data = source(path=str(tmp_path / "a.jsonl"), val_path=write_jsonl(tmp_path / "v.jsonl", ["v"]))
@@ -190,11 +219,14 @@ def test_text_that_is_not_utf8_is_named(tmp_path):
         data.batch("train", 0, range(1))
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"path": "nowhere.jsonl"}, r"\[data\] path: nowhere.jsonl not found"),
-    ({"path": "."}, r"\[data\] path: folder . holds no .jsonl or .txt files"),
-    ({"val_fraction": 0.0}, r"val_fraction = 0 and no val_path"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"path": "nowhere.jsonl"}, r"\[data\] path: nowhere.jsonl not found"),
+        ({"path": "."}, r"\[data\] path: folder . holds no .jsonl or .txt files"),
+        ({"val_fraction": 0.0}, r"val_fraction = 0 and no val_path"),
+    ],
+)
 def test_settings_that_cannot_work_are_refused_when_built(tmp_path, monkeypatch, settings, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LabError, match=message):
@@ -211,11 +243,25 @@ def test_no_text_for_a_process_or_for_val_says_what_to_do(tmp_path):
 
 def test_a_bad_line_stops_lab_run_with_one_message(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
-    args = ["run", str(RECIPE), "--set", f"data.path={tmp_path / 'a.jsonl'}",
-            "--set", f"data.val_path={tmp_path / 'a.jsonl'}", "--set", f"train.out_dir={tmp_path / 'run'}",
-            "--set", "train.device=cpu", "--set", "model.n_layer=1", "--set", "model.block_size=16",
-            "--set", "generate.max_new_tokens=4"]
+    args = [
+        "run",
+        str(RECIPE),
+        "--set",
+        f"data.path={tmp_path / 'a.jsonl'}",
+        "--set",
+        f"data.val_path={tmp_path / 'a.jsonl'}",
+        "--set",
+        f"train.out_dir={tmp_path / 'run'}",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "model.n_layer=1",
+        "--set",
+        "model.block_size=16",
+        "--set",
+        "generate.max_new_tokens=4",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "a.jsonl line 2 has no \"text\" string" in err and "Traceback" not in err
+    assert 'a.jsonl line 2 has no "text" string' in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()

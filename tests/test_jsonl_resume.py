@@ -3,6 +3,7 @@ process or two (torchrun, CPU, gloo), continues with the same command and logs t
 for bit, as a run that never stopped: every process's position in its share of the documents is
 saved and handed back. A run cannot move to another number of processes: one message, no checkpoint
 touched."""
+
 import json
 import os
 import random
@@ -12,14 +13,16 @@ import subprocess
 import sys
 
 import pytest
-
-from lab.runs import checkpoint
 from test_resume import finish, losses, wait_for_step
 from tiny import tiny_recipe
 
+from lab.runs import checkpoint
+
 # Dropout on, so a resume that forgot the RNG state would show; the data crosses the end of the
 # files (an epoch) during the run, so a resume also has to know the pass it is in.
-RECIPE = tiny_recipe("jsonl", """
+RECIPE = tiny_recipe(
+    "jsonl",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 3
@@ -38,8 +41,12 @@ device = "cpu"
 [generate]
 num_samples = 1
 max_new_tokens = 4
-""", model_extra="dropout = 0.1\n").replace('name = "memmap"\npath = "{data}"',
-                                           'name = "jsonl"\npath = ["docs.jsonl", "notes.txt"]\nval_fraction = 0.2')
+""",
+    model_extra="dropout = 0.1\n",
+).replace(
+    'name = "memmap"\npath = "{data}"',
+    'name = "jsonl"\npath = ["docs.jsonl", "notes.txt"]\nval_fraction = 0.2',
+)
 WORDS = "the a lab model token stream resume process batch step loss of to and in".split()
 
 
@@ -59,12 +66,28 @@ def start(folder, out, processes, max_steps=30) -> subprocess.Popen:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        command[1:3] = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-                        f"--master_port={port}", "-m", "lab"]
+        command[1:3] = [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "lab",
+        ]
         env["GLOO_SOCKET_IFNAME"] = next(name for _, name in socket.if_nameindex() if name.startswith("lo"))
-    (folder / "jsonl.toml").write_text(RECIPE.format(out=out).replace("max_steps = 30", f"max_steps = {max_steps}"))
-    return subprocess.Popen(command, cwd=folder, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    (folder / "jsonl.toml").write_text(
+        RECIPE.format(out=out).replace("max_steps = 30", f"max_steps = {max_steps}")
+    )
+    return subprocess.Popen(
+        command,
+        cwd=folder,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def kill_all(proc) -> None:
@@ -87,8 +110,11 @@ def straight(request, tmp_path_factory):
     return request.param, folder, losses(folder, "straight")
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, None)],
-                         ids=["ctrl_c", "sigterm", "sigkill"])
+@pytest.mark.parametrize(
+    "sig, status",
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, None)],
+    ids=["ctrl_c", "sigterm", "sigkill"],
+)
 def test_a_stopped_run_continues_with_the_same_losses(straight, sig, status):
     processes, folder, expected = straight
     out = f"stopped_{sig.name}"
@@ -114,9 +140,11 @@ def test_another_number_of_processes_is_refused_and_the_checkpoint_kept(straight
     files = {str(p): p.stat().st_mtime_ns for p in (folder / "straight" / "checkpoints").rglob("*")}
     code, _, err = finish(start(folder, "straight", 3 - processes, max_steps=40))
     assert (code == 2) if processes == 2 else (code != 0)  # torchrun reports a process's failure its own way
-    message = (f"{saved.relative_to(folder)} was saved by {processes} process{'es' if processes > 1 else ''} "
-               f"and this run has {3 - processes}, but data source 'jsonl' (package 'lab') cannot continue on "
-               "another number of processes")
+    message = (
+        f"{saved.relative_to(folder)} was saved by {processes} process{'es' if processes > 1 else ''} "
+        f"and this run has {3 - processes}, but data source 'jsonl' (package 'lab') cannot continue on "
+        "another number of processes"
+    )
     assert message in err and err.count("error: ") == 1, err  # rank 0's message alone
     assert "lab/train.py" not in err and "lab/checkpoint.py" not in err  # no traceback of lab's
     assert processes == 1 or "Traceback" not in err

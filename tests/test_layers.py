@@ -1,5 +1,6 @@
 """Layer-aware components ([model.layers], model.layer in factories), settings checked against the
 model when the recipe is read, and switching a component with --set SLOT.name=X."""
+
 import pytest
 import torch
 from pydantic import BaseModel
@@ -74,16 +75,29 @@ def test_lab_plugins_lists_the_per_layer_components(gemma_like, capsys):
     assert "* sliding" in out and "* sdpa" in out and "(layers 3)" in out
 
 
-@pytest.mark.parametrize("table, message", [
-    ("[model.layers.4.attention]\nname = \"sdpa\"", r"\[model.layers.4\]: the model has 4 layers \(0 to 3\)"),
-    ("[model.layers.1.position]\nname = \"rope\"", r"'position' cannot be set per layer"),
-    ("[model.layers.x.mlp]\nexpansion = 2", r"'x' is not a layer"),
-    ("[model.layers.2.mlp]\nexpanse = 2", r"unknown key 'expanse' in .*\[model.layers.2.mlp\] for mlp 'gelu'.*expansion"),
-    ("[model.layers.2.attention]\nwindow = 64", r"\[model.layers.2.attention\] \(attention 'sliding' from package "
-                                                r"'lab'\): window = 64 is not shorter than \[model\] block_size = 32"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (
+            '[model.layers.4.attention]\nname = "sdpa"',
+            r"\[model.layers.4\]: the model has 4 layers \(0 to 3\)",
+        ),
+        ('[model.layers.1.position]\nname = "rope"', r"'position' cannot be set per layer"),
+        ("[model.layers.x.mlp]\nexpansion = 2", r"'x' is not a layer"),
+        (
+            "[model.layers.2.mlp]\nexpanse = 2",
+            r"unknown key 'expanse' in .*\[model.layers.2.mlp\] for mlp 'gelu'.*expansion",
+        ),
+        (
+            "[model.layers.2.attention]\nwindow = 64",
+            r"\[model.layers.2.attention\] \(attention 'sliding' from package "
+            r"'lab'\): window = 64 is not shorter than \[model\] block_size = 32",
+        ),
+    ],
+)
 def test_a_wrong_layer_setting_names_file_table_and_fix(gemma_like, capsys, table, message):
     import re
+
     text = open(gemma_like).read() + "\n" + table + "\n"
     open(gemma_like, "w").write(text)
     for command in ("recipe", "run"):
@@ -115,8 +129,19 @@ def test_factories_know_their_layer(gemma_like):
 
 
 def test_a_window_as_long_as_the_context_is_refused_when_the_recipe_is_read(gpt_small_path, capsys):
-    assert main(["recipe", gpt_small_path, "--set", "model.attention.name=sliding",
-                 "--set", "model.attention.window=4096"]) == 2
+    assert (
+        main(
+            [
+                "recipe",
+                gpt_small_path,
+                "--set",
+                "model.attention.name=sliding",
+                "--set",
+                "model.attention.window=4096",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "gpt_small.toml [model.attention] (attention 'sliding' from package 'lab'): window = 4096" in err
     assert "set window below 1024" in err
@@ -124,9 +149,21 @@ def test_a_window_as_long_as_the_context_is_refused_when_the_recipe_is_read(gpt_
 
 # --- switching a component with --set SLOT.name=X ------------------------------------------------
 
+
 def test_switching_a_component_starts_from_its_defaults_and_says_what_it_dropped(gpt_small_path, capsys):
-    assert main(["recipe", gpt_small_path, "--set", "model.attention.name=sliding",
-                 "--set", "model.attention.window=64"]) == 0
+    assert (
+        main(
+            [
+                "recipe",
+                gpt_small_path,
+                "--set",
+                "model.attention.name=sliding",
+                "--set",
+                "model.attention.window=64",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert 'name = "sliding"\nwindow = 64\nbackend = "auto"' in out
     recipe = load_recipe(gpt_small_path, ["optimizer.name=adamw"])
@@ -143,14 +180,24 @@ def test_switching_drops_the_old_components_keys(tmp_path, capsys):
             register("attention", "windowed", lambda c, m: None, WindowedConfig, "")
 
     plugins = build_registry({"lab-w": P()}, warn=False)
-    raw = {"model": {"attention": {"name": "windowed", "window": 16}, "mlp": {"name": "gelu"},
-                     "norm": {"name": "layernorm"}, "position": {"name": "learned"}},
-           "tokenizer": {"name": "gpt2"}, "data": {"name": "memmap"}, "optimizer": {"name": "adamw", "lr": 1e-3},
-           "schedule": {"name": "cosine"}}
+    raw = {
+        "model": {
+            "attention": {"name": "windowed", "window": 16},
+            "mlp": {"name": "gelu"},
+            "norm": {"name": "layernorm"},
+            "position": {"name": "learned"},
+        },
+        "tokenizer": {"name": "gpt2"},
+        "data": {"name": "memmap"},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "schedule": {"name": "cosine"},
+    }
     recipe = resolve(raw, "r.toml", ["model.attention.name=sdpa"], plugins)
     assert recipe.parts["attention"].name == "sdpa"
-    assert recipe.notes == ["--set model.attention.name=sdpa: [model.attention] starts from sdpa's defaults; "
-                            "dropped windowed's window"]
+    assert recipe.notes == [
+        "--set model.attention.name=sdpa: [model.attention] starts from sdpa's defaults; "
+        "dropped windowed's window"
+    ]
     # the keys set on the same command line are kept, whatever their order
     recipe = resolve(raw, "r.toml", ["model.attention.window=8", "model.attention.name=windowed"], plugins)
     assert recipe.parts["attention"].config.window == 8

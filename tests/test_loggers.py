@@ -1,14 +1,15 @@
 """Loggers: metrics.jsonl's numbers also in TensorBoard event files (read back with TensorBoard's own
 reader) and a Weights & Biases offline run, several at once, chosen in the recipe; a logger whose
 package is missing stops the run before it starts, naming the pip command."""
+
 import sys
 
 import pytest
+from test_train import tiny_recipe
 
 from lab.commands.cli import main
 from lab.recipe import load_recipe
 from lab.runs.metrics import read_metrics
-from test_train import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,8 +38,11 @@ def test_tensorboard_holds_every_metric_and_a_resume_replaces_the_steps_it_repea
             if key != "step":
                 expected.setdefault(key, []).append((r["step"], value))
     found = scalars(run / "tensorboard")
-    assert set(found) == set(expected) >= {"loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                                           "tokens", "elapsed"}
+    assert (
+        set(found)
+        == set(expected)
+        >= {"loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "elapsed"}
+    )
     for key, points in expected.items():  # each step once, the values of metrics.jsonl (as float32)
         assert [s for s, _ in found[key]] == [s for s, _ in points]
         assert [v for _, v in found[key]] == pytest.approx([v for _, v in points], rel=1e-6)
@@ -53,8 +57,22 @@ def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
     for where in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # not the user's home
         monkeypatch.setenv(where, str(tmp_path / where.lower()))
     recipe = tiny_recipe(tmp_path)
-    assert main(["run", recipe, *TENSORBOARD, "--set", "logger.wandb.project=lab-test", "--set", "logger.wandb.mode=offline",
-                 "--set", "train.max_steps=4"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                recipe,
+                *TENSORBOARD,
+                "--set",
+                "logger.wandb.project=lab-test",
+                "--set",
+                "logger.wandb.mode=offline",
+                "--set",
+                "train.max_steps=4",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "run"
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
@@ -64,15 +82,21 @@ def test_wandb_offline_writes_a_run_beside_tensorboard(tmp_path, monkeypatch):
     assert scalars(run / "tensorboard")["loss"][-1][0] == 4
 
 
-@pytest.mark.parametrize("logger, module, extra", [("tensorboard", "torch.utils.tensorboard", "tensorboard"),
-                                                    ("wandb", "wandb", "wandb")])
-def test_a_logger_whose_package_is_missing_stops_before_training(tmp_path, capsys, monkeypatch, logger, module, extra):
+@pytest.mark.parametrize(
+    "logger, module, extra",
+    [("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")],
+)
+def test_a_logger_whose_package_is_missing_stops_before_training(
+    tmp_path, capsys, monkeypatch, logger, module, extra
+):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     recipe = tiny_recipe(tmp_path)
     assert main(["run", recipe, "--set", f"logger.{logger}={{}}"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: logger '{logger}' from package 'lab': needs the {extra} package: "
-                   f"pip install 'lab[{extra}]'\n")
+    assert err == (
+        f"error: logger '{logger}' from package 'lab': needs the {extra} package: "
+        f"pip install 'lab[{extra}]'\n"
+    )
     assert not (tmp_path / "run").exists()
 
 

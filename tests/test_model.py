@@ -1,5 +1,6 @@
 """The assembled model is GPT-2: same logits and loss as transformers' GPT2LMHeadModel with the same
 weights; sdpa agrees with the plain reference; GPT-2's initialisation and parameter count."""
+
 import math
 
 import pytest
@@ -12,12 +13,20 @@ from lab.testing import assert_close_to_scale
 
 def hf_to_lab(hf_state: dict, n_layer: int) -> dict:
     """transformers' GPT-2 names -> lab's. GPT-2's Conv1D stores weights as (in, out): transpose."""
-    out = {"tok_emb.weight": hf_state["transformer.wte.weight"],
-           "position.wpe.weight": hf_state["transformer.wpe.weight"],
-           "norm_f.weight": hf_state["transformer.ln_f.weight"],
-           "norm_f.bias": hf_state["transformer.ln_f.bias"]}
-    rename = {"ln_1": "norm_1", "ln_2": "norm_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-              "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+    out = {
+        "tok_emb.weight": hf_state["transformer.wte.weight"],
+        "position.wpe.weight": hf_state["transformer.wpe.weight"],
+        "norm_f.weight": hf_state["transformer.ln_f.weight"],
+        "norm_f.bias": hf_state["transformer.ln_f.bias"],
+    }
+    rename = {
+        "ln_1": "norm_1",
+        "ln_2": "norm_2",
+        "attn.c_attn": "attn.qkv",
+        "attn.c_proj": "attn.proj",
+        "mlp.c_fc": "mlp.fc",
+        "mlp.c_proj": "mlp.proj",
+    }
     for i in range(n_layer):
         for hf, ours in rename.items():
             w, b = hf_state[f"transformer.h.{i}.{hf}.weight"], hf_state[f"transformer.h.{i}.{hf}.bias"]
@@ -32,11 +41,21 @@ def test_same_logits_and_loss_as_transformers_gpt2(gpt_small_path):
     recipe = load_recipe(gpt_small_path)  # the default model's shape: 6 layers, 4 heads, 256 wide
     m = recipe.model
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer,
-        n_head=m.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-    ), ).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=m.vocab_size,
+            n_positions=m.block_size,
+            n_embd=m.n_embd,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=1e-5,
+            tie_word_embeddings=True,
+        ),
+    ).eval()
     ours = GPT(recipe).eval()
     ours.load_state_dict(hf_to_lab(hf.state_dict(), m.n_layer))
 
@@ -53,8 +72,11 @@ def test_same_logits_and_loss_as_transformers_gpt2(gpt_small_path):
 def twin_models(path, n_layer=2):
     """The same weights under sdpa and under the plain reference attention."""
     a = GPT(load_recipe(path, ["model.n_layer=%d" % n_layer, "model.block_size=64"]))
-    b = GPT(load_recipe(path, ["model.n_layer=%d" % n_layer, "model.block_size=64",
-                               "model.attention.name=manual"]))
+    b = GPT(
+        load_recipe(
+            path, ["model.n_layer=%d" % n_layer, "model.block_size=64", "model.attention.name=manual"]
+        )
+    )
     b.load_state_dict(a.state_dict())
     return a, b
 

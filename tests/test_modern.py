@@ -1,5 +1,6 @@
 """The modern family (modded-nanogpt, nanochat, Gemma 2): squared-ReLU MLP, soft-capped logits and
 zero-initialised residual projections, each against a float64 formula written here."""
+
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ def relative(a, b) -> float:
 
 
 # --- relu2 -------------------------------------------------------------------------------------
+
 
 def test_relu2_is_the_squared_relu_formula():
     mlp = build(registry().get("mlp", "relu2"), MODEL)
@@ -101,8 +103,11 @@ def test_softcap_in_the_model_caps_training_and_sampling_logits(gpt_small_path):
 
 @pytest.mark.parametrize("cap", ["0", "-3"])
 def test_a_softcap_that_is_not_positive_is_a_recipe_error(cap, gpt_small_path):
-    done = subprocess.run([sys.executable, "-m", "lab", "recipe", gpt_small_path, "--set", f"model.logit_softcap={cap}"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "lab", "recipe", gpt_small_path, "--set", f"model.logit_softcap={cap}"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     message = done.stderr
     assert "gpt_small.toml" in message and "[model] logit_softcap" in message and "must be > 0" in message
@@ -111,10 +116,14 @@ def test_a_softcap_that_is_not_positive_is_a_recipe_error(cap, gpt_small_path):
 
 # --- zero-initialised residual projections -----------------------------------------------------
 
+
 def test_zero_init_starts_every_block_as_the_identity_and_still_learns(gpt_small_path):
     torch.manual_seed(0)
-    model = GPT(load_recipe(gpt_small_path, ["model.n_layer=2", "model.block_size=16",
-                                            "model.zero_init_residual=true"]))
+    model = GPT(
+        load_recipe(
+            gpt_small_path, ["model.n_layer=2", "model.block_size=16", "model.zero_init_residual=true"]
+        )
+    )
     projections = [m for m in model.modules() if getattr(m, "residual_projection", False)]
     assert len(projections) == 4 and all(not p.weight.any() for p in projections)
     assert model.blocks[0].mlp.fc.weight.std() > 0.01  # the rest keeps GPT-2's initialisation
@@ -132,8 +141,9 @@ def test_the_local_global_recipe_is_three_sliding_layers_and_one_full():
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "recipes" / "local_global.toml"
-    recipe = load_recipe(path, ["model.vocab_size=64", "model.n_embd=32", "model.block_size=64",
-                                "model.attention.window=16"])
+    recipe = load_recipe(
+        path, ["model.vocab_size=64", "model.n_embd=32", "model.block_size=64", "model.attention.window=16"]
+    )
     model = GPT(recipe)
     assert [type(b.attn).__name__ for b in model.blocks] == ["SlidingAttention"] * 3 + ["SDPAAttention"]
     assert [b.attn.window for b in model.blocks[:3]] == [16] * 3

@@ -1,5 +1,6 @@
 """The mixture-of-experts MLP against a dense, token-by-token reference in float64, its router
 losses against their formulas, and a bad top_k caught when the recipe is read."""
+
 import subprocess
 import sys
 
@@ -35,8 +36,11 @@ def per_token_float64(m, x):
     return torch.stack(out).view(x.shape)
 
 
-@pytest.mark.parametrize("settings", [{}, {"top_k": 1, "normalize": False, "activation": "relu2"},
-                                      {"n_experts": 4, "top_k": 4}], ids=["top2of8", "switch_top1", "all"])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"top_k": 1, "normalize": False, "activation": "relu2"}, {"n_experts": 4, "top_k": 4}],
+    ids=["top2of8", "switch_top1", "all"],
+)
 def test_moe_equals_the_dense_per_token_reference(settings):
     torch.manual_seed(0)
     m = moe(**settings).eval()
@@ -69,24 +73,44 @@ def test_active_parameters_count_top_k_experts():
 
 
 def test_top_k_above_n_experts_is_a_recipe_error(gpt_small_path):
-    done = subprocess.run([sys.executable, "-m", "lab", "recipe", gpt_small_path, "--set", "model.mlp.name=moe",
-                           "--set", "model.mlp.n_experts=4", "--set", "model.mlp.top_k=5"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lab",
+            "recipe",
+            gpt_small_path,
+            "--set",
+            "model.mlp.name=moe",
+            "--set",
+            "model.mlp.n_experts=4",
+            "--set",
+            "model.mlp.top_k=5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "gpt_small.toml [model.mlp]" in done.stderr and "top_k (5) must be at most n_experts (4)" in done.stderr
+    assert (
+        "gpt_small.toml [model.mlp]" in done.stderr
+        and "top_k (5) must be at most n_experts (4)" in done.stderr
+    )
 
 
 # --- in a run: the balance loss in metrics.jsonl, exact resume, cached generation, MFU -------------
 
 
-from lab.commands.cli import main# noqa: E402
-from lab.inference.sampling import generate# noqa: E402
-from lab.model import GPT  # noqa: E402
-from lab.recipe import load_recipe  # noqa: E402
-from lab.runs.metrics import read_metrics# noqa: E402
 from tiny import counting_tokens, tiny_recipe  # noqa: E402
 
-RECIPE = tiny_recipe("moe", """
+from lab.commands.cli import main  # noqa: E402
+from lab.inference.sampling import generate  # noqa: E402
+from lab.model import GPT  # noqa: E402
+from lab.recipe import load_recipe  # noqa: E402
+from lab.runs.metrics import read_metrics  # noqa: E402
+
+RECIPE = tiny_recipe(
+    "moe",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 2
@@ -102,7 +126,8 @@ device = "cpu"
 [generate]
 num_samples = 1
 max_new_tokens = 4
-""").replace('name = "gelu"', 'name = "moe"\nn_experts = 4\nz_loss_coef = 0.001')
+""",
+).replace('name = "gelu"', 'name = "moe"\nn_experts = 4\nz_loss_coef = 0.001')
 
 
 @pytest.fixture
@@ -123,21 +148,46 @@ def test_moe_trains_with_its_router_losses_logged_and_resumes_exactly(run_recipe
     assert main(["run", run_recipe, "--set", f"train.out_dir={tmp_path / 'straight'}"]) == 0
     out = capsys.readouterr().out
     assert "active per token" in out  # MFU and FLOPs from the active parameters
-    assert main(["run", run_recipe, "--set", f"train.out_dir={tmp_path / 'resumed'}", "--set", "train.max_steps=3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                run_recipe,
+                "--set",
+                f"train.out_dir={tmp_path / 'resumed'}",
+                "--set",
+                "train.max_steps=3",
+            ]
+        )
+        == 0
+    )
     assert main(["run", run_recipe, "--set", f"train.out_dir={tmp_path / 'resumed'}"]) == 0
     straight = records(tmp_path / "straight")
     assert straight == records(tmp_path / "resumed")  # bit for bit
     steps = [r for r in straight if "loss" in r]
-    assert len(steps) == 6 and all(0.9 * 2 <= r["loss.balance"] < 4 * 2 for r in steps)  # ~1 per layer, 2 layers
+    assert len(steps) == 6 and all(
+        0.9 * 2 <= r["loss.balance"] < 4 * 2 for r in steps
+    )  # ~1 per layer, 2 layers
     assert all(r["loss.router_z"] > 0 and 0.25 <= r["expert_max_share"] <= 1 for r in steps)
     assert any("val_loss.balance" in r for r in straight)
 
 
 def test_moe_decodes_with_the_kv_cache_as_without(gpt_small_path):
-    recipe = load_recipe(gpt_small_path, ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
-                                          "model.mlp.name=moe", "model.mlp.n_experts=4"])
+    recipe = load_recipe(
+        gpt_small_path,
+        [
+            "model.n_layer=2",
+            "model.n_embd=32",
+            "model.n_head=2",
+            "model.block_size=32",
+            "model.mlp.name=moe",
+            "model.mlp.n_experts=4",
+        ],
+    )
     torch.manual_seed(0)
     model = GPT(recipe).eval()
     assert model.active_params() < model.num_params()
     idx = torch.randint(0, 50257, (2, 5))
-    assert torch.equal(generate(model, idx, 12, temperature=0), generate(model, idx, 12, temperature=0, use_cache=False))
+    assert torch.equal(
+        generate(model, idx, 12, temperature=0), generate(model, idx, 12, temperature=0, use_cache=False)
+    )

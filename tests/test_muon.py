@@ -2,6 +2,7 @@
 github.com/KellerJordan/Muon and kellerjordan.github.io/posts/muon): momentum, Nesterov, quintic
 Newton-Schulz, shape scaling and decoupled weight decay, written here from the description; and
 its AdamW groups against torch.optim.AdamW."""
+
 import pytest
 import torch
 
@@ -28,8 +29,19 @@ def published_step_float64(weight, grad, momentum, lr, beta=0.95, weight_decay=0
 def test_two_steps_match_the_published_algorithm_in_float64(shape):
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(shape))
-    optimizer = Muon([{"params": [weight], "use_muon": True, "lr": 0.05, "momentum": 0.95, "nesterov": True,
-                       "ns_steps": 5, "weight_decay": 0.1}])
+    optimizer = Muon(
+        [
+            {
+                "params": [weight],
+                "use_muon": True,
+                "lr": 0.05,
+                "momentum": 0.95,
+                "nesterov": True,
+                "ns_steps": 5,
+                "weight_decay": 0.1,
+            }
+        ]
+    )
     expected, momentum = weight.detach().double(), torch.zeros(shape, dtype=torch.float64)
     for _ in range(2):  # the second step uses the momentum the first left
         grad = torch.randn(shape)
@@ -56,8 +68,18 @@ def test_the_adamw_groups_step_as_torch_adamw():
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(10, 6)), torch.nn.Parameter(torch.randn(10, 6))
     b.data.copy_(a.data)
-    ours = Muon([{"params": [a], "use_muon": False, "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10,
-                  "weight_decay": 0.1}])
+    ours = Muon(
+        [
+            {
+                "params": [a],
+                "use_muon": False,
+                "lr": 0.01,
+                "betas": (0.8, 0.95),
+                "eps": 1e-10,
+                "weight_decay": 0.1,
+            }
+        ]
+    )
     theirs = torch.optim.AdamW([b], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
     for _ in range(5):
         grad = torch.randn(10, 6)
@@ -71,29 +93,43 @@ def test_the_adamw_groups_step_as_torch_adamw():
 
 from pathlib import Path  # noqa: E402
 
+from test_distributed import RECIPE as DISTRIBUTED_RECIPE  # noqa: E402
+from test_distributed import assert_same_losses, lab_run, torchrun  # noqa: E402
+from tiny import counting_tokens  # noqa: E402
 
-from lab.commands.cli import main# noqa: E402
+from lab.commands.cli import main  # noqa: E402
 from lab.model import GPT  # noqa: E402
 from lab.recipe import load_recipe  # noqa: E402
 from lab.roles import build_optimizer  # noqa: E402
-from test_distributed import assert_same_losses, lab_run, torchrun  # noqa: E402
-from test_distributed import RECIPE as DISTRIBUTED_RECIPE  # noqa: E402
-from tiny import counting_tokens  # noqa: E402
 
 LLAMA_STYLE = Path(__file__).resolve().parent.parent / "recipes" / "llama_style.toml"
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tied):
-    recipe = load_recipe(LLAMA_STYLE, ["model.n_layer=2", "model.n_embd=32", "model.n_head=4", "model.vocab_size=64",
-                                       "model.mlp.multiple_of=16", f"model.tie_embeddings={str(tied).lower()}",
-                                       "optimizer.name=muon", "optimizer.lr=0.03", "optimizer.embedding_lr=0.02",
-                                       "optimizer.head_lr=0.005", "optimizer.adamw_lr=0.001"])
+    recipe = load_recipe(
+        LLAMA_STYLE,
+        [
+            "model.n_layer=2",
+            "model.n_embd=32",
+            "model.n_head=4",
+            "model.vocab_size=64",
+            "model.mlp.multiple_of=16",
+            f"model.tie_embeddings={str(tied).lower()}",
+            "optimizer.name=muon",
+            "optimizer.lr=0.03",
+            "optimizer.embedding_lr=0.02",
+            "optimizer.head_lr=0.005",
+            "optimizer.adamw_lr=0.001",
+        ],
+    )
     model = GPT(recipe)
     groups = {g["name"]: g for g in build_optimizer(recipe.parts["optimizer"], model).param_groups}
     named = {id(p): n for n, p in model.named_parameters()}
     members = {name: sorted(named[id(p)] for p in g["params"]) for name, g in groups.items()}
-    assert members["muon"] == sorted(n for n, p in model.named_parameters() if n.startswith("blocks") and p.dim() == 2)
+    assert members["muon"] == sorted(
+        n for n, p in model.named_parameters() if n.startswith("blocks") and p.dim() == 2
+    )
     assert members["embedding"] == ["tok_emb.weight"]
     assert members.get("head") == (None if tied else ["head.weight"])
     assert members["adamw"] == sorted(n for n, p in model.named_parameters() if p.dim() == 1)
@@ -107,7 +143,9 @@ def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("muon")
     data = folder / "data"
     counting_tokens(data)
-    text = DISTRIBUTED_RECIPE.format(data=data).replace('name = "adamw"\nlr = 3e-3', 'name = "muon"\nlr = 0.02')
+    text = DISTRIBUTED_RECIPE.format(data=data).replace(
+        'name = "adamw"\nlr = 3e-3', 'name = "muon"\nlr = 0.02'
+    )
     assert 'name = "muon"' in text
     (folder / "tiny.toml").write_text(text)
     return folder
@@ -127,5 +165,7 @@ def test_muon_resumes_exactly_and_two_ddp_processes_log_one_process_losses(folde
 def test_muon_under_fsdp2_is_refused_when_the_recipe_is_read(folder, capsys):
     assert main(["recipe", str(folder / "tiny.toml"), "--set", "train.parallel=fsdp"]) == 2
     err = capsys.readouterr().err
-    assert "tiny.toml [train] parallel = \"fsdp\"" in err and "optimizer 'muon'" in err and "Traceback" not in err
+    assert (
+        'tiny.toml [train] parallel = "fsdp"' in err and "optimizer 'muon'" in err and "Traceback" not in err
+    )
     assert 'train.parallel = "ddp"' in err

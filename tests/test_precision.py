@@ -1,6 +1,7 @@
 """Speed options give the same training as the plain path: bf16 autocast (what precision = "auto"
 picks on CPUs with AMX) follows fp32 within 1%; the fused head + loss under autocast matches the
 plain head + loss under autocast."""
+
 import pytest
 import torch
 
@@ -19,7 +20,9 @@ def train_losses(recipe, dtype, steps=20):
     model = GPT(recipe)
     optimizer = build_optimizer(recipe.parts["optimizer"], model)
     tokenizer = recipe.parts["tokenizer"].build()
-    data = recipe.parts["data"].build(DataContext(recipe.model.block_size, recipe.model.vocab_size, tokenizer, 0))
+    data = recipe.parts["data"].build(
+        DataContext(recipe.model.block_size, recipe.model.vocab_size, tokenizer, 0)
+    )
     losses = []
     for step in range(steps):
         x, y = data.batch("train", step, range(8))
@@ -58,9 +61,13 @@ def test_fused_loss_under_autocast_matches_the_plain_path(gpt_small_path):
     assert (g_f - g_p).norm() / g_p.norm() < 2e-2  # bf16 rounding, not a different gradient
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16),
-                                             ({"avx512f", "avx512_bf16"}, torch.float32)])
-def test_auto_picks_bf16_only_where_the_cpu_multiplies_it_natively(gpt_small_path, monkeypatch, flags, expected):
+@pytest.mark.parametrize(
+    "flags, expected",
+    [({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16), ({"avx512f", "avx512_bf16"}, torch.float32)],
+)
+def test_auto_picks_bf16_only_where_the_cpu_multiplies_it_natively(
+    gpt_small_path, monkeypatch, flags, expected
+):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
@@ -70,8 +77,15 @@ def test_auto_picks_bf16_only_where_the_cpu_multiplies_it_natively(gpt_small_pat
     assert precision.pick_dtype(fp32, torch.device("cpu")) == torch.float32
 
 
-@pytest.mark.parametrize("isa, expected", [("AVX2", torch.float32), ("avx512_core_bf16", torch.float32),
-                                           ("AVX512_CORE_AMX", torch.bfloat16), ("ALL", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "isa, expected",
+    [
+        ("AVX2", torch.float32),
+        ("avx512_core_bf16", torch.float32),
+        ("AVX512_CORE_AMX", torch.bfloat16),
+        ("ALL", torch.bfloat16),
+    ],
+)
 def test_auto_stays_fp32_when_onednn_is_capped_below_amx(gpt_small_path, monkeypatch, isa, expected):
     """ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX2 machine's path is tested on an AMX one) leaves bf16 emulated."""
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})

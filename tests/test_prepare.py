@@ -1,6 +1,7 @@
 """`lab prepare`: text files, folders and .jsonl in; train.bin, val.bin and meta.json out, with the
 end-of-text token between documents, the same output for any number of workers, and one clear
 error for each input it cannot use."""
+
 import json
 import re
 
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-import lab.plugins
 import lab.data.prepare as prepare_module
+import lab.plugins
 from lab.commands.cli import main
+from lab.data.prepare import build_tokenizer, prepare
 from lab.errors import LabError
 from lab.plugins import registry
-from lab.data.prepare import build_tokenizer, prepare
 from lab_memmap.embedded import CORPUS
 
 SHAKESPEARE = CORPUS.read_text()
@@ -60,8 +61,14 @@ def test_one_text_file_is_cut_at_a_line_boundary(tmp_path, tokenizer):
     assert len(train) - len(last_line) < 0.8 * len(text) <= len(train)  # the first line start past 80%
     assert tokenizer.eot_id not in read_split(tmp_path / "out", "train")  # one document: nothing to separate
     assert meta == json.loads((tmp_path / "out" / "meta.json").read_text())
-    expected = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_id": 50256,
-                "train_documents": 1, "val_documents": 1}
+    expected = {
+        "tokenizer": "gpt2",
+        "vocab_size": 50257,
+        "dtype": "uint16",
+        "eot_id": 50256,
+        "train_documents": 1,
+        "val_documents": 1,
+    }
     assert {key: meta[key] for key in expected} == expected
     assert meta["train_tokens"] == len(read_split(tmp_path / "out", "train"))
     assert meta["val_tokens"] == len(read_split(tmp_path / "out", "val"))
@@ -108,8 +115,13 @@ def test_the_split_is_the_same_every_time_and_duplicates_stay_together(tmp_path,
 def test_a_split_the_draw_leaves_empty_gets_the_last_document(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("the first of two documents\n")
     (tmp_path / "b.txt").write_text("the second of two documents\n")
-    meta = prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", tokenizer,
-                   val_fraction=0.001, progress=False)
+    meta = prepare(
+        [tmp_path / "a.txt", tmp_path / "b.txt"],
+        tmp_path / "out",
+        tokenizer,
+        val_fraction=0.001,
+        progress=False,
+    )
     assert (meta["train_documents"], meta["val_documents"]) == (1, 1)
     assert tokenizer.decode(read_split(tmp_path / "out", "train")) == "the first of two documents\n"
     assert tokenizer.decode(read_split(tmp_path / "out", "val")) == "the second of two documents\n"
@@ -157,22 +169,35 @@ def test_a_failed_prepare_leaves_the_previous_output_whole(tmp_path, tokenizer):
 
 def test_lab_prepare_writes_the_folder_and_says_what_it_wrote(tmp_path, capsys, umask_027, file_modes):
     (tmp_path / "play.txt").write_text(SHAKESPEARE[:20_000])
-    assert main(["prepare", str(tmp_path / "play.txt"), "--out", str(tmp_path / "out"), "--tokenizer", "gpt2"]) == 0
+    assert (
+        main(["prepare", str(tmp_path / "play.txt"), "--out", str(tmp_path / "out"), "--tokenizer", "gpt2"])
+        == 0
+    )
     assert "train.bin" in capsys.readouterr().out
     # written under temporary names (mkstemp: owner only), then given the umask's mode
-    assert file_modes(tmp_path / "out") == {"train.bin": umask_027, "val.bin": umask_027, "meta.json": umask_027}
+    assert file_modes(tmp_path / "out") == {
+        "train.bin": umask_027,
+        "val.bin": umask_027,
+        "meta.json": umask_027,
+    }
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.txt"], r"input not found: .*missing\.txt\. lab prepare takes text files, folders"),
-    (["empty.txt"], r"no text in .*empty\.txt: the inputs are empty"),
-    (["emptydir"], r"input folder .*emptydir holds no \.txt files"),
-    (["play.txt", "--val-fraction", "1"], r"--val-fraction 1\.0 is outside \[0, 1\)"),
-    (["play.txt", "--val-fraction", "-0.1"], r"--val-fraction -0\.1 is outside \[0, 1\)"),
-    (["broken.jsonl"], r"broken\.jsonl line 1 is not valid JSON"),
-    (["latin1.txt"], r"latin1\.txt is not UTF-8 text.*iconv"),
-    (["play.txt", "--tokenizer", "gtp2"], r"unknown tokenizer 'gtp2' in --tokenizer.*Did you mean 'gpt2'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.txt"], r"input not found: .*missing\.txt\. lab prepare takes text files, folders"),
+        (["empty.txt"], r"no text in .*empty\.txt: the inputs are empty"),
+        (["emptydir"], r"input folder .*emptydir holds no \.txt files"),
+        (["play.txt", "--val-fraction", "1"], r"--val-fraction 1\.0 is outside \[0, 1\)"),
+        (["play.txt", "--val-fraction", "-0.1"], r"--val-fraction -0\.1 is outside \[0, 1\)"),
+        (["broken.jsonl"], r"broken\.jsonl line 1 is not valid JSON"),
+        (["latin1.txt"], r"latin1\.txt is not UTF-8 text.*iconv"),
+        (
+            ["play.txt", "--tokenizer", "gtp2"],
+            r"unknown tokenizer 'gtp2' in --tokenizer.*Did you mean 'gpt2'",
+        ),
+    ],
+)
 def test_lab_prepare_refuses_bad_input_with_one_message(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "play.txt").write_text("some text\n")

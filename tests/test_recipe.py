@@ -1,4 +1,5 @@
 """Recipes: each plugin validates its own table; every mistake is one message and exit status 2."""
+
 import pytest
 
 from lab.commands.cli import main
@@ -12,19 +13,28 @@ def test_gpt_small_is_the_seed_config(gpt_small_path):
     assert (m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd) == (1024, 50257, 6, 4, 256)
     assert m.tie_embeddings
     assert {s: p.name for s, p in r.parts.items()} == {
-        "attention": "sdpa", "mlp": "gelu", "norm": "layernorm", "position": "learned",
-        "tokenizer": "gpt2", "data": "memmap", "optimizer": "adamw", "schedule": "cosine",
+        "attention": "sdpa",
+        "mlp": "gelu",
+        "norm": "layernorm",
+        "position": "learned",
+        "tokenizer": "gpt2",
+        "data": "memmap",
+        "optimizer": "adamw",
+        "schedule": "cosine",
     }
 
 
-@pytest.mark.parametrize("text, keys, value", [
-    ("train.max_steps=100", ["train", "max_steps"], 100),
-    ("optimizer.lr=3e-4", ["optimizer", "lr"], 3e-4),
-    ("model.bias=false", ["model", "bias"], False),
-    ('generate.prompt="Hi there"', ["generate", "prompt"], "Hi there"),
-    ("model.attention.name=manual", ["model", "attention", "name"], "manual"),  # bare word: a string
-    ("optimizer.betas=[0.9, 0.99]", ["optimizer", "betas"], [0.9, 0.99]),
-])
+@pytest.mark.parametrize(
+    "text, keys, value",
+    [
+        ("train.max_steps=100", ["train", "max_steps"], 100),
+        ("optimizer.lr=3e-4", ["optimizer", "lr"], 3e-4),
+        ("model.bias=false", ["model", "bias"], False),
+        ('generate.prompt="Hi there"', ["generate", "prompt"], "Hi there"),
+        ("model.attention.name=manual", ["model", "attention", "name"], "manual"),  # bare word: a string
+        ("optimizer.betas=[0.9, 0.99]", ["optimizer", "betas"], [0.9, 0.99]),
+    ],
+)
 def test_overrides_are_read_as_toml(text, keys, value):
     assert parse_override(text) == (keys, value)
 

@@ -1,6 +1,7 @@
 """Nothing a user made is lost: one run writes a run folder at a time, a damaged checkpoint is found
 and passed over for an intact one, and a full or read-only disk stops a run with one message,
 leaving the last good checkpoint as it was."""
+
 import errno
 import math
 import os
@@ -14,17 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import counting_tokens, tiny_recipe
 
 from lab import files
-from lab.runs import checkpoint
 from lab.commands.cli import main
 from lab.errors import LabError
+from lab.runs import checkpoint
 from lab.runs.lock import LOCK, RunLock
-from tiny import counting_tokens, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = tiny_recipe("tiny", """
+TINY = tiny_recipe(
+    "tiny",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 2
@@ -43,7 +46,8 @@ device = "cpu"
 [generate]
 num_samples = 1
 max_new_tokens = 4
-""")
+""",
+)
 
 
 def write_recipe(folder, out="run") -> str:
@@ -76,9 +80,16 @@ def test_a_second_run_on_a_folder_in_use_refuses_at_once_naming_the_first(tmp_pa
 
 def test_a_lock_left_by_a_killed_run_never_blocks(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lab.runs.lock import RunLock\n"
-         "with RunLock(sys.argv[1], 'lab run x.toml'):\n    print('held', flush=True); time.sleep(60)",
-         str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from lab.runs.lock import RunLock\n"
+            "with RunLock(sys.argv[1], 'lab run x.toml'):\n    print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline() == "held\n"
     with pytest.raises(Exception, match=f"process {holder.pid}"):
         RunLock(tmp_path / "run", "second").__enter__()
@@ -168,8 +179,11 @@ def test_when_every_checkpoint_is_damaged_each_reader_says_which_and_what_to_do(
     run, recipe = copy_run(trained, tmp_path)
     for ckpt in checkpoint.checkpoint_dirs(run):
         truncate(ckpt / "state.pt")
-    for args in (["generate", run], ["run", recipe, "--set", "train.max_steps=6"],
-                 ["export-hf", run, "--out", tmp_path / "hf"]):
+    for args in (
+        ["generate", run],
+        ["run", recipe, "--set", "train.max_steps=6"],
+        ["export-hf", run, "--out", tmp_path / "hf"],
+    ):
         status, _, err = run_lab(capsys, *args)
         assert status == 2 and "Traceback" not in err and "weights_only" not in err
         assert f"every checkpoint in {run} is damaged (step_0000004: state.pt is" in err
@@ -190,6 +204,7 @@ def test_a_checkpoint_without_checksums_is_still_checked_when_read(trained, tmp_
     with pytest.raises(checkpoint.Damaged, match="NaN"):
         weights = {"w": torch.tensor([1.0, float("nan")])}
         from safetensors.torch import save_file
+
         save_file(weights, str(newest / "model.safetensors"))
         checkpoint.read_weights(newest, torch.nn.Module())
 
@@ -214,10 +229,17 @@ def test_deleting_an_old_checkpoint_removes_complete_first(tmp_path, monkeypatch
 # ------------------------------------------------------------------------------ full disks, no permission
 
 
-@pytest.mark.parametrize("code, why", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied"),
-                                       (errno.EROFS, "the file system is read-only")])
+@pytest.mark.parametrize(
+    "code, why",
+    [
+        (errno.ENOSPC, "the disk is full"),
+        (errno.EACCES, "permission denied"),
+        (errno.EROFS, "the file system is read-only"),
+    ],
+)
 def test_a_checkpoint_that_cannot_be_written_is_one_message_and_the_last_good_one_stays(
-        tmp_path, capsys, monkeypatch, code, why):
+    tmp_path, capsys, monkeypatch, code, why
+):
     recipe = write_recipe(tmp_path)
     assert run_lab(capsys, "run", recipe, "--set", "train.max_steps=2")[0] == 0
     real_save = torch.save
@@ -241,13 +263,18 @@ def test_a_checkpoint_that_cannot_be_written_is_one_message_and_the_last_good_on
 
 def test_torch_saves_own_error_on_a_full_disk_is_recognised(tmp_path, monkeypatch):
     """torch.save reports a full disk as '[enforce fail at inline_container.cc] unexpected pos'."""
+
     def full(obj, path):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
-    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr(
+        files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100)
+    )
     with pytest.raises(LabError, match=r"the disk is full \(100 B free, about 240 B needed\)"):
-        checkpoint.save(tmp_path, 1, torch.nn.Linear(4, 4), "", {"step": 1, "optimizer": {"m": torch.zeros(40)}})
+        checkpoint.save(
+            tmp_path, 1, torch.nn.Linear(4, 4), "", {"step": 1, "optimizer": {"m": torch.zeros(40)}}
+        )
     assert os.listdir(tmp_path / "checkpoints") == []
 
 
@@ -261,10 +288,15 @@ def test_stale_temporaries_of_killed_runs_are_removed_at_the_next_start(tmp_path
     recipe = write_recipe(tmp_path)
     assert run_lab(capsys, "run", recipe, "--set", "train.max_steps=2")[0] == 0
     run = tmp_path / "run"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    litter = [run / "checkpoints" / f".tmp_step_0000003_{dead}", run / "checkpoints" / f".old_step_0000002_{dead}",
-              run / f".metrics.jsonl.{dead}.abcd1234.tmp", run / ".loss.png.tmp"]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    litter = [
+        run / "checkpoints" / f".tmp_step_0000003_{dead}",
+        run / "checkpoints" / f".old_step_0000002_{dead}",
+        run / f".metrics.jsonl.{dead}.abcd1234.tmp",
+        run / ".loss.png.tmp",
+    ]
     for path in litter:
         path.mkdir() if "step" in path.name else path.write_text("half")
     assert run_lab(capsys, "run", recipe)[0] == 0
@@ -277,7 +309,9 @@ def small_disk(tmp_path):
     moments of a 50257-token embedding), not for two. Mounting needs root (CAP_SYS_ADMIN)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root); the tests above fake the same errors")
     yield disk
     subprocess.run(["umount", "-l", str(disk)])
@@ -287,7 +321,10 @@ def test_a_real_full_disk_stops_the_run_and_the_next_one_continues(tmp_path, cap
     recipe = write_recipe(tmp_path, out="disk/run")
     status, out, err = run_lab(capsys, "run", recipe)
     assert status == 2 and "Traceback" not in err
-    assert f"cannot write checkpoint {small_disk / 'run' / 'checkpoints' / 'step_0000004'}: the disk is full" in err
+    assert (
+        f"cannot write checkpoint {small_disk / 'run' / 'checkpoints' / 'step_0000004'}: the disk is full"
+        in err
+    )
     free, needed = map(float, re.search(r"\(([\d.]+) MB free, about ([\d.]+) MB needed\)", err).groups())
     assert free < 30 < free + needed  # the tmpfs's free space, not another disk's
     ckpts = small_disk / "run" / "checkpoints"
@@ -303,20 +340,26 @@ def test_a_real_full_disk_stops_the_run_and_the_next_one_continues(tmp_path, cap
 # ------------------------------------------------------------------------------ the rest of the command line
 
 
-@pytest.mark.parametrize("change, message", [
-    ("latin-1", "is not UTF-8 text (bad byte at offset"),
-    (("model", 3), "'model' must be a table ([model]), got 3"),
-    (("optimizer", "lr", math.inf), "[optimizer] lr = inf: a number must be finite"),
-    (("optimizer", "betas", [0.9, math.nan]), "[optimizer] betas = [0.9, nan]: a number must be finite"),
-    (("optimizer", "betas", [0.9, 1.5]), "[optimizer] betas.1 = 1.5"),
-    (("generate", "temperature", math.nan), "[generate] temperature = nan: a number must be finite"),
-], ids=["latin1", "model-not-a-table", "lr-inf", "betas-nan", "betas-above-1", "temperature-nan"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("latin-1", "is not UTF-8 text (bad byte at offset"),
+        (("model", 3), "'model' must be a table ([model]), got 3"),
+        (("optimizer", "lr", math.inf), "[optimizer] lr = inf: a number must be finite"),
+        (("optimizer", "betas", [0.9, math.nan]), "[optimizer] betas = [0.9, nan]: a number must be finite"),
+        (("optimizer", "betas", [0.9, 1.5]), "[optimizer] betas.1 = 1.5"),
+        (("generate", "temperature", math.nan), "[generate] temperature = nan: a number must be finite"),
+    ],
+    ids=["latin1", "model-not-a-table", "lr-inf", "betas-nan", "betas-above-1", "temperature-nan"],
+)
 def test_recipe_files_that_are_wrong_in_new_ways(tmp_path, capsys, change, message):
     import tomli_w
 
     path = tmp_path / "r.toml"
     if change == "latin-1":
-        path.write_bytes(TINY.format(data=tmp_path, out=tmp_path / "run").encode() + "# café\n".encode("latin-1"))
+        path.write_bytes(
+            TINY.format(data=tmp_path, out=tmp_path / "run").encode() + "# café\n".encode("latin-1")
+        )
     else:
         path.write_text(tomli_w.dumps(changed(tmp_path, change)))
     status, _, err = run_lab(capsys, "recipe", path)
@@ -339,12 +382,14 @@ def changed(tmp_path, change) -> dict:
 def test_generate_refuses_bad_flags_in_one_line(tmp_path, capsys, trained):
     run, _ = copy_run(trained, tmp_path)
     (tmp_path / "binary").write_bytes(bytes(range(256)))
-    for args, message in ((["--temperature", "nan"], "temperature must be >= 0"),
-                          (["--temperature", "inf"], "temperature must be >= 0"),
-                          (["--prompt-file", tmp_path / "binary"], "is not UTF-8 text (bad byte at offset 128)"),
-                          (["--prompt", "caf\udce9"], "the prompt is not valid UTF-8 text"),
-                          (["--temperature", "1e-320"], "temperature 1e-320 is too small to sample with"),
-                          (["--seed", str(10**30)], "--seed must be between")):
+    for args, message in (
+        (["--temperature", "nan"], "temperature must be >= 0"),
+        (["--temperature", "inf"], "temperature must be >= 0"),
+        (["--prompt-file", tmp_path / "binary"], "is not UTF-8 text (bad byte at offset 128)"),
+        (["--prompt", "caf\udce9"], "the prompt is not valid UTF-8 text"),
+        (["--temperature", "1e-320"], "temperature 1e-320 is too small to sample with"),
+        (["--seed", str(10**30)], "--seed must be between"),
+    ):
         status, _, err = run_lab(capsys, "generate", run, *args)
         assert status == 2 and message in err and err.count("\n") == 1, err
     # 1e-320 is 0 in float32: the likeliest token still stays, rather than none (and a NaN)
@@ -354,8 +399,10 @@ def test_generate_refuses_bad_flags_in_one_line(tmp_path, capsys, trained):
 def test_warmup_longer_than_the_run_is_a_warning_with_the_fix(tmp_path, capsys):
     status, _, err = run_lab(capsys, "run", write_recipe(tmp_path), "--set", "schedule.warmup_steps=50")
     assert status == 0
-    assert ("warning: [schedule] warmup_steps = 50 is more than train.max_steps = 4: the learning rate never "
-            "reaches [optimizer] lr. To reach it, set schedule.warmup_steps to at most 4") in err
+    assert (
+        "warning: [schedule] warmup_steps = 50 is more than train.max_steps = 4: the learning rate never "
+        "reaches [optimizer] lr. To reach it, set schedule.warmup_steps to at most 4"
+    ) in err
 
 
 def test_token_ids_beyond_the_vocabulary_are_caught_as_batches_are_read(tmp_path, capsys):
@@ -366,9 +413,18 @@ def test_token_ids_beyond_the_vocabulary_are_caught_as_batches_are_read(tmp_path
     recipe = write_recipe(tmp_path)
     data = tmp_path / "data"
     (np.arange(3000) % 500).astype(np.uint16).tofile(data / "train.bin")
-    (data / "meta.json").write_text(json.dumps({
-        "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "train_tokens": 3000, "val_tokens": 600,
-        "max_token_id": 499}))
+    (data / "meta.json").write_text(
+        json.dumps(
+            {
+                "tokenizer": "gpt2",
+                "vocab_size": 50257,
+                "dtype": "uint16",
+                "train_tokens": 3000,
+                "val_tokens": 600,
+                "max_token_id": 499,
+            }
+        )
+    )
     tokens = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
     tokens[:] = 60000  # beyond GPT-2's 50257, in every window
     tokens.flush()
@@ -394,8 +450,9 @@ def test_prepare_removes_the_temporaries_of_a_killed_prepare(tmp_path, capsys):
     (tmp_path / "text.txt").write_text("Hello there.\nGeneral Kenobi.\n" * 50)
     out = tmp_path / "prepared"
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale, live = out / f".train.bin.{dead}.abcd1234.tmp", out / f".val.bin.{os.getppid()}.abcd1234.tmp"
     stale.write_bytes(b"\0" * 100)
     live.write_bytes(b"\0" * 100)  # a prepare still running (its process is alive): left alone
@@ -410,8 +467,10 @@ def test_import_hf_refuses_an_out_that_is_a_file_and_weights_that_are_not_tensor
     (tmp_path / "file").write_text("x")
     status, _, err = run_lab(capsys, "import-hf", hf, "--out", tmp_path / "file")
     assert status == 2 and "--out" in err and "is a file" in err
-    for weights, message in (({"wte.weight": 3}, "'wte.weight' is a int, not a tensor"),
-                             ([1, 2], "holds a list, not a dict of tensors")):
+    for weights, message in (
+        ({"wte.weight": 3}, "'wte.weight' is a int, not a tensor"),
+        ([1, 2], "holds a list, not a dict of tensors"),
+    ):
         torch.save(weights, hf / "pytorch_model.bin")
         status, _, err = run_lab(capsys, "import-hf", hf, "--out", tmp_path / "run")
         assert status == 2 and message in err and "Traceback" not in err, err

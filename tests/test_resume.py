@@ -1,6 +1,7 @@
 """Resume is exact: a run stopped with Ctrl-C or SIGTERM, or killed with SIGKILL, then started again with the same
 command, logs the same loss at every step, bit for bit, as a run that was never stopped. And a
 checkpoint is whole or absent, whatever moment the process dies."""
+
 import os
 import signal
 import subprocess
@@ -10,14 +11,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from tiny import counting_tokens, tiny_recipe
 
 from lab.runs import checkpoint
 from lab.runs.metrics import read_metrics
-from tiny import counting_tokens, tiny_recipe
 
 # Dropout on, so a resume that forgot the RNG state would show; a slow-enough step count that the
 # test can signal the run mid-way.
-RECIPE = tiny_recipe("resume", """
+RECIPE = tiny_recipe(
+    "resume",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 3
@@ -36,7 +39,10 @@ device = "cpu"     # the same numbers on every machine
 [generate]
 num_samples = 1
 max_new_tokens = 4
-""", data="data", model_extra='dropout = 0.1\n')
+""",
+    data="data",
+    model_extra="dropout = 0.1\n",
+)
 
 
 def write_recipe(folder, out) -> str:
@@ -49,9 +55,14 @@ def write_recipe(folder, out) -> str:
 def lab_run(folder, recipe) -> subprocess.Popen:
     """`python -m lab run RECIPE` in folder, as a user would start it. One thread: a tiny model's ops
     are too small to share, and on a busy machine every op would wait for the second thread."""
-    return subprocess.Popen([sys.executable, "-m", "lab", "run", recipe], cwd=folder, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "LAB_CACHE": str(folder / "cache")},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lab", "run", recipe],
+        cwd=folder,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "LAB_CACHE": str(folder / "cache")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finish(proc) -> tuple[int, str, str]:
@@ -72,8 +83,12 @@ def wait_for_step(folder, out, step, proc) -> None:
 
 def losses(folder, out) -> list:
     """(step, what, value) for every record, in order: train losses and val losses."""
-    return [(r["step"], key, r[key]) for r in read_metrics(folder / out / "metrics.jsonl")
-            for key in ("loss", "val_loss") if key in r]
+    return [
+        (r["step"], key, r[key])
+        for r in read_metrics(folder / out / "metrics.jsonl")
+        for key in ("loss", "val_loss")
+        if key in r
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +106,17 @@ def test_the_straight_run_logs_every_step_once(straight):
     assert [s for s, what, _ in straight if what == "val_loss"] == [0, 4, 8, 12, 16]
 
 
-@pytest.mark.parametrize("sig, status, notice", [
-    (signal.SIGINT, 130, "Ctrl-C: finishing this step and saving a checkpoint"),
-    (signal.SIGTERM, 143, "SIGTERM: finishing this step and saving a checkpoint"),  # a scheduler's stop
-], ids=["ctrl_c", "sigterm"])
-def test_a_stop_signal_saves_says_how_to_continue_and_resumes_exactly(tmp_path, straight, sig, status, notice):
+@pytest.mark.parametrize(
+    "sig, status, notice",
+    [
+        (signal.SIGINT, 130, "Ctrl-C: finishing this step and saving a checkpoint"),
+        (signal.SIGTERM, 143, "SIGTERM: finishing this step and saving a checkpoint"),  # a scheduler's stop
+    ],
+    ids=["ctrl_c", "sigterm"],
+)
+def test_a_stop_signal_saves_says_how_to_continue_and_resumes_exactly(
+    tmp_path, straight, sig, status, notice
+):
     recipe = write_recipe(tmp_path, "run")
     proc = lab_run(tmp_path, recipe)
     wait_for_step(tmp_path, "run", 3, proc)

@@ -1,6 +1,7 @@
 """lab serve: the OpenAI client against a real server on loopback, bad input answered with OpenAI's
 error JSON (and the server still serving), requests that never mix their text, a client that goes
 away stopping its generation, the queue's limit, the API key, chat templates, the runs view's data."""
+
 import json
 import threading
 import time
@@ -9,6 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
+from serving import Server, make_run
 
 from lab.commands.cli import main
 from lab.inference.sampling import generate
@@ -16,8 +18,6 @@ from lab.interfaces import ChatTemplate
 from lab_serve.api import Limits
 from lab_serve.batcher import Batcher, Job
 from lab_serve.server import build
-
-from serving import Server, make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ def reference(pool, model_id, prompt, n):
     s = pool.get(model_id)
     idx = torch.tensor([s.tokenizer.encode(prompt)])
     out = generate(s.model, idx, n, temperature=0, eos_id=s.tokenizer.eot_id)
-    return s.tokenizer.decode(out[0, idx.size(1):].tolist())
+    return s.tokenizer.decode(out[0, idx.size(1) :].tolist())
 
 
 def test_models_lists_each_run_folder(client):
@@ -63,23 +63,37 @@ def test_completion_is_greedy_decoding_and_streams_the_same_text(client, served)
     assert got.choices[0].text == reference(pool, "alpha", "The meaning of life", 12)
     assert got.choices[0].finish_reason == "length"
     assert got.usage.completion_tokens == 12
-    chunks = list(client.completions.create(model="alpha", prompt="The meaning of life", max_tokens=12,
-                                            temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="alpha", prompt="The meaning of life", max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == got.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
-    with_usage = list(client.completions.create(model="alpha", prompt="Hi", max_tokens=5, temperature=0, stream=True,
-                                                stream_options={"include_usage": True}))
+    with_usage = list(
+        client.completions.create(
+            model="alpha",
+            prompt="Hi",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 5
 
 
 def test_stream_is_openai_sse_ending_in_done(served):
     url = served[0].url
-    with httpx.stream("POST", url + "/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 3,
-                                                             "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/completions",
+        json={"model": "beta", "prompt": "Hi", "max_tokens": 3, "stream": True},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert all(c["object"] == "text_completion" and c["model"] == "beta" for c in chunks)
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
 
@@ -89,10 +103,12 @@ def test_n_seed_and_stop(client):
     b = client.completions.create(model="alpha", prompt="Once", max_tokens=8, n=3, seed=7, temperature=1.0)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # a seed repeats
-    full = client.completions.create(model="alpha", prompt="Once", max_tokens=10, temperature=0).choices[0].text
+    full = (
+        client.completions.create(model="alpha", prompt="Once", max_tokens=10, temperature=0).choices[0].text
+    )
     stop = full[3:6]  # a string the greedy text contains
     cut = client.completions.create(model="alpha", prompt="Once", max_tokens=10, temperature=0, stop=[stop])
-    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].text == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
 
@@ -100,8 +116,14 @@ def test_concurrent_requests_never_mix_their_text(served):
     """Twelve clients at once on two models, prompts of equal and different lengths (so some share
     a batch): each gets what its prompt alone gives."""
     url, pool = served
-    prompts = [("alpha", "One two three"), ("alpha", "Four five six"), ("alpha", "A longer prompt than those"),
-               ("beta", "One two three"), ("beta", "Seven"), ("alpha", "Eight nine ten")] * 2
+    prompts = [
+        ("alpha", "One two three"),
+        ("alpha", "Four five six"),
+        ("alpha", "A longer prompt than those"),
+        ("beta", "One two three"),
+        ("beta", "Seven"),
+        ("alpha", "Eight nine ten"),
+    ] * 2
     expected = [reference(pool, m, p, 10) for m, p in prompts]
     got = [None] * len(prompts)
 
@@ -117,8 +139,13 @@ def test_concurrent_requests_never_mix_their_text(served):
     assert got == expected
 
 
-@pytest.mark.parametrize("texts", [["one two", "three four", "five six", "seven eight"],
-                                   ["one", "two three", "four five six seven", "eight nine ten"]])
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["one two", "three four", "five six", "seven eight"],
+        ["one", "two three", "four five six seven", "eight nine ten"],
+    ],
+)
 def test_rows_of_one_batch_decode_as_each_would_alone(served, texts):
     """Jobs submitted together become one batch, also when their prompts differ in length (the
     longer ones are fed their prompt in step): each row gets what its prompt alone gives."""
@@ -133,7 +160,9 @@ def test_rows_of_one_batch_decode_as_each_would_alone(served, texts):
         if left[0] == 0:
             ended.set()
 
-    jobs = [Job(p, 6, lambda t, r=r: out[r].append(t) or True, end, temperature=0) for r, p in enumerate(prompts)]
+    jobs = [
+        Job(p, 6, lambda t, r=r: out[r].append(t) or True, end, temperature=0) for r, p in enumerate(prompts)
+    ]
     batcher.submit(jobs)
     assert ended.wait(30)
     batcher.close()
@@ -142,7 +171,7 @@ def test_rows_of_one_batch_decode_as_each_would_alone(served, texts):
     assert batcher.steps == max(lengths) - min(lengths) + 6  # one group: the longest prompt's steps
     for p, row in zip(prompts, out):
         alone = generate(s.model, torch.tensor([p]), 6, temperature=0)
-        assert row == alone[0, len(p):].tolist()
+        assert row == alone[0, len(p) :].tolist()
 
 
 BAD = [
@@ -177,7 +206,9 @@ def test_bad_input_is_an_openai_error_and_the_server_keeps_serving(served, body,
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
     assert "Traceback" not in r.text
-    ok = httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2}, timeout=60)
+    ok = httpx.post(
+        url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2}, timeout=60
+    )
     assert ok.status_code == 200
 
 
@@ -189,8 +220,11 @@ def test_the_openai_client_sees_errors_as_its_own_exceptions(client):
 
 
 def test_a_body_past_the_limit_is_413(served):
-    r = httpx.post(served[0].url + "/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        served[0].url + "/v1/completions",
+        content=b"{" + b" " * (2 << 20) + b"}",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
@@ -275,8 +309,11 @@ def test_chat_completions_follow_the_tokenizers_template(served):
         prompt = template.render(messages)
         want = reference(pool, "beta", prompt, 8).split("\n")[0]
         assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
-        chunks = list(client.chat.completions.create(model="beta", messages=messages, max_tokens=8,
-                                                     temperature=0, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="beta", messages=messages, max_tokens=8, temperature=0, stream=True
+            )
+        )
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
     finally:
@@ -291,7 +328,11 @@ def test_runs_view_data_reads_only_the_served_folders(served):
     assert any("val_loss" in r for r in records) and any("loss" in r for r in records)
     assert "[model]" in httpx.get(url + "/api/runs/alpha/recipe").text
     assert "tiny model" in httpx.get(url + "/api/runs/alpha/generated").text
-    for bad in ("/api/runs/not-a-run/recipe", "/api/runs/..%2F..%2Fetc/recipe", "/api/runs/%2Fetc%2Fpasswd/recipe"):
+    for bad in (
+        "/api/runs/not-a-run/recipe",
+        "/api/runs/..%2F..%2Fetc/recipe",
+        "/api/runs/%2Fetc%2Fpasswd/recipe",
+    ):
         assert httpx.get(url + bad).status_code == 404
 
 
@@ -300,7 +341,9 @@ def test_least_recently_used_model_makes_room(runs):
     server = Server(app)
     try:
         for model in ("alpha", "beta"):
-            r = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
+            r = httpx.post(
+                server.url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}
+            )
             assert r.status_code == 200
         assert list(pool.loaded) == ["beta"]
     finally:

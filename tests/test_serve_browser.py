@@ -1,6 +1,7 @@
 """lab serve's page in a real browser: Debian's headless Chromium, driven by Playwright (its own browser
 download is never used). Open the page, generate, watch the text stream in, stop it, open a run's
 curves. The screenshot is kept in artifacts/ (gitignored; CI can collect it)."""
+
 import os
 import shutil
 import time
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving import Server, make_run
 
 from lab_serve.server import build
-
-from serving import Server, make_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LAB_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))

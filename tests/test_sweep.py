@@ -1,6 +1,7 @@
 """`lab sweep`: a grid x seeds of ordinary run folders, trained J at a time, skipped when finished,
 resumed when interrupted (Ctrl-C included), summarized per variant; past one machine a SLURM job array
 or one command per run; and every mistake in the grid one message, exit 2, nothing touched."""
+
 import json
 import os
 import shlex
@@ -11,13 +12,15 @@ import time
 
 import numpy as np
 import pytest
+from tiny import counting_tokens, tiny_recipe
 
 from lab.commands.cli import build_parser, main
 from lab.runs.metrics import read_metrics
 from lab_compare import sweep
-from tiny import counting_tokens, tiny_recipe
 
-RECIPE = tiny_recipe("tiny", """
+RECIPE = tiny_recipe(
+    "tiny",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 1
@@ -35,7 +38,9 @@ device = "cpu"
 [generate]
 num_samples = 1
 max_new_tokens = 2
-""", data="data")
+""",
+    data="data",
+)
 
 GRID = ["--vary", "optimizer.lr=3e-3,1e-2", "--seeds", "2", "--out", "sw"]
 
@@ -55,21 +60,28 @@ def snapshot(path):
 
 
 def lab(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lab", *args], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lab", *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def test_a_sweep_trains_every_cell_summarizes_and_skips_them_when_run_again(folder, capsys):
     assert main(["sweep", "tiny.toml", *GRID, "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "2 variant(s) x 2 seed(s) = 4 runs; 0 finished already, 4 to run, 2 at a time" in out
-    cells = ["sw/optimizer.lr=3e-3/seed-1337", "sw/optimizer.lr=3e-3/seed-1338",
-             "sw/optimizer.lr=1e-2/seed-1337", "sw/optimizer.lr=1e-2/seed-1338"]
+    cells = [
+        "sw/optimizer.lr=3e-3/seed-1337",
+        "sw/optimizer.lr=3e-3/seed-1338",
+        "sw/optimizer.lr=1e-2/seed-1337",
+        "sw/optimizer.lr=1e-2/seed-1338",
+    ]
     for cell in cells:  # ordinary run folders, each with its seed and lr
         assert (folder / cell / "generated.txt").exists()
         recipe = (folder / cell / "recipe.toml").read_text()
         assert f"seed = {cell[-4:]}" in recipe and f'out_dir = "{cell}"' in recipe
-    assert read_metrics(folder / cells[0] / "metrics.jsonl") != read_metrics(folder / cells[1] / "metrics.jsonl")
+    assert read_metrics(folder / cells[0] / "metrics.jsonl") != read_metrics(
+        folder / cells[1] / "metrics.jsonl"
+    )
 
     summary = json.loads((folder / "sw" / "summary.json").read_text())
     base, other = summary["variants"]
@@ -94,12 +106,24 @@ def test_a_sweep_trains_every_cell_summarizes_and_skips_them_when_run_again(fold
 
 def test_ctrl_c_stops_the_runs_with_a_checkpoint_and_the_same_command_finishes_them(folder):
     (folder / "tiny.toml").write_text(RECIPE.format(steps=60))  # long enough to be stopped midway
-    command = ["sweep", "tiny.toml", "--vary", "optimizer.lr=3e-3", "--out", "sw", "--set", "train.eval_interval=30"]
+    command = [
+        "sweep",
+        "tiny.toml",
+        "--vary",
+        "optimizer.lr=3e-3",
+        "--out",
+        "sw",
+        "--set",
+        "train.eval_interval=30",
+    ]
     run = folder / "sw/optimizer.lr=3e-3/seed-1337"
     proc = lab(*command)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not any(
-            r["step"] >= 2 and "loss" in r for r in read_metrics(run / "metrics.jsonl")):
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and not any(r["step"] >= 2 and "loss" in r for r in read_metrics(run / "metrics.jsonl"))
+    ):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)  # as Ctrl-C at the terminal: to the sweep, which hands it to its runs
     out, err = proc.communicate(timeout=120)
@@ -122,8 +146,10 @@ def test_dry_run_prints_one_command_per_run_for_any_queue(folder, capsys):
     assert main(["sweep", "tiny.toml", *GRID, "--set", "train.log_interval=1", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4
-    assert lines[3] == ("lab run tiny.toml --set train.log_interval=1 --set optimizer.lr=1e-2 --set train.seed=1338 "
-                        "--set train.out_dir=sw/optimizer.lr=1e-2/seed-1338")
+    assert lines[3] == (
+        "lab run tiny.toml --set train.log_interval=1 --set optimizer.lr=1e-2 --set train.seed=1338 "
+        "--set train.out_dir=sw/optimizer.lr=1e-2/seed-1338"
+    )
     args = build_parser().parse_args(shlex.split(lines[0])[1:])
     assert args.command == "run" and args.overrides[-1] == "train.out_dir=sw/optimizer.lr=3e-3/seed-1337"
     assert not any(p.is_dir() for p in (folder / "sw").iterdir())  # the grid is written, no run started
@@ -136,7 +162,9 @@ def fake_slurm(folder, monkeypatch):
     pytest.importorskip("submitit")
     bin_dir = folder / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {folder}/submitted.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\ncp "$1" {folder}/submitted.sh\necho "Submitted batch job 4242"\n'
+    )
     (bin_dir / "srun").write_text("#!/bin/sh\n")
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)
@@ -145,8 +173,23 @@ def fake_slurm(folder, monkeypatch):
 
 
 def test_slurm_gets_one_job_array_capped_at_jobs(fake_slurm, capsys):
-    assert main(["sweep", "tiny.toml", *GRID, "--jobs", "2", "--slurm", "--slurm-opt", "slurm_partition=gpu",
-                 "--slurm-opt", "timeout_min=30"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "tiny.toml",
+                *GRID,
+                "--jobs",
+                "2",
+                "--slurm",
+                "--slurm-opt",
+                "slurm_partition=gpu",
+                "--slurm-opt",
+                "timeout_min=30",
+            ]
+        )
+        == 0
+    )
     assert "submitted 4 run(s) of sw as job array 4242 (slurm), at most 2 at once" in capsys.readouterr().out
     script = fake_slurm.read_text()
     assert "#SBATCH --array=0-3%2" in script and "#SBATCH --partition=gpu" in script
@@ -181,18 +224,29 @@ def test_values_split_on_commas_outside_lists_and_quotes():
     assert sweep.split_values('[0.9,0.95],[0.9, 0.99],"a,b"') == ["[0.9,0.95]", "[0.9, 0.99]", '"a,b"']
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--vary", "optimizer.lrr=1e-3,3e-3"],
-     "--vary optimizer.lrr=1e-3: unknown key 'lrr' in tiny.toml [optimizer] for optimizer 'adamw'. Did you mean 'lr'?"),
-    (["--vary", "trian.batch_size=2,4"], "--vary trian.batch_size=2: unknown table [trian] in tiny.toml. Did you mean 'train'?"),
-    (["--vary", "train.batch_size=2,four"], "--vary train.batch_size=four: tiny.toml [train] batch_size = 'four'"),
-    (["--vary", "model.mlp.name=gelu,swiglo"], "--vary model.mlp.name=swiglo: unknown mlp 'swiglo'"),
-    (["--vary", "optimizer.lr="], "--vary optimizer.lr= has no values: the grid is empty"),
-    ([], "the grid is empty: give what to vary, e.g. --vary optimizer.lr=1e-3,3e-3"),
-    (["--vary", "optimizer=1,2"], "--vary optimizer: 'optimizer' is a table, not a setting"),
-    (["--vary", "train.seed=1,2"], "--vary train.seed: the sweep sets it for every run; use --seeds N"),
-    (["--vary", "optimizer.lr=1e-3", "--seeds", "0"], "--seeds 0: give at least 1 seed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--vary", "optimizer.lrr=1e-3,3e-3"],
+            "--vary optimizer.lrr=1e-3: unknown key 'lrr' in tiny.toml [optimizer] for optimizer 'adamw'. Did you mean 'lr'?",
+        ),
+        (
+            ["--vary", "trian.batch_size=2,4"],
+            "--vary trian.batch_size=2: unknown table [trian] in tiny.toml. Did you mean 'train'?",
+        ),
+        (
+            ["--vary", "train.batch_size=2,four"],
+            "--vary train.batch_size=four: tiny.toml [train] batch_size = 'four'",
+        ),
+        (["--vary", "model.mlp.name=gelu,swiglo"], "--vary model.mlp.name=swiglo: unknown mlp 'swiglo'"),
+        (["--vary", "optimizer.lr="], "--vary optimizer.lr= has no values: the grid is empty"),
+        ([], "the grid is empty: give what to vary, e.g. --vary optimizer.lr=1e-3,3e-3"),
+        (["--vary", "optimizer=1,2"], "--vary optimizer: 'optimizer' is a table, not a setting"),
+        (["--vary", "train.seed=1,2"], "--vary train.seed: the sweep sets it for every run; use --seeds N"),
+        (["--vary", "optimizer.lr=1e-3", "--seeds", "0"], "--seeds 0: give at least 1 seed"),
+    ],
+)
 def test_a_bad_grid_is_one_message_and_touches_nothing(folder, capsys, args, message):
     before = snapshot(folder)
     assert main(["sweep", "tiny.toml", *args, "--out", "sw"]) == 2
@@ -205,9 +259,13 @@ def test_a_sweep_folder_of_another_grid_is_refused_untouched(folder, capsys):
     assert main(["sweep", "tiny.toml", *GRID, "--dry-run"]) == 0
     capsys.readouterr()
     before = snapshot(folder)
-    assert main(["sweep", "tiny.toml", "--vary", "optimizer.lr=3e-3,3e-2", "--seeds", "2", "--out", "sw"]) == 2
+    assert (
+        main(["sweep", "tiny.toml", "--vary", "optimizer.lr=3e-3,3e-2", "--seeds", "2", "--out", "sw"]) == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith("error: sw holds another sweep: --vary optimizer.lr=3e-3,1e-2 -> optimizer.lr=3e-3,3e-2.")
+    assert err.startswith(
+        "error: sw holds another sweep: --vary optimizer.lr=3e-3,1e-2 -> optimizer.lr=3e-3,3e-2."
+    )
     assert "--out DIR" in err and snapshot(folder) == before
 
     (folder / "tiny.toml").write_text(RECIPE.format(steps=5))  # the recipe edited: another grid too

@@ -1,11 +1,13 @@
 """Tokenizers a user makes: `lab tokenizer train` (byte-level BPE with Hugging Face tokenizers, or a
 character list), the `bpe` and `char` components, vocab_size = "auto", and runs that carry their
 tokenizer so they generate, export and resume after the original file has moved."""
+
 import json
 import shutil
 
 import pytest
 import torch
+from tiny import tiny_recipe
 
 import lab.runs
 from lab.commands.cli import main
@@ -15,7 +17,6 @@ from lab.recipe import load_recipe
 from lab_memmap.embedded import CORPUS
 from lab_tokenizers.bpe import BPEConfig, BPETokenizer
 from lab_tokenizers.char import CharConfig, CharTokenizer
-from tiny import tiny_recipe
 
 tokenizers = pytest.importorskip("tokenizers")
 TEXT = CORPUS.read_text()[:200_000]  # enough for a 512-token vocabulary, quick to train on
@@ -43,7 +44,10 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(corpus):
     """A 512-token BPE trained on the corpus: its tokenizer.json."""
-    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "512", "--out", str(corpus.parent / "bpe")]) == 0
+    assert (
+        main(["tokenizer", "train", str(corpus), "--vocab-size", "512", "--out", str(corpus.parent / "bpe")])
+        == 0
+    )
     return corpus.parent / "bpe" / "tokenizer.json"
 
 
@@ -61,14 +65,23 @@ def test_trained_bpe_loads_in_tokenizers_and_transformers_with_the_same_ids(trai
 
 def test_training_is_deterministic_and_reads_folders_and_jsonl(tmp_path, corpus, trained, capsys):
     again = run_lab(capsys, "tokenizer", "train", corpus, "--vocab-size", 512, "--out", tmp_path / "again")
-    assert again[0] == 0 and "name = \"bpe\"" in again[2]
+    assert again[0] == 0 and 'name = "bpe"' in again[2]
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == trained.read_bytes()
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("to be or not to be\n" * 50)
     (tmp_path / "more.jsonl").write_text(json.dumps({"text": "that is the question\n" * 50}) + "\n")
-    status, _, _ = run_lab(capsys, "tokenizer", "train", tmp_path / "docs", tmp_path / "more.jsonl",
-                           "--vocab-size", 300, "--out", tmp_path / "mixed")
+    status, _, _ = run_lab(
+        capsys,
+        "tokenizer",
+        "train",
+        tmp_path / "docs",
+        tmp_path / "more.jsonl",
+        "--vocab-size",
+        300,
+        "--out",
+        tmp_path / "mixed",
+    )
     tok = BPETokenizer(BPEConfig(path=str(tmp_path / "mixed")))  # a folder holding tokenizer.json will do
     assert status == 0 and len(tok.encode(" question")) == 1 and len(tok.encode(" not")) == 1
 
@@ -80,9 +93,11 @@ def test_char_vocabulary_is_the_characters_of_the_text(tmp_path, corpus, capsys)
     assert tok.decode(tok.encode("First Citizen:\n")) == "First Citizen:\n"
 
 
-def bpe_recipe(tmp_path, path, vocab="vocab_size = \"auto\"\nvocab_multiple = 64\n", out="run", data="data"):
+def bpe_recipe(tmp_path, path, vocab='vocab_size = "auto"\nvocab_multiple = 64\n', out="run", data="data"):
     """The tiny training recipe with the bpe tokenizer at `path`, 2 steps, writing into tmp_path/run."""
-    text = tiny_recipe("t", """
+    text = tiny_recipe(
+        "t",
+        """
 [schedule]
 name = "cosine"
 warmup_steps = 2
@@ -99,7 +114,10 @@ out_dir = "{out}"
 prompt = "ROMEO:"
 num_samples = 1
 max_new_tokens = 8
-""", data=str(tmp_path / data), model_extra=vocab).replace('name = "gpt2"', f'name = "bpe"\npath = "{path}"')
+""",
+        data=str(tmp_path / data),
+        model_extra=vocab,
+    ).replace('name = "gpt2"', f'name = "bpe"\npath = "{path}"')
     file = tmp_path / "recipe.toml"
     file.write_text(text.replace("{out}", str(tmp_path / out)).replace("{steps}", "2"))
     return file
@@ -159,7 +177,10 @@ def test_resume_refuses_a_changed_tokenizer_file(tmp_path, trained, corpus, caps
     recipe = bpe_recipe(tmp_path, mine)
     assert run_lab(capsys, "prepare", corpus, "--out", tmp_path / "data", "--recipe", recipe)[0] == 0
     assert run_lab(capsys, "run", recipe)[0] == 0
-    assert run_lab(capsys, "tokenizer", "train", corpus, "--vocab-size", 400, "--out", tmp_path / "other")[0] == 0
+    assert (
+        run_lab(capsys, "tokenizer", "train", corpus, "--vocab-size", 400, "--out", tmp_path / "other")[0]
+        == 0
+    )
     shutil.copy(tmp_path / "other" / "tokenizer.json", mine)
     recipe.write_text(recipe.read_text().replace("max_steps = 2", "max_steps = 4"))
     status, _, err = run_lab(capsys, "run", recipe)
@@ -170,8 +191,11 @@ def test_char_recipe_prepares_trains_and_generates(tmp_path, corpus, capsys, mon
     monkeypatch.chdir(tmp_path)
     assert run_lab(capsys, "tokenizer", "train", corpus, "--char", "--out", tmp_path / "chars")[0] == 0
     recipe = bpe_recipe(tmp_path, "", vocab='vocab_size = "auto"\n')
-    recipe.write_text(recipe.read_text().replace(
-        'name = "bpe"\npath = ""', f'name = "char"\nvocab = "{tmp_path / "chars" / "vocab.json"}"'))
+    recipe.write_text(
+        recipe.read_text().replace(
+            'name = "bpe"\npath = ""', f'name = "char"\nvocab = "{tmp_path / "chars" / "vocab.json"}"'
+        )
+    )
     assert load_recipe(recipe).model.vocab_size == len(set(TEXT))
     assert run_lab(capsys, "prepare", corpus, "--out", tmp_path / "data", "--recipe", recipe)[0] == 0
     assert run_lab(capsys, "run", recipe)[0] == 0
@@ -181,8 +205,11 @@ def test_char_recipe_prepares_trains_and_generates(tmp_path, corpus, capsys, mon
 
 # Bad input: one message naming the file and the fix, exit status 2, no traceback ------------------
 
+
 def test_vocab_size_below_the_byte_alphabet_is_refused(tmp_path, corpus, capsys):
-    status, _, err = run_lab(capsys, "tokenizer", "train", corpus, "--vocab-size", 200, "--out", tmp_path / "t")
+    status, _, err = run_lab(
+        capsys, "tokenizer", "train", corpus, "--vocab-size", 200, "--out", tmp_path / "t"
+    )
     assert_one_line_error(status, err, "--vocab-size 200 is smaller than the 257 tokens", "give at least 257")
     assert not (tmp_path / "t").exists()
 
@@ -190,13 +217,17 @@ def test_vocab_size_below_the_byte_alphabet_is_refused(tmp_path, corpus, capsys)
 @pytest.mark.parametrize("flag", [["--vocab-size", "300"], ["--char"]])
 def test_empty_corpus_is_refused(tmp_path, capsys, flag):
     (tmp_path / "empty.txt").write_text("")
-    status, _, err = run_lab(capsys, "tokenizer", "train", tmp_path / "empty.txt", *flag, "--out", tmp_path / "t")
+    status, _, err = run_lab(
+        capsys, "tokenizer", "train", tmp_path / "empty.txt", *flag, "--out", tmp_path / "t"
+    )
     assert_one_line_error(status, err, f"no text in {tmp_path / 'empty.txt'}")
     assert not list((tmp_path / "t").glob("*.json"))
 
 
 def test_training_never_overwrites_a_tokenizer(tmp_path, corpus, trained, capsys):
-    status, _, err = run_lab(capsys, "tokenizer", "train", corpus, "--vocab-size", 300, "--out", trained.parent)
+    status, _, err = run_lab(
+        capsys, "tokenizer", "train", corpus, "--vocab-size", 300, "--out", trained.parent
+    )
     assert_one_line_error(status, err, f"{trained} exists; choose another --out")
 
 
@@ -204,27 +235,40 @@ def test_tokenizer_json_that_does_not_parse_is_refused(tmp_path, corpus, capsys)
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
     recipe = bpe_recipe(tmp_path, tmp_path / "tokenizer.json")
     status, _, err = run_lab(capsys, "prepare", corpus, "--out", tmp_path / "data", "--recipe", recipe)
-    assert_one_line_error(status, err, f"{tmp_path / 'tokenizer.json'} is not a tokenizer.json",
-                          "lab tokenizer train")
+    assert_one_line_error(
+        status, err, f"{tmp_path / 'tokenizer.json'} is not a tokenizer.json", "lab tokenizer train"
+    )
 
 
 def test_recipe_naming_a_missing_tokenizer_file_is_refused(tmp_path, capsys):
     recipe = bpe_recipe(tmp_path, tmp_path / "nowhere" / "tokenizer.json")
     status, _, err = run_lab(capsys, "recipe", recipe)
-    assert_one_line_error(status, err, f"path = '{tmp_path / 'nowhere' / 'tokenizer.json'}': no such file",
-                          "lab tokenizer train")
+    assert_one_line_error(
+        status,
+        err,
+        f"path = '{tmp_path / 'nowhere' / 'tokenizer.json'}': no such file",
+        "lab tokenizer train",
+    )
 
 
 def test_data_prepared_with_another_tokenizer_is_refused(tmp_path, corpus, trained, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run_lab(capsys, "tokenizer", "train", corpus, "--vocab-size", 400,
-                   "--out", tmp_path / "other")[0] == 0
+    assert (
+        run_lab(capsys, "tokenizer", "train", corpus, "--vocab-size", 400, "--out", tmp_path / "other")[0]
+        == 0
+    )
     recipe = bpe_recipe(tmp_path, tmp_path / "other" / "tokenizer.json")
     assert run_lab(capsys, "prepare", corpus, "--out", tmp_path / "data", "--recipe", recipe)[0] == 0
     recipe.write_text(recipe.read_text().replace(str(tmp_path / "other"), str(trained.parent)))
     status, _, err = run_lab(capsys, "run", recipe)
-    assert_one_line_error(status, err, "made by another tokenizer", str(tmp_path / "other" / "tokenizer.json"),
-                          str(trained), "--recipe RECIPE")
+    assert_one_line_error(
+        status,
+        err,
+        "made by another tokenizer",
+        str(tmp_path / "other" / "tokenizer.json"),
+        str(trained),
+        "--recipe RECIPE",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -232,11 +276,21 @@ def test_char_tokenizer_meeting_an_unseen_character_is_refused(tmp_path, corpus,
     assert run_lab(capsys, "tokenizer", "train", corpus, "--char", "--out", tmp_path / "chars")[0] == 0
     (tmp_path / "new.txt").write_text("Hello, wörld\n")
     recipe = bpe_recipe(tmp_path, "", vocab='vocab_size = "auto"\n')
-    recipe.write_text(recipe.read_text().replace(
-        'name = "bpe"\npath = ""', f'name = "char"\nvocab = "{tmp_path / "chars" / "vocab.json"}"'))
-    status, _, err = run_lab(capsys, "prepare", tmp_path / "new.txt", "--out", tmp_path / "data", "--recipe", recipe)
-    assert_one_line_error(status, err, "'ö' (U+00F6) is not in the char vocabulary",
-                          str(tmp_path / "chars" / "vocab.json"), "lab tokenizer train YOUR_TEXT --char")
+    recipe.write_text(
+        recipe.read_text().replace(
+            'name = "bpe"\npath = ""', f'name = "char"\nvocab = "{tmp_path / "chars" / "vocab.json"}"'
+        )
+    )
+    status, _, err = run_lab(
+        capsys, "prepare", tmp_path / "new.txt", "--out", tmp_path / "data", "--recipe", recipe
+    )
+    assert_one_line_error(
+        status,
+        err,
+        "'ö' (U+00F6) is not in the char vocabulary",
+        str(tmp_path / "chars" / "vocab.json"),
+        "lab tokenizer train YOUR_TEXT --char",
+    )
 
 
 def test_a_tokenizer_with_settings_needs_a_recipe(tmp_path, corpus, capsys):
@@ -267,6 +321,8 @@ def test_data_source_refuses_tokens_of_another_vocabulary_directly(tmp_path, cor
     train_bpe([corpus], other_dir, 400, progress=False)
     prepare([corpus], tmp_path / "data", BPETokenizer(BPEConfig(path=str(other_dir))), progress=False)
     memmap = registry().get("data", "memmap")
-    context = DataContext(block_size=8, vocab_size=512, tokenizer=BPETokenizer(BPEConfig(path=str(trained))), seed=0)
+    context = DataContext(
+        block_size=8, vocab_size=512, tokenizer=BPETokenizer(BPEConfig(path=str(trained))), seed=0
+    )
     with pytest.raises(LabError, match="made by another tokenizer"):
         memmap.factory(memmap.Config(path=str(tmp_path / "data")), context)

@@ -1,23 +1,26 @@
 """`lab run`: a tiny recipe trains, leaves a run folder a user can read, and every mistake a user can
 make stops with one message and exit status 2, losing nothing."""
+
 import json
 import math
 
 import pytest
 import torch
+from tiny import counting_tokens, tiny_recipe
 
 import lab.model
 import lab.runs
-from lab.runs import checkpoint
 from lab.commands.cli import main
 from lab.engine.peak import device_peak
 from lab.recipe import load_recipe
+from lab.runs import checkpoint
 from lab.runs.metrics import read_metrics
-from tiny import counting_tokens, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = tiny_recipe("tiny", """
+TINY = tiny_recipe(
+    "tiny",
+    """
 [schedule]
 name = "cosine"
 warmup_steps = 2
@@ -36,7 +39,8 @@ device = "cpu"     # the same numbers on every machine
 [generate]
 num_samples = 2
 max_new_tokens = 6
-""")
+""",
+)
 
 
 def tiny_recipe(tmp_path, out="run") -> str:
@@ -58,8 +62,22 @@ def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
-    assert all(set(r) == {"step", "loss", "lr", "lr.decay", "lr.no_decay", "grad_norm", "tokens_per_s", "mfu",
-                          "tokens", "elapsed"} for r in steps)
+    assert all(
+        set(r)
+        == {
+            "step",
+            "loss",
+            "lr",
+            "lr.decay",
+            "lr.no_decay",
+            "grad_norm",
+            "tokens_per_s",
+            "mfu",
+            "tokens",
+            "elapsed",
+        }
+        for r in steps
+    )
     assert all(set(r) == {"step", "val_loss", "val_bpb", "tokens", "elapsed"} for r in evals)
     assert [r["tokens"] for r in steps] == [4 * 32 * k for k in range(1, 9)]
     seconds = [r["elapsed"] for r in records]
@@ -69,8 +87,10 @@ def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2
     # bits per byte: the val loss in bits times the val tokens over the UTF-8 bytes they decode to
     tokens, num_bytes = val_tokens_and_bytes(recipe, batches=2, rows=4)
-    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * tokens / num_bytes, rel=1e-12)
-               for r in evals)
+    assert all(
+        r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * tokens / num_bytes, rel=1e-12)
+        for r in evals
+    )
 
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_recipe(run / "recipe.toml").to_dict() == load_recipe(recipe).to_dict()
@@ -94,8 +114,9 @@ def val_tokens_and_bytes(recipe_path: str, batches: int, rows: int) -> tuple[int
 
     recipe = load_recipe(recipe_path)
     tokenizer = recipe.parts["tokenizer"].build()
-    data = recipe.parts["data"].build(DataContext(recipe.model.block_size, recipe.model.vocab_size, tokenizer,
-                                                  recipe.train.seed))
+    data = recipe.parts["data"].build(
+        DataContext(recipe.model.block_size, recipe.model.vocab_size, tokenizer, recipe.train.seed)
+    )
     targets = [data.batch("val", step, range(rows))[1] for step in range(batches)]
     rows_text = [tokenizer.decode(row.tolist()) for y in targets for row in y]
     return sum(y.numel() for y in targets), sum(len(text.encode("utf-8")) for text in rows_text)
@@ -114,10 +135,26 @@ def test_grad_accum_gives_the_step_of_one_bigger_batch(tmp_path):
     recipe = tiny_recipe(tmp_path)
     common = ["--set", "train.max_steps=2", "--set", "train.checkpoint_interval=100"]
     assert main(["run", recipe, *common, "--set", f"train.out_dir={tmp_path / 'big'}"]) == 0
-    assert main(["run", recipe, *common, "--set", "train.batch_size=2", "--set", "train.grad_accum=2",
-                 "--set", f"train.out_dir={tmp_path / 'accum'}"]) == 0
-    big, accum = ([r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
-                  for name in ("big", "accum"))
+    assert (
+        main(
+            [
+                "run",
+                recipe,
+                *common,
+                "--set",
+                "train.batch_size=2",
+                "--set",
+                "train.grad_accum=2",
+                "--set",
+                f"train.out_dir={tmp_path / 'accum'}",
+            ]
+        )
+        == 0
+    )
+    big, accum = (
+        [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        for name in ("big", "accum")
+    )
     assert [r["step"] for r in big] == [r["step"] for r in accum] == [1, 2]
     for a, b in zip(big, accum):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -242,12 +279,15 @@ def test_cuda_device_without_a_gpu(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- MFU
 
 
-@pytest.mark.parametrize("name, dtype, peak", [
-    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
-    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
-    ("NVIDIA A100-SXM4-40GB", torch.float32, 19.5e12),
-    ("NVIDIA L4", torch.bfloat16, 121e12),
-])
+@pytest.mark.parametrize(
+    "name, dtype, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+        ("NVIDIA A100-SXM4-40GB", torch.float32, 19.5e12),
+        ("NVIDIA L4", torch.bfloat16, 121e12),
+    ],
+)
 def test_mfu_uses_the_datasheet_peak_of_known_gpus(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     found = device_peak(torch.device("cuda"), dtype)
@@ -268,6 +308,7 @@ def test_mfu_peak_on_a_busy_machine_is_the_best_timed_here(monkeypatch, tmp_path
     """A matmul timed while other work runs is slow, which would inflate MFU: the best rate seen on
     this machine is kept in the cache folder and used while it is higher."""
     from lab.engine import peak as metrics
+
     monkeypatch.setenv("LAB_CACHE", str(tmp_path))
     monkeypatch.setattr(metrics, "timed_matmul", lambda device, dtype: (50e9, 1024))
     quiet = device_peak(torch.device("cpu"), torch.float32)

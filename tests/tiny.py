@@ -1,4 +1,5 @@
 """The tiny GPT-2 recipe the training tests run: 2 layers, 32 wide, on token files they write."""
+
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,17 @@ def counting_tokens(data: Path) -> Path:
 def tiny_recipe(name: str, rest: str, data: str = "{data}", model_extra: str = "") -> str:
     """Model shape, components, data and optimizer; `rest` adds [schedule], [train], [generate].
     Placeholders like {data} and {out} are left for the caller's .format()."""
-    return f'name = "{name}"\n' + """
+    return (
+        f'name = "{name}"\n'
+        + """
 [model]
 block_size = 32
 n_layer = 2
 n_head = 2
 n_embd = 32
-""" + model_extra + """
+"""
+        + model_extra
+        + """
 [model.attention]
 name = "sdpa"
 [model.mlp]
@@ -36,9 +41,13 @@ name = "gpt2"
 
 [data]
 name = "memmap"
-path = \"""" + data + """\"
+path = \""""
+        + data
+        + """\"
 
 [optimizer]
 name = "adamw"
 lr = 3e-3
-""" + rest
+"""
+        + rest
+    )

@@ -1,6 +1,7 @@
 """The `lab` command. Each subcommand's work lives in its own module; this file only parses.
 
 A LabError (something the user can fix) prints one message and exits with status 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,14 @@ from lab.errors import LabError, SaidByRank0
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable); the value is read as TOML")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (repeatable); the value is read as TOML",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _lazy("lab.commands.run", "cli_run")(a))
 
     p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin / meta.json")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders of .txt, or .jsonl with a 'text' field")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text files, folders of .txt, or .jsonl with a 'text' field",
+    )
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--tokenizer", default=None, metavar="NAME",
-                   help="a registered tokenizer (`lab plugins` lists them); default: the only one that needs no settings")
-    p.add_argument("--recipe", default=None, metavar="RECIPE",
-                   help="use this recipe's [tokenizer] with its settings (e.g. a trained tokenizer.json)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="NAME",
+        help="a registered tokenizer (`lab plugins` lists them); default: the only one that needs no settings",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="RECIPE",
+        help="use this recipe's [tokenizer] with its settings (e.g. a trained tokenizer.json)",
+    )
     _add_set(p)
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of documents held out (default 0.1)")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizing processes (default: one per core on large inputs)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of documents held out (default 0.1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tokenizing processes (default: one per core on large inputs)",
+    )
     p.set_defaults(func=lambda a: _lazy("lab.commands.prepare", "cli_prepare")(a))
 
     p = sub.add_parser("generate", help="sample text from a trained run folder")

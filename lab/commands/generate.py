@@ -1,4 +1,5 @@
 """`lab generate RUN`: sample from a trained run, with the flags over the run's [generate] table."""
+
 from __future__ import annotations
 
 import sys
@@ -39,20 +40,32 @@ def cli_generate(args) -> int:
     if not args.no_cache:
         check_fits(model, len(ids), s.max_new_tokens)  # before any work, not after the first sample
     generator = torch.Generator(device=device).manual_seed(s.seed)
-    print(f"{ckpt} on {device}: {s.num_samples} sample(s) of up to {s.max_new_tokens} tokens, "
-          f"prompt {len(ids)} tokens", file=sys.stderr)
+    print(
+        f"{ckpt} on {device}: {s.num_samples} sample(s) of up to {s.max_new_tokens} tokens, "
+        f"prompt {len(ids)} tokens",
+        file=sys.stderr,
+    )
     if not args.no_cache:  # each step then reads every weight for a few rows: lay them out for that
         copied = sum(c == "copy" for c in lay_out_for_decoding(model, rows=s.num_samples).values())
         if copied:
-            print(f"decoding reads {copied} weight(s) from a transposed copy, faster on this machine",
-                  file=sys.stderr)
+            print(
+                f"decoding reads {copied} weight(s) from a transposed copy, faster on this machine",
+                file=sys.stderr,
+            )
 
     # The samples are rows of one batch: on CPU the step is bound by reading the weights (the LM
     # head above all), which the rows share, so N samples cost little more than one.
     idx = torch.tensor([ids] * s.num_samples, device=device)
     started = time.perf_counter()
-    rows = draw(model, tokenizer, idx, s, generator, use_cache=not args.no_cache,
-                eos_id=None if args.ignore_eos else tokenizer.eot_id)
+    rows = draw(
+        model,
+        tokenizer,
+        idx,
+        s,
+        generator,
+        use_cache=not args.no_cache,
+        eos_id=None if args.ignore_eos else tokenizer.eot_id,
+    )
     seconds = time.perf_counter() - started
     made = sum(map(len, rows))
     print(f"{made} new tokens in {seconds:.2f} s ({made / seconds:.1f} tokens/s)", file=sys.stderr)
@@ -72,8 +85,17 @@ def draw(model, tokenizer, idx, s: Settings, generator, use_cache: bool, eos_id)
     rows: list[list[int]] = [[] for _ in range(n)]
     ended = [False] * n
     shown = ""
-    for token in stream(model, idx, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                        top_p=s.top_p, use_cache=use_cache, eos_id=eos_id, generator=generator):
+    for token in stream(
+        model,
+        idx,
+        s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        use_cache=use_cache,
+        eos_id=eos_id,
+        generator=generator,
+    ):
         for r, t in enumerate(token[:, 0].tolist()):
             ended[r] = ended[r] or t == eos_id
             if not ended[r]:
@@ -83,7 +105,7 @@ def draw(model, tokenizer, idx, s: Settings, generator, use_cache: bool, eos_id)
     for r, row in enumerate(rows):
         text = tokenizer.decode(row)
         if live and r == 0:
-            print(text[len(shown):], flush=True)
+            print(text[len(shown) :], flush=True)
         else:
             print(f"--- sample {r + 1}/{n} ---\n{s.prompt}{text}", flush=True)
     return rows
@@ -94,7 +116,7 @@ def _show_more(text: str, shown: str) -> str:
     which decodes to U+FFFD until the next token completes it, so wait for it."""
     if text.endswith("\ufffd"):
         return shown
-    sys.stdout.write(text[len(shown):])
+    sys.stdout.write(text[len(shown) :])
     sys.stdout.flush()
     return text
 
@@ -108,8 +130,10 @@ def settings(args, defaults) -> Settings:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise LabError(f"--prompt-file {args.prompt_file} is not UTF-8 text (bad byte at offset {e.start}); "
-                           "give a text file") from None
+            raise LabError(
+                f"--prompt-file {args.prompt_file} is not UTF-8 text (bad byte at offset {e.start}); "
+                "give a text file"
+            ) from None
         except OSError as e:
             raise LabError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
 
@@ -139,17 +163,23 @@ def prompt_ids(tokenizer, prompt: str, vocab_size: int) -> list[int]:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
-        raise LabError("the prompt is not valid UTF-8 text; give it as UTF-8 (or use --prompt-file)") from None
+        raise LabError(
+            "the prompt is not valid UTF-8 text; give it as UTF-8 (or use --prompt-file)"
+        ) from None
     ids = tokenizer.encode(prompt)
     if not ids:
         # Nothing to continue: start where a new document starts, as GPT-2's unconditional samples do.
         if tokenizer.eot_id is None:
-            raise LabError("the prompt is empty and the tokenizer has no end-of-text token to start "
-                           "from; give --prompt TEXT")
+            raise LabError(
+                "the prompt is empty and the tokenizer has no end-of-text token to start "
+                "from; give --prompt TEXT"
+            )
         ids = [tokenizer.eot_id]
     if max(ids) >= vocab_size:
-        raise LabError(f"the prompt has token id {max(ids)}, but the model's vocabulary has {vocab_size} "
-                       "tokens: the run's tokenizer and model.vocab_size do not match")
+        raise LabError(
+            f"the prompt has token id {max(ids)}, but the model's vocabulary has {vocab_size} "
+            "tokens: the run's tokenizer and model.vocab_size do not match"
+        )
     return ids
 
 

@@ -1,4 +1,5 @@
 """`lab prepare`: text in, token files out (lab/data/prepare.py does the work)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +14,17 @@ def cli_prepare(args) -> int:
     try:
         meta = prepare(args.inputs, args.out, tokenizer, args.val_fraction, args.workers)
     except OSError as e:  # the half-written files are gone already (Output.discard)
-        raise cannot_write(e.filename or args.out, e, fix="Free some space, or give --out a folder on "
-                           "another disk") from None
-    print(f"wrote {args.out}: " + ", ".join(
-        f"{split}.bin {meta[f'{split}_tokens']:,} tokens ({_count(meta[f'{split}_documents'], 'document')})"
-        for split in SPLITS) + f"; {meta['dtype']}, tokenizer {meta['tokenizer']}")
+        raise cannot_write(
+            e.filename or args.out, e, fix="Free some space, or give --out a folder on another disk"
+        ) from None
+    print(
+        f"wrote {args.out}: "
+        + ", ".join(
+            f"{split}.bin {meta[f'{split}_tokens']:,} tokens ({_count(meta[f'{split}_documents'], 'document')})"
+            for split in SPLITS
+        )
+        + f"; {meta['dtype']}, tokenizer {meta['tokenizer']}"
+    )
     return 0
 
 

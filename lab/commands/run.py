@@ -1,5 +1,6 @@
 """`lab run RECIPE`: read the recipe (with the run folder's kept tokenizer files) and train it
 (lab/engine/trainer.py), alone or as one process of torchrun."""
+
 from __future__ import annotations
 
 import shlex
@@ -7,11 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from lab.runs import tokenizer_files
 from lab.engine import distributed
 from lab.engine.trainer import train
 from lab.errors import LabError
 from lab.recipe import Recipe, apply_overrides, read_toml, resolve
+from lab.runs import tokenizer_files
 
 
 def cli_run(args) -> int:
@@ -38,5 +39,3 @@ def read_recipe(path: str, overrides) -> Recipe:
     run_dir = train.get("out_dir") or f"runs/{raw.get('name') or Path(path).stem}"  # as run_folder() has it
     tokenizer_files.use_kept(raw, run_dir, source=path)
     return resolve(raw, path)
-
-

@@ -1,6 +1,7 @@
 """What evaluation reads: text to score (text files, .jsonl documents, prepared data folders) and
 multiple-choice tasks (.jsonl, HellaSwag's format or a generic one). Every mistake in a file is one
 LabError naming the file, the line and the fix."""
+
 from __future__ import annotations
 
 import codecs
@@ -11,13 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.errors import LabError
 from lab.data.text import decode, jsonl_documents
+from lab.errors import LabError
 
-TEXT_HELP = "give text files (.txt or any UTF-8 text), .jsonl files with a \"text\" field per line, or a " \
-            "data folder made by `lab prepare`"
-TASK_HELP = ("each line of a task file is a JSON object: {\"context\": \"...\", \"choices\": [\"...\", ...], "
-             "\"label\": N} or HellaSwag's {\"ctx\": \"...\", \"endings\": [...], \"label\": N}")
+TEXT_HELP = (
+    'give text files (.txt or any UTF-8 text), .jsonl files with a "text" field per line, or a '
+    "data folder made by `lab prepare`"
+)
+TASK_HELP = (
+    'each line of a task file is a JSON object: {"context": "...", "choices": ["...", ...], '
+    '"label": N} or HellaSwag\'s {"ctx": "...", "endings": [...], "label": N}'
+)
 
 
 def read_token_sequences(path, tokenizer) -> list[list[int]]:
@@ -48,17 +53,22 @@ def prepared_val_tokens(folder: Path, tokenizer) -> list[int]:
     """val.bin of a folder `lab prepare` made, checked against its meta.json."""
     val, meta_path = folder / "val.bin", folder / "meta.json"
     if not val.is_file() or not meta_path.is_file():
-        raise LabError(f"{folder} is a folder without val.bin and meta.json, not a data folder made by "
-                       f"`lab prepare`; {TEXT_HELP}")
+        raise LabError(
+            f"{folder} is a folder without val.bin and meta.json, not a data folder made by "
+            f"`lab prepare`; {TEXT_HELP}"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         tokens_of, dtype = meta["tokenizer"], np.dtype(meta["dtype"])
     except (ValueError, KeyError, TypeError) as e:
-        raise LabError(f"{meta_path} is not a meta.json written by `lab prepare` ({e}); prepare the folder "
-                       "again") from None
+        raise LabError(
+            f"{meta_path} is not a meta.json written by `lab prepare` ({e}); prepare the folder again"
+        ) from None
     if tokens_of != tokenizer.name:
-        raise LabError(f"{folder} was tokenized with '{tokens_of}', but the run's tokenizer is "
-                       f"'{tokenizer.name}'; prepare it again with --tokenizer {tokenizer.name}")
+        raise LabError(
+            f"{folder} was tokenized with '{tokens_of}', but the run's tokenizer is "
+            f"'{tokenizer.name}'; prepare it again with --tokenizer {tokenizer.name}"
+        )
     return np.fromfile(val, dtype=dtype).astype(np.int64).tolist()
 
 
@@ -92,17 +102,23 @@ def parse_item(line: str, where: str) -> Item:
     elif "choices" in record:
         context, choices = record.get("context"), record["choices"]
     else:
-        raise LabError(f"{where} has neither \"choices\" nor \"endings\"; {TASK_HELP}")
+        raise LabError(f'{where} has neither "choices" nor "endings"; {TASK_HELP}')
     if not isinstance(context, str):
         raise LabError(f"{where}: the context must be a string; {TASK_HELP}")
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c for c in choices)
+    ):
         raise LabError(f"{where}: the choices must be a list of at least two non-empty strings; {TASK_HELP}")
     label = record.get("label")
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)  # Hugging Face's copy of HellaSwag writes labels as strings
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-        raise LabError(f"{where}: label {label!r} is not the index of one of its {len(choices)} choices "
-                       f"(0 to {len(choices) - 1})")
+        raise LabError(
+            f"{where}: label {label!r} is not the index of one of its {len(choices)} choices "
+            f"(0 to {len(choices) - 1})"
+        )
     return Item(context, choices, label)
 
 
@@ -113,7 +129,9 @@ def hellaswag_context(record: dict, where: str) -> str:
     elif isinstance(record.get("ctx"), str):
         ctx = record["ctx"]
     else:
-        raise LabError(f"{where}: a HellaSwag item needs a \"ctx\" string (or \"ctx_a\" and \"ctx_b\"); {TASK_HELP}")
+        raise LabError(
+            f'{where}: a HellaSwag item needs a "ctx" string (or "ctx_a" and "ctx_b"); {TASK_HELP}'
+        )
     label = record.get("activity_label")
     return hellaswag_clean(f"{label}: {ctx}" if isinstance(label, str) and label else ctx)
 

@@ -22,6 +22,7 @@ Large inputs are tokenized by several processes; the files are written under tem
 renamed into place at the end (meta.json last), so an interrupted run never leaves a half-written
 folder that looks finished.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,11 +39,20 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from lab.runs import tokenizer_files
+from lab.data.text import (
+    INPUT_HELP,
+    PIECE_BYTES,
+    Document,
+    Segment,
+    documents,
+    find_input_files,
+    line_cut,
+    read_text,
+)
 from lab.errors import LabError
 from lab.files import fsync, remove_stale_temporaries, temporary, usual_mode, write_text_atomically
-from lab.data.text import INPUT_HELP, PIECE_BYTES, Document, Segment, documents, find_input_files, line_cut, read_text
 from lab.interfaces import Tokenizer
+from lab.runs import tokenizer_files
 
 SPLITS = ("train", "val")
 PARALLEL_BYTES = 8 << 20  # inputs at least this big are tokenized by one process per core
@@ -55,24 +65,34 @@ def build_tokenizer(name: str | None, recipe: str | None = None, overrides=()) -
 
     if recipe is not None:
         if name is not None:
-            raise LabError("give --tokenizer NAME or --recipe RECIPE, not both: the recipe's [tokenizer] "
-                           "table names the tokenizer and its settings")
+            raise LabError(
+                "give --tokenizer NAME or --recipe RECIPE, not both: the recipe's [tokenizer] "
+                "table names the tokenizer and its settings"
+            )
         from lab.recipe import load_recipe
 
         return load_recipe(recipe, overrides).parts["tokenizer"].build()
     installed = registry().components["tokenizer"]
     if name is None:
-        plain = [n for n, c in installed.items() if not any(f.is_required() for f in c.Config.model_fields.values())]
+        plain = [
+            n
+            for n, c in installed.items()
+            if not any(f.is_required() for f in c.Config.model_fields.values())
+        ]
         if len(plain) != 1:
-            raise LabError(f"--tokenizer NAME is needed to choose among the installed tokenizers: "
-                           f"{', '.join(sorted(installed)) or 'none (pip install -e .)'}; a tokenizer with "
-                           "settings (a trained file) comes from a recipe: --recipe RECIPE")
+            raise LabError(
+                f"--tokenizer NAME is needed to choose among the installed tokenizers: "
+                f"{', '.join(sorted(installed)) or 'none (pip install -e .)'}; a tokenizer with "
+                "settings (a trained file) comes from a recipe: --recipe RECIPE"
+            )
         name = plain[0]
     component = registry().get("tokenizer", name, where="--tokenizer")
     needed = [key for key, f in component.Config.model_fields.items() if f.is_required()]
     if needed:
-        raise LabError(f"tokenizer '{name}' needs settings ({', '.join(needed)}): name it in a recipe's "
-                       f"[tokenizer] table and give --recipe RECIPE instead of --tokenizer {name}")
+        raise LabError(
+            f"tokenizer '{name}' needs settings ({', '.join(needed)}): name it in a recipe's "
+            f"[tokenizer] table and give --recipe RECIPE instead of --tokenizer {name}"
+        )
     return component.factory(component.Config())
 
 
@@ -81,17 +101,27 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def prepare(inputs: Iterable, out, tokenizer: Tokenizer, val_fraction: float = 0.1, workers: int = 0,
-            progress: bool = True) -> dict:
+def prepare(
+    inputs: Iterable,
+    out,
+    tokenizer: Tokenizer,
+    val_fraction: float = 0.1,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict:
     """Tokenize `inputs` into out/train.bin, out/val.bin and out/meta.json; returns the meta.
 
     workers: tokenizing processes; 0 picks one per core for large inputs and one otherwise."""
     inputs = [str(i) for i in inputs]
     if not 0 <= val_fraction < 1:
-        raise LabError(f"--val-fraction {val_fraction} is outside [0, 1): give the share of documents "
-                       "held out for validation, e.g. --val-fraction 0.1")
+        raise LabError(
+            f"--val-fraction {val_fraction} is outside [0, 1): give the share of documents "
+            "held out for validation, e.g. --val-fraction 0.1"
+        )
     if workers < 0:
-        raise LabError(f"--workers {workers} is negative: give a number of processes, or 0 to choose by input size")
+        raise LabError(
+            f"--workers {workers} is negative: give a number of processes, or 0 to choose by input size"
+        )
     files = find_input_files(inputs)
     out = make_folder(out)
     total_bytes = sum(f.stat().st_size for f in files)
@@ -102,7 +132,13 @@ def prepare(inputs: Iterable, out, tokenizer: Tokenizer, val_fraction: float = 0
     try:
         items = work_items(plan_segments(files, val_fraction))
         # disable=None: a bar on a terminal, nothing in a log file
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True)
+        bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="tokenizing",
+            disable=None if progress else True,
+        )
         with bar:
             for results, nbytes in tokenize_all(items, tokenizer, workers):
                 output.add(results)
@@ -126,11 +162,13 @@ def make_folder(out) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise LabError(f"--out {out} is a file, not a folder: give a folder for train.bin, val.bin and "
-                       "meta.json") from None
+        raise LabError(
+            f"--out {out} is a file, not a folder: give a folder for train.bin, val.bin and meta.json"
+        ) from None
     except PermissionError:
-        raise LabError(f"cannot create the --out folder {out}: permission denied; choose a folder you "
-                       "can write") from None
+        raise LabError(
+            f"cannot create the --out folder {out}: permission denied; choose a folder you can write"
+        ) from None
     remove_stale_temporaries(out)  # left by a lab prepare that was killed
     return out
 
@@ -147,8 +185,10 @@ def refuse_foreign_files(out: Path) -> None:
             return
     except (OSError, ValueError):
         pass
-    raise LabError(f"--out {out} holds {', '.join(ours)} that lab prepare did not write (no meta.json of "
-                   "its own beside them); it will not overwrite them. Give --out a new folder")
+    raise LabError(
+        f"--out {out} holds {', '.join(ours)} that lab prepare did not write (no meta.json of "
+        "its own beside them); it will not overwrite them. Give --out a new folder"
+    )
 
 
 def plan_segments(files: list[Path], val_fraction: float) -> Iterator[tuple[Segment, int]]:
@@ -215,8 +255,10 @@ def tokenize_item(item: tuple[list[Segment], int], tokenizer: Tokenizer):
     for segment in segments:
         ids = np.array(tokenizer.encode(segment.text), dtype=np.uint32)
         if len(ids) and ids.max() >= tokenizer.vocab_size:
-            raise LabError(f"tokenizer '{tokenizer.name}' produced id {ids.max()}, beyond its vocab_size "
-                           f"{tokenizer.vocab_size}; the tokenizer plugin is broken, report it to its package")
+            raise LabError(
+                f"tokenizer '{tokenizer.name}' produced id {ids.max()}, beyond its vocab_size "
+                f"{tokenizer.vocab_size}; the tokenizer plugin is broken, report it to its package"
+            )
         draw = None
         if segment.starts_document and segment.split is None:
             digest = hashlib.blake2b(segment.text.encode(), digest_size=8).digest()
@@ -314,7 +356,9 @@ class Output:
     def finish(self, meta: dict) -> None:
         self.train.finish()
         self.val.finish()
-        write_text_atomically(self.out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: its presence means the folder is whole
+        write_text_atomically(
+            self.out / "meta.json", json.dumps(meta, indent=2) + "\n"
+        )  # last: its presence means the folder is whole
         fsync(self.out)
 
     def discard(self) -> None:

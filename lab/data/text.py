@@ -5,6 +5,7 @@ A document is a .txt file (folders are searched for them recursively) or one lin
 "text" field). Big text files are read in pieces of about PIECE_BYTES, cut where tokenizing the pieces
 apart gives the same ids as tokenizing the whole.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -16,7 +17,9 @@ from typing import Iterator
 from lab.errors import LabError
 
 PIECE_BYTES = 1 << 20  # text handed to the tokenizer at once: big enough to amortise, small enough to stream
-INPUT_HELP = "lab prepare takes text files, folders of .txt files, and .jsonl files with a \"text\" field per line"
+INPUT_HELP = (
+    'lab prepare takes text files, folders of .txt files, and .jsonl files with a "text" field per line'
+)
 
 
 def find_input_files(inputs: list[str]) -> list[Path]:
@@ -26,7 +29,9 @@ def find_input_files(inputs: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
-                raise LabError(f"input folder {name} holds no .txt files (searched recursively). {INPUT_HELP}")
+                raise LabError(
+                    f"input folder {name} holds no .txt files (searched recursively). {INPUT_HELP}"
+                )
             files += found
         elif path.is_file():
             files.append(path)
@@ -77,11 +82,15 @@ def jsonl_text(line: bytes, path, number: int) -> str:
     try:
         record = json.loads(line)
     except ValueError as e:
-        raise LabError(f"{path} line {number} is not valid JSON ({e}); each line of a .jsonl "
-                       "file must be one JSON object with a \"text\" field") from None
+        raise LabError(
+            f"{path} line {number} is not valid JSON ({e}); each line of a .jsonl "
+            'file must be one JSON object with a "text" field'
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise LabError(f"{path} line {number} has no \"text\" string; each line of a .jsonl "
-                       "file must be a JSON object like {\"text\": \"...\"}")
+        raise LabError(
+            f'{path} line {number} has no "text" string; each line of a .jsonl '
+            'file must be a JSON object like {"text": "..."}'
+        )
     return record["text"]
 
 
@@ -138,5 +147,7 @@ def decode(decoder, data: bytes, path: Path, offset: int, final: bool = False) -
     try:
         return decoder.decode(data, final=final)
     except UnicodeDecodeError as e:
-        raise LabError(f"{path} is not UTF-8 text (bad byte near offset {offset + e.start}); convert it, "
-                       f"e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt") from None
+        raise LabError(
+            f"{path} is not UTF-8 text (bad byte near offset {offset + e.start}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt"
+        ) from None

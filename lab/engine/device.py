@@ -1,4 +1,5 @@
 """Turning a device setting ("auto", "cpu", "cuda", "cuda:1", "mps") into a torch.device."""
+
 import torch
 
 from lab.errors import LabError
@@ -18,8 +19,10 @@ def pick_device(name: str, where: str, fix: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LabError(f"{where}, but torch sees no CUDA GPU here; {fix}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise LabError(f"{where}, but this machine has {torch.cuda.device_count()} GPU(s); "
-                       f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise LabError(
+            f"{where}, but this machine has {torch.cuda.device_count()} GPU(s); "
+            f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise LabError(f"{where}, but MPS is not available here; {fix}")
     if device.type not in ("cpu", "cuda", "mps"):

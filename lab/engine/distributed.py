@@ -14,6 +14,7 @@ need not see it.
 Without torchrun's variables there is one process: no process group, no wrapper, and every helper
 here hands its input straight back.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,12 @@ class Layout:
 def layout() -> Layout:
     """From the variables torchrun sets; none set: the one process of a plain `lab run`."""
     env = os.environ
-    return Layout(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                  int(env.get("LOCAL_WORLD_SIZE", 1)))
+    return Layout(
+        int(env.get("RANK", 0)),
+        int(env.get("LOCAL_RANK", 0)),
+        int(env.get("WORLD_SIZE", 1)),
+        int(env.get("LOCAL_WORLD_SIZE", 1)),
+    )
 
 
 def process_device(device: torch.device, layout: Layout, where: str) -> torch.device:
@@ -57,17 +62,23 @@ def process_device(device: torch.device, layout: Layout, where: str) -> torch.de
         return device
     if device.type == "cuda":
         if device.index is not None:  # every process would train on that one GPU
-            raise LabError(f"{where}: under torchrun each process takes GPU LOCAL_RANK of its node; set "
-                           "train.device = \"cuda\" (or \"auto\") and choose the GPUs with CUDA_VISIBLE_DEVICES")
+            raise LabError(
+                f"{where}: under torchrun each process takes GPU LOCAL_RANK of its node; set "
+                'train.device = "cuda" (or "auto") and choose the GPUs with CUDA_VISIBLE_DEVICES'
+            )
         # Checked against the node's process count, not this process's rank: all of them say so, rank 0 too.
         if max(layout.local_world_size, layout.local_rank + 1) > torch.cuda.device_count():
-            raise LabError(f"torchrun started {layout.local_world_size} processes on this node, one per GPU, but "
-                           f"it has {torch.cuda.device_count()} GPU(s); set --nproc_per_node to at most "
-                           f"{torch.cuda.device_count()}")
+            raise LabError(
+                f"torchrun started {layout.local_world_size} processes on this node, one per GPU, but "
+                f"it has {torch.cuda.device_count()} GPU(s); set --nproc_per_node to at most "
+                f"{torch.cuda.device_count()}"
+            )
         return torch.device("cuda", layout.local_rank)
     if device.type != "cpu":
-        raise LabError(f"{where}: several processes train on CUDA GPUs (NCCL) or on the CPU (gloo), "
-                       f"not on {device.type}; set train.device = \"cuda\" or \"cpu\"")
+        raise LabError(
+            f"{where}: several processes train on CUDA GPUs (NCCL) or on the CPU (gloo), "
+            f'not on {device.type}; set train.device = "cuda" or "cpu"'
+        )
     return device
 
 
@@ -76,9 +87,11 @@ def backend_for(device: torch.device) -> str:
     backend = "nccl" if device.type == "cuda" else "gloo"
     has = dist.is_nccl_available if backend == "nccl" else dist.is_gloo_available
     if not (dist.is_available() and has()):
-        raise LabError(f"training on {device.type} with several processes needs torch.distributed's {backend} "
-                       f"backend, which this build of torch ({torch.__version__}) lacks; install a torch build "
-                       f"that has it (the Linux builds do), or train in one process with plain `lab run`")
+        raise LabError(
+            f"training on {device.type} with several processes needs torch.distributed's {backend} "
+            f"backend, which this build of torch ({torch.__version__}) lacks; install a torch build "
+            f"that has it (the Linux builds do), or train in one process with plain `lab run`"
+        )
     return backend
 
 
@@ -94,8 +107,10 @@ def process_group(layout: Layout, device: torch.device):
     try:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     except ValueError as e:  # RANK and WORLD_SIZE set by hand, without torchrun's MASTER_ADDR / MASTER_PORT
-        raise LabError(f"cannot join the other processes ({e}); start a run on several processes with "
-                       "torchrun --nproc_per_node=N -m lab run RECIPE") from None
+        raise LabError(
+            f"cannot join the other processes ({e}); start a run on several processes with "
+            "torchrun --nproc_per_node=N -m lab run RECIPE"
+        ) from None
     try:
         yield
     finally:
@@ -120,8 +135,10 @@ def shard(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modu
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch 2.5 had FSDP2 under a private name only
-        raise LabError(f"train.parallel = \"fsdp\" needs FSDP2 from torch 2.6 or later (this is torch "
-                       f"{torch.__version__}); upgrade torch, or set train.parallel = \"ddp\"") from None
+        raise LabError(
+            f'train.parallel = "fsdp" needs FSDP2 from torch 2.6 or later (this is torch '
+            f'{torch.__version__}); upgrade torch, or set train.parallel = "ddp"'
+        ) from None
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
     if device.type == "cuda" and dtype == torch.bfloat16:

@@ -6,6 +6,7 @@ unknown GPUs, MPS) from a large matmul timed at the start of the run. A machine 
 work times a slower matmul, which would inflate MFU; so the best rate ever timed on this machine
 (same processor, torch, dtype and threads) is kept in the cache folder and used when it is higher.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.files import cache_folder, write_text_atomically
 from lab.engine.precision import cpuinfo
+from lab.files import cache_folder, write_text_atomically
 
 # (name pattern, bf16 dense tensor-core peak, fp32 peak) in FLOP/s, from NVIDIA's datasheets. The
 # patterns are tried in order: the H100 PCIe and NVL come before the H100 SXM they would match.
@@ -57,14 +58,21 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
                 return Peak(figure, f"{name} datasheet {kind} peak, {figure / 1e12:.1f} TFLOP/s")
     flops, n = timed_matmul(device, dtype)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
-    key = f"{where} | torch {torch.__version__} | {kind} | {torch.get_num_threads()} threads | " \
-          f"{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"
+    key = (
+        f"{where} | torch {torch.__version__} | {kind} | {torch.get_num_threads()} threads | "
+        f"{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"
+    )
     best = remember_best(key, flops)
-    return Peak(best, f"{where} {kind} peak measured with a {n}x{n} matmul, {best / 1e9:,.0f} GFLOP/s "
-                      f"(the best timed on this machine{'' if best == flops else f'; now {flops / 1e9:,.0f}'})")
+    return Peak(
+        best,
+        f"{where} {kind} peak measured with a {n}x{n} matmul, {best / 1e9:,.0f} GFLOP/s "
+        f"(the best timed on this machine{'' if best == flops else f'; now {flops / 1e9:,.0f}'})",
+    )
 
 
-def timed_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> tuple[float, int]:
+def timed_matmul(
+    device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5
+) -> tuple[float, int]:
     """FLOP/s of the best of a few n x n matmuls: what this device really reaches on the op that
     dominates a transformer's arithmetic."""
     # Constant inputs: the time of a matmul does not depend on the values, and drawing random ones

@@ -1,4 +1,5 @@
 """Which dtype autocast runs in: `train.precision` = "auto" | "bf16" | "fp32"."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,10 @@ def pick_dtype(recipe, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise LabError(f"{recipe.source} [train] precision = \"bf16\", but {torch.cuda.get_device_name(device)} "
-                       "has no bf16 support; set precision = \"fp32\" or \"auto\"")
+        raise LabError(
+            f'{recipe.source} [train] precision = "bf16", but {torch.cuda.get_device_name(device)} '
+            'has no bf16 support; set precision = "fp32" or "auto"'
+        )
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 

@@ -16,6 +16,7 @@ The run folder (train.out_dir, by default runs/<recipe name>) holds recipe.toml,
 loss.png, checkpoints/ and generated.txt. The same command run again continues from the newest
 complete checkpoint and logs the same losses as a run that was never stopped.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,22 +30,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lab.runs import checkpoint
 from lab.engine import device as devices
 from lab.engine import distributed
-from lab.runs import tokenizer_files
-from lab.errors import LabError
-from lab.inference.scoring import Evaluator, bits_per_byte, describe, utf8_bytes
-from lab.files import writing
-from lab.engine.precision import pick_dtype
-from lab.inference.sampling import check_sampling, generate
-from lab.interfaces import DataContext
 from lab.engine.peak import device_peak
+from lab.engine.precision import pick_dtype
+from lab.errors import LabError
+from lab.files import writing
+from lab.inference.sampling import check_sampling, generate
+from lab.inference.scoring import Evaluator, bits_per_byte, describe, utf8_bytes
+from lab.interfaces import DataContext
 from lab.model import GPT
 from lab.recipe import Recipe, read_toml
-from lab.runs.metrics import METRICS, MetricsLog
 from lab.roles import build_optimizer
+from lab.runs import checkpoint, tokenizer_files
 from lab.runs.lock import LOCK, RunLock
+from lab.runs.metrics import METRICS, MetricsLog
 
 
 def train(recipe: Recipe, command: str = "") -> int:
@@ -52,8 +52,9 @@ def train(recipe: Recipe, command: str = "") -> int:
     SIGTERM. Under torchrun every process calls this, and they train the run together."""
     command = command or f"lab run {recipe.source}"
     layout = distributed.layout()
-    device = distributed.process_device(pick_device(recipe), layout, f"{recipe.source} [train] device = "
-                                        f"'{recipe.train.device}'")
+    device = distributed.process_device(
+        pick_device(recipe), layout, f"{recipe.source} [train] device = '{recipe.train.device}'"
+    )
     with distributed.process_group(layout, device), ExitStack() as held:
         # Rank 0 alone looks in the run folder (processes on other nodes may not see it), holding its
         # lock until the run ends, and tells the others.
@@ -63,11 +64,16 @@ def train(recipe: Recipe, command: str = "") -> int:
         if step >= max_steps:
             if layout.main:
                 cfg = recipe.train
-                budget = (f"train.max_tokens = {cfg.max_tokens}, {max_steps} steps" if cfg.max_tokens
-                          else f"train.max_steps = {max_steps}")
+                budget = (
+                    f"train.max_tokens = {cfg.max_tokens}, {max_steps} steps"
+                    if cfg.max_tokens
+                    else f"train.max_steps = {max_steps}"
+                )
                 more = f"max_tokens={2 * cfg.max_tokens}" if cfg.max_tokens else f"max_steps={2 * step}"
-                print(f"{run_dir} already reached step {step} ({budget}); "
-                      f"nothing to do. To train further, raise it:\n  {command} --set train.{more}")
+                print(
+                    f"{run_dir} already reached step {step} ({budget}); "
+                    f"nothing to do. To train further, raise it:\n  {command} --set train.{more}"
+                )
             return 0
         trainer = Trainer(recipe, run_dir, command, layout, device)
         if ckpt is not None:
@@ -81,7 +87,9 @@ def find_checkpoint(recipe: Recipe, command: str, held: ExitStack) -> tuple[Path
     run_dir = run_folder(recipe)
     held.enter_context(RunLock(run_dir, command))
     checkpoint.clear_debris(run_dir)  # before anything is written: on a full disk it frees the space
-    ckpt, _ = checkpoint.newest_intact(run_dir, lambda ckpt: checkpoint.check_same_shape(ckpt, recipe, run_dir))
+    ckpt, _ = checkpoint.newest_intact(
+        run_dir, lambda ckpt: checkpoint.check_same_shape(ckpt, recipe, run_dir)
+    )
     return run_dir, ckpt
 
 
@@ -92,14 +100,20 @@ def run_folder(recipe: Recipe) -> Path:
     where = f"{recipe.source} [train] out_dir"
     run_dir = Path(recipe.train.out_dir or f"runs/{recipe.name}")
     if run_dir.exists() and not run_dir.is_dir():
-        raise LabError(f"{where}: '{run_dir}' is a file, not a folder. Set train.out_dir to a folder "
-                       f"(e.g. --set train.out_dir=runs/{recipe.name}), or move the file away")
-    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()) and not (
-        (run_dir / METRICS).exists() or (run_dir / "checkpoints").exists()
+        raise LabError(
+            f"{where}: '{run_dir}' is a file, not a folder. Set train.out_dir to a folder "
+            f"(e.g. --set train.out_dir=runs/{recipe.name}), or move the file away"
+        )
+    if (
+        run_dir.is_dir()
+        and any(p.name != LOCK for p in run_dir.iterdir())
+        and not ((run_dir / METRICS).exists() or (run_dir / "checkpoints").exists())
     ):
-        raise LabError(f"{where}: '{run_dir}' is a folder of other files, not a run folder; the run "
-                       f"would write into it. Set train.out_dir to a new or empty folder "
-                       f"(e.g. --set train.out_dir=runs/{recipe.name})")
+        raise LabError(
+            f"{where}: '{run_dir}' is a folder of other files, not a run folder; the run "
+            f"would write into it. Set train.out_dir to a new or empty folder "
+            f"(e.g. --set train.out_dir=runs/{recipe.name})"
+        )
     return run_dir
 
 
@@ -107,13 +121,18 @@ def make_folder(run_dir: Path, recipe: Recipe) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LabError(f"{recipe.source} [train] out_dir: cannot create '{run_dir}' ({e.strerror}). "
-                       "Set train.out_dir to a folder you can write") from None
+        raise LabError(
+            f"{recipe.source} [train] out_dir: cannot create '{run_dir}' ({e.strerror}). "
+            "Set train.out_dir to a folder you can write"
+        ) from None
 
 
 def pick_device(recipe: Recipe) -> torch.device:
-    return devices.pick_device(recipe.train.device, f"{recipe.source} [train] device = '{recipe.train.device}'",
-                               'set train.device = "auto" or "cpu"')
+    return devices.pick_device(
+        recipe.train.device,
+        f"{recipe.source} [train] device = '{recipe.train.device}'",
+        'set train.device = "auto" or "cpu"',
+    )
 
 
 def micro_rows(micro: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
@@ -157,14 +176,22 @@ def accumulation(recipe: Recipe, world_size: int) -> int:
             fix += f", or batch_size to a divisor of {per_process} (e.g. {divisor})"
         else:
             fix += f", or start a number of processes that divides {global_batch}"
-        raise LabError(f"{recipe.source} [train] global batch {global_batch} cannot be split into micro-batches "
-                       f"of {cfg.batch_size} over {world_size} process(es); {fix}")
+        raise LabError(
+            f"{recipe.source} [train] global batch {global_batch} cannot be split into micro-batches "
+            f"of {cfg.batch_size} over {world_size} process(es); {fix}"
+        )
     return global_batch // per_pass
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, run_dir: Path, command: str, layout=distributed.Layout(),
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        command: str,
+        layout=distributed.Layout(),
+        device: torch.device | None = None,
+    ):
         self.recipe, self.cfg, self.run_dir, self.command = recipe, recipe.train, run_dir, command
         self.layout, self.main = layout, layout.main  # main: rank 0, the one process that prints and writes
         self.device = device or pick_device(recipe)
@@ -174,19 +201,28 @@ class Trainer:
         self.step = 0
         self.tokenizer = recipe.parts["tokenizer"].build()
         if self.tokenizer.vocab_size > recipe.model.vocab_size:
-            raise LabError(f"{recipe.source} [model] vocab_size = {recipe.model.vocab_size} is smaller than the "
-                           f"{self.tokenizer.vocab_size} tokens of tokenizer '{recipe.parts['tokenizer'].name}'; "
-                           f"set model.vocab_size to at least {self.tokenizer.vocab_size}")
-        context = DataContext(block_size=recipe.model.block_size, vocab_size=recipe.model.vocab_size,
-                              tokenizer=self.tokenizer, seed=self.cfg.seed, rank=layout.rank,
-                              world_size=layout.world_size,
-                              rows_per_step=self.cfg.batch_size * self.grad_accum * layout.world_size)
+            raise LabError(
+                f"{recipe.source} [model] vocab_size = {recipe.model.vocab_size} is smaller than the "
+                f"{self.tokenizer.vocab_size} tokens of tokenizer '{recipe.parts['tokenizer'].name}'; "
+                f"set model.vocab_size to at least {self.tokenizer.vocab_size}"
+            )
+        context = DataContext(
+            block_size=recipe.model.block_size,
+            vocab_size=recipe.model.vocab_size,
+            tokenizer=self.tokenizer,
+            seed=self.cfg.seed,
+            rank=layout.rank,
+            world_size=layout.world_size,
+            rows_per_step=self.cfg.batch_size * self.grad_accum * layout.world_size,
+        )
         self.data = distributed.main_first(recipe.parts["data"].build, context)
         self.evaluator = Evaluator(recipe, self.tokenizer)  # the [eval] table: its files read now
         if self.evaluator and layout.world_size > 1 and self.cfg.parallel == "fsdp":
-            raise LabError(f"{recipe.source} [eval]: evaluation during training runs on rank 0's whole model, "
-                           "which FSDP2 shards; use train.parallel = \"ddp\", or evaluate the run afterwards "
-                           "with lab eval")
+            raise LabError(
+                f"{recipe.source} [eval]: evaluation during training runs on rank 0's whole model, "
+                'which FSDP2 shards; use train.parallel = "ddp", or evaluate the run afterwards '
+                "with lab eval"
+            )
         torch.manual_seed(self.cfg.seed)  # the initial weights, the same in every process
         self.model = GPT(recipe).to(self.device)
         self.num_params = self.model.num_params()  # counted before FSDP2 turns parameters into shards
@@ -199,15 +235,18 @@ class Trainer:
         if layout.world_size > 1:
             self.wrapped = distributed.parallelize(self.model, self.parallel, self.device, self.dtype)
         self.prompt = self.prompt_ids()  # a sampling setting that cannot work fails now, not after training
-        self.optimizer = build_optimizer(recipe.parts["optimizer"], self.model)  # after sharding: over the shards
+        self.optimizer = build_optimizer(
+            recipe.parts["optimizer"], self.model
+        )  # after sharding: over the shards
         # The schedule scales each group's own base lr, so groups may start from different lrs.
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
         self.schedule = recipe.parts["schedule"].build(self.max_steps)
         use_compile = self.device.type == "cuda" if self.cfg.compile == "auto" else self.cfg.compile
         self.forward = torch.compile(self.wrapped) if use_compile else self.wrapped
-        self.tokens_per_step = (self.cfg.batch_size * recipe.model.block_size * self.grad_accum
-                                * layout.world_size)
+        self.tokens_per_step = (
+            self.cfg.batch_size * recipe.model.block_size * self.grad_accum * layout.world_size
+        )
         self.peak = device_peak(self.device, self.dtype) if self.main else None
         self.resumed_rng = None
         self.val_bytes = None  # UTF-8 bytes the val batches' targets spell, per process (see evaluate)
@@ -222,12 +261,20 @@ class Trainer:
         r, c, world = self.recipe, self.cfg, self.layout.world_size
         processes = f"{world} processes ({self.parallel})" if world > 1 else "1 process"
         print(f"run {r.name} ({r.source}) -> {self.run_dir}")
-        active = f", {self.active_params / 1e6:.2f}M active per token" if self.active_params != self.num_params else ""
-        print(f"model: {self.num_params / 1e6:.2f}M parameters (non-embedding){active}, "
-              f"{self.flops_per_token / 1e6:.1f} MFLOP per token")
-        print(f"device {self.device}, {'bf16 autocast' if self.dtype == torch.bfloat16 else 'fp32'}, "
-              f"compile {'on' if use_compile else 'off'}; batch {c.batch_size} x {r.model.block_size} tokens "
-              f"x {self.grad_accum} accum x {processes} = {self.tokens_per_step:,} tokens per step")
+        active = (
+            f", {self.active_params / 1e6:.2f}M active per token"
+            if self.active_params != self.num_params
+            else ""
+        )
+        print(
+            f"model: {self.num_params / 1e6:.2f}M parameters (non-embedding){active}, "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP per token"
+        )
+        print(
+            f"device {self.device}, {'bf16 autocast' if self.dtype == torch.bfloat16 else 'fp32'}, "
+            f"compile {'on' if use_compile else 'off'}; batch {c.batch_size} x {r.model.block_size} tokens "
+            f"x {self.grad_accum} accum x {processes} = {self.tokens_per_step:,} tokens per step"
+        )
         print(f"MFU is measured against the {self.peak.source}" + (" (per process)" if world > 1 else ""))
 
     def resume(self, ckpt: Path) -> None:
@@ -241,7 +288,9 @@ class Trainer:
             return self.start_from_weights(ckpt, weights)
         # The optimizer's moments come from the checkpoint; its settings (betas, weight decay, fused
         # or not on this device...) from the recipe as it is now, which the user may have changed.
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        settings = [
+            {k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups
+        ]
         checkpoint.restore(self.model, self.optimizer, weights, state.get("optimizer", {}))
         for group, recipe_settings in zip(self.optimizer.param_groups, settings):
             group.update(recipe_settings)
@@ -269,13 +318,19 @@ class Trainer:
             # First, as it may refuse: a data source that cannot continue on this number of processes.
             part, world = self.recipe.parts["data"], self.layout.world_size
             state["data"] = checkpoint.data_states(
-                state.get("data", {}), world, self.data.any_layout, ckpt,
+                state.get("data", {}),
+                world,
+                self.data.any_layout,
+                ckpt,
                 f"data source '{part.name}' (package '{part.component.package}')",
-                lambda n: distributed.torchrun_command(self.command.removeprefix(distributed.launcher()), n))
+                lambda n: distributed.torchrun_command(self.command.removeprefix(distributed.launcher()), n),
+            )
             return checkpoint.read_weights(ckpt, self.model), state
         except checkpoint.Damaged as e:  # found only by reading it: a checkpoint saved before checksums
-            raise LabError(f"{e}. Move it out of {ckpt.parent} (e.g. to {self.run_dir / ('damaged_' + ckpt.name)}) "
-                           f"and run `{self.command}` again to resume from the checkpoint before it") from None
+            raise LabError(
+                f"{e}. Move it out of {ckpt.parent} (e.g. to {self.run_dir / ('damaged_' + ckpt.name)}) "
+                f"and run `{self.command}` again to resume from the checkpoint before it"
+            ) from None
 
     # The run --------------------------------------------------------------------------------
 
@@ -285,8 +340,13 @@ class Trainer:
         distributed.on_main(self.open_run_folder, resumed)
         if resumed:
             checkpoint.set_rng_state(self.resumed_rng, self.device)
-        self.bar = tqdm(total=self.max_steps, initial=self.step, unit="step", disable=None if self.main else True,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            unit="step",
+            disable=None if self.main else True,
+            dynamic_ncols=True,
+        )
         try:
             with StopOnSignal(say=self.main) as stop_signal:
                 if self.step == 0:
@@ -304,8 +364,10 @@ class Trainer:
                     if stop and not done:  # at the end, the samples are seconds away
                         self.bar.close()
                         if self.main:
-                            print(f"stopped at step {self.step}; checkpoint saved in "
-                                  f"{checkpoint.latest(self.run_dir)}. Continue with:\n  {self.command}")
+                            print(
+                                f"stopped at step {self.step}; checkpoint saved in "
+                                f"{checkpoint.latest(self.run_dir)}. Continue with:\n  {self.command}"
+                            )
                         # a process that saw no signal itself stops because another did: Ctrl-C's status
                         return stop_signal.exit_status if stop_signal.requested else 130
         finally:
@@ -319,8 +381,12 @@ class Trainer:
 
     def open_run_folder(self, resumed: bool) -> None:
         make_folder(self.run_dir, self.recipe)
-        self.log = MetricsLog(self.run_dir, keep_through=self.step if resumed else -1, loggers=self.loggers,
-                              recipe=self.recipe.to_dict())
+        self.log = MetricsLog(
+            self.run_dir,
+            keep_through=self.step if resumed else -1,
+            loggers=self.loggers,
+            recipe=self.recipe.to_dict(),
+        )
         with writing(self.run_dir / "recipe.toml"):
             (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
         with writing(self.run_dir / tokenizer_files.FOLDER):
@@ -368,7 +434,9 @@ class Trainer:
                     "Fix the component so it gives a finite number (e.g. add an eps before a log or a division)"
                 )
 
-    def record(self, loss: float, grad_norm: float, lrs: dict, seconds: float, extras: dict | None = None) -> None:
+    def record(
+        self, loss: float, grad_norm: float, lrs: dict, seconds: float, extras: dict | None = None
+    ) -> None:
         """The step's line in metrics.jsonl, the progress bar, and every log_interval a log line."""
         if not self.main:
             return
@@ -378,15 +446,28 @@ class Trainer:
         lr = next(iter(lrs.values()))
         groups = {f"lr.{name}": value for name, value in lrs.items()} if len(lrs) > 1 else {}
         extras = extras or {}
-        self.log.write({"step": self.step, "loss": loss, "lr": lr, **groups, "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step, **extras})
+        self.log.write(
+            {
+                "step": self.step,
+                "loss": loss,
+                "lr": lr,
+                **groups,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
+                "tokens": self.step * self.tokens_per_step,
+                **extras,
+            }
+        )
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.bar.update(1)
         if self.step % self.cfg.log_interval == 0 or self.step == self.max_steps:
             lr_text = " ".join(f"{v:.2e}" for v in lrs.values())
             extra_text = "".join(f" | {name} {value:.4g}" for name, value in extras.items())
-            tqdm.write(f"step {self.step:>5}/{self.max_steps} | loss {loss:.4f}{extra_text} | lr {lr_text} | "
-                       f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
+            tqdm.write(
+                f"step {self.step:>5}/{self.max_steps} | loss {loss:.4f}{extra_text} | lr {lr_text} | "
+                f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}"
+            )
 
     def batch(self, split: str, step: int, rows: range):
         x, y = self.data.batch(split, step, rows)
@@ -422,14 +503,25 @@ class Trainer:
         means = distributed.mean(torch.stack(losses).mean(0)).tolist()
         val_loss, terms = means[0], {f"val_{n}": v for n, v in zip(terms, means[1:])}
         if self.val_bytes is None:  # the val batches never change: their bytes are counted once
-            self.val_bytes = distributed.mean(torch.tensor(float(utf8_bytes(self.tokenizer, torch.cat(targets))),
-                                                           device=self.device)).item()
+            self.val_bytes = distributed.mean(
+                torch.tensor(float(utf8_bytes(self.tokenizer, torch.cat(targets))), device=self.device)
+            ).item()
         val_bpb = bits_per_byte(val_loss, sum(y.numel() for y in targets), self.val_bytes)
         if self.main:
-            self.log.write({"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb, **terms, **scores,
-                            "tokens": self.step * self.tokens_per_step})
+            self.log.write(
+                {
+                    "step": self.step,
+                    "val_loss": val_loss,
+                    "val_bpb": val_bpb,
+                    **terms,
+                    **scores,
+                    "tokens": self.step * self.tokens_per_step,
+                }
+            )
             self.log.plot()
-            tqdm.write(f"step {self.step:>5}/{self.max_steps} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
+            tqdm.write(
+                f"step {self.step:>5}/{self.max_steps} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}"
+            )
             for line in describe(scores):
                 tqdm.write(f"step {self.step:>5}/{self.max_steps} | {line}")
 
@@ -439,8 +531,12 @@ class Trainer:
         weights, optimizer = checkpoint.gather(self.model, self.optimizer)  # every process takes part
         data = distributed.gather(self.data.state_dict())  # every process's own position, by rank
         if self.main:
-            state = {"step": self.step, "optimizer": optimizer, "data": data,
-                     "rng": checkpoint.rng_state(self.device)}
+            state = {
+                "step": self.step,
+                "optimizer": optimizer,
+                "data": data,
+                "rng": checkpoint.rng_state(self.device),
+            }
             try:
                 path = checkpoint.save(self.run_dir, self.step, weights, self.recipe.to_toml(), state)
             except LabError as e:
@@ -471,8 +567,15 @@ class Trainer:
         idx = torch.tensor([self.prompt] * g.num_samples, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(g.seed)
         with self.autocast():
-            out = generate(self.model, idx, g.max_new_tokens, temperature=g.temperature,
-                           top_k=g.top_k or None, top_p=g.top_p, generator=generator)
+            out = generate(
+                self.model,
+                idx,
+                g.max_new_tokens,
+                temperature=g.temperature,
+                top_k=g.top_k or None,
+                top_p=g.top_p,
+                generator=generator,
+            )
         if not self.main:
             return
         texts = [self.tokenizer.decode(row.tolist()) for row in out]
@@ -491,20 +594,26 @@ class Trainer:
         if not ids and self.tokenizer.eot_id is not None:
             ids = [self.tokenizer.eot_id]  # no prompt: start where a new document would
         if not ids:
-            raise LabError(f"{where} prompt is empty and tokenizer '{self.recipe.parts['tokenizer'].name}' "
-                           "has no end-of-text token to start from; give a prompt")
+            raise LabError(
+                f"{where} prompt is empty and tokenizer '{self.recipe.parts['tokenizer'].name}' "
+                "has no end-of-text token to start from; give a prompt"
+            )
         limit = self.model.position.max_len
         if limit is not None and len(ids) + g.max_new_tokens > limit:
-            raise LabError(f"{where}: the prompt ({len(ids)} tokens) + max_new_tokens ({g.max_new_tokens}) "
-                           f"is more than the {limit} positions the model knows; set max_new_tokens to at "
-                           f"most {limit - len(ids)}")
+            raise LabError(
+                f"{where}: the prompt ({len(ids)} tokens) + max_new_tokens ({g.max_new_tokens}) "
+                f"is more than the {limit} positions the model knows; set max_new_tokens to at "
+                f"most {limit - len(ids)}"
+            )
         return ids
 
     def summarize(self, seconds: float) -> None:
         vals = [r["val_loss"] for r in self.log.records if "val_loss" in r]
-        print(f"done: step {self.step}, val loss {vals[0]:.4f} -> {vals[-1]:.4f}, "
-              f"{seconds / 60:.1f} min. Run folder: {self.run_dir} (loss.png, metrics.jsonl, generated.txt); "
-              f"sample more with `lab generate {self.run_dir}`")
+        print(
+            f"done: step {self.step}, val loss {vals[0]:.4f} -> {vals[-1]:.4f}, "
+            f"{seconds / 60:.1f} min. Run folder: {self.run_dir} (loss.png, metrics.jsonl, generated.txt); "
+            f"sample more with `lab generate {self.run_dir}`"
+        )
 
 
 def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -527,9 +636,11 @@ class StopOnSignal:
     process; only rank 0's (say=True) prints the notice."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    NOTICE = {signal.SIGINT: "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit "
-                             "without saving)",
-              signal.SIGTERM: "SIGTERM: finishing this step and saving a checkpoint"}
+    NOTICE = {
+        signal.SIGINT: "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit "
+        "without saving)",
+        signal.SIGTERM: "SIGTERM: finishing this step and saving a checkpoint",
+    }
     received = None  # the first signal caught
 
     def __init__(self, say: bool = True):

@@ -12,6 +12,7 @@ The copy is made once, for a model that no longer trains (generation, serving): 
 the state dict and every other path are untouched, and a layer takes the copy only for inputs of
 at most the rows it was measured at (a prefill of many rows keeps nn.Linear's path).
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,7 +57,9 @@ def lay_out_for_decoding(model: nn.Module, rows: int = 1, margin: float = 0.9) -
 
 
 @functools.cache
-def transposed_is_faster(shape: tuple[int, int], dtype: torch.dtype, device: str, rows: int, margin: float) -> bool:
+def transposed_is_faster(
+    shape: tuple[int, int], dtype: torch.dtype, device: str, rows: int, margin: float
+) -> bool:
     """Times x @ W.T (nn.Linear's layout) against x @ Wt (a contiguous copy) for `rows` rows of a
     weight of this shape; best of several calls each, interleaved so both see the same machine."""
     out_features, in_features = shape

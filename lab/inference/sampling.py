@@ -5,6 +5,7 @@ own kind (K and V for softmax attention, a running sum for linear attention...),
 knows what an attention or a position does. The prompt goes through the model once (prefill), then
 each new token alone, at its absolute position.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,20 +15,51 @@ import torch
 from lab.errors import LabError
 
 
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-             eos_id=None, generator=None) -> torch.Tensor:
+def generate(
+    model,
+    idx,
+    max_new_tokens,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    use_cache=True,
+    eos_id=None,
+    generator=None,
+) -> torch.Tensor:
     """idx (B, T) prompt ids -> (B, T + new) ids, new <= max_new_tokens (fewer when every row has
     reached eos_id; a row that ends early is padded with eos_id). temperature 0 is greedy; top_k
     keeps the k likeliest tokens, top_p the likeliest whose probabilities add up to p; generator
     (a torch.Generator on the model's device) makes sampling reproducible."""
-    new = list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      use_cache=use_cache, eos_id=eos_id, generator=generator))
+    new = list(
+        stream(
+            model,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            use_cache=use_cache,
+            eos_id=eos_id,
+            generator=generator,
+        )
+    )
     return torch.cat([idx, *new], dim=1)
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: ~5% a token on CPU over no_grad
-def stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-           eos_id=None, generator=None):
+def stream(
+    model,
+    idx,
+    max_new_tokens,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    use_cache=True,
+    eos_id=None,
+    generator=None,
+):
     """Yield the next tokens, (B, 1), one step at a time: what `generate` collects, and what
     `lab generate` prints as it comes."""
     check_sampling(temperature, top_k, top_p)
@@ -66,15 +98,19 @@ def check_sampling(temperature, top_k, top_p) -> None:
     if not math.isfinite(temperature) or temperature < 0:
         raise LabError(f"temperature must be >= 0 (0 is greedy), got {temperature}; e.g. --temperature 0.8")
     if 0 < temperature < MIN_TEMPERATURE:
-        raise LabError(f"temperature {temperature} is too small to sample with (the logits over it overflow); "
-                       "use 0 for greedy, or e.g. --temperature 0.8")
+        raise LabError(
+            f"temperature {temperature} is too small to sample with (the logits over it overflow); "
+            "use 0 for greedy, or e.g. --temperature 0.8"
+        )
     if top_k is not None and top_k < 0:
         raise LabError(f"top_k must be >= 0 (0 keeps every token), got {top_k}; e.g. --top-k 200")
     if top_p is not None and not 0 < top_p <= 1:
         raise LabError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}; e.g. --top-p 0.9")
 
 
-MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy in all but float rounding; far below, logits / t overflow
+MIN_TEMPERATURE = (
+    1e-4  # below it, sampling is greedy in all but float rounding; far below, logits / t overflow
+)
 
 
 def check_fits(model, prompt_len: int, max_new_tokens: int) -> None:
@@ -126,5 +162,3 @@ def candidates(logits, top_k=None, top_p=None):
 
 
 # ---------------------------------------------------------------------------------- lab generate
-
-

@@ -6,6 +6,7 @@ it on a trained run.
 Bits per byte compares models whose tokenizers differ: the loss in bits, over the UTF-8 bytes of
 the text the scored tokens spell, bpb = (sum of token losses in nats) / ln 2 / bytes.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,9 @@ def utf8_bytes(tokenizer, ids) -> int:
     """Bytes of the UTF-8 text that token ids decode to. ids: a list, or a tensor of any shape whose
     last dimension is a sequence (each row is decoded on its own)."""
     if isinstance(ids, torch.Tensor):
-        return sum(len(tokenizer.decode(row).encode("utf-8")) for row in ids.reshape(-1, ids.size(-1)).tolist())
+        return sum(
+            len(tokenizer.decode(row).encode("utf-8")) for row in ids.reshape(-1, ids.size(-1)).tolist()
+        )
     return len(tokenizer.decode(list(ids)).encode("utf-8"))
 
 
@@ -47,9 +50,9 @@ def token_logprobs(model, idx: torch.Tensor, targets: torch.Tensor, scored: torc
     vocab = model.head.weight.size(0)
     weight = padded_rows(model.head.weight)  # matmul-friendly width; the padding columns get -inf
     for start in range(0, len(wanted), HEAD_ROWS):
-        logits = soft_cap(h[start:start + HEAD_ROWS] @ weight.t(), model.config.logit_softcap).float()
+        logits = soft_cap(h[start : start + HEAD_ROWS] @ weight.t(), model.config.logit_softcap).float()
         logits[:, vocab:] = float("-inf")  # (rows, padded vocab)
-        t = wanted[start:start + HEAD_ROWS, None]
+        t = wanted[start : start + HEAD_ROWS, None]
         logprobs.append((logits.gather(1, t) - logits.logsumexp(dim=-1, keepdim=True)).squeeze(1))
         greedy.append(logits.argmax(dim=-1) == t.squeeze(1))
     if not logprobs:
@@ -75,15 +78,15 @@ def score_spans(model, seqs: list[torch.Tensor], spans: list[Span], batch_size: 
     results: list = [None] * len(spans)
     order = sorted(range(len(spans)), key=lambda i: -spans[i].length)
     for first in range(0, len(order), batch_size):
-        rows = [spans[i] for i in order[first:first + batch_size]]
+        rows = [spans[i] for i in order[first : first + batch_size]]
         width = rows[0].length
         idx = torch.zeros(len(rows), width, dtype=torch.long)
         targets = torch.zeros_like(idx)
         scored = torch.zeros_like(idx, dtype=torch.bool)
         for r, s in enumerate(rows):
-            window = seqs[s.seq][s.start:s.start + s.length + 1]
-            idx[r, :s.length], targets[r, :s.length] = window[:-1], window[1:]
-            scored[r, s.skip:s.length] = True
+            window = seqs[s.seq][s.start : s.start + s.length + 1]
+            idx[r, : s.length], targets[r, : s.length] = window[:-1], window[1:]
+            scored[r, s.skip : s.length] = True
         logprobs, greedy = token_logprobs(model, idx.to(device), targets.to(device), scored.to(device))
         counts = scored.sum(dim=1).tolist()
         for r, (lp, g) in enumerate(zip(logprobs.split(counts), greedy.split(counts))):
@@ -94,6 +97,7 @@ def score_spans(model, seqs: list[torch.Tensor], spans: list[Span], batch_size: 
 
 
 # Text: loss, perplexity and bits per byte in strided windows -----------------------------------
+
 
 def strided_spans(seq: int, n: int, block_size: int, stride: int) -> list[Span]:
     """Windows over a sequence of n tokens that score each of its targets (tokens 1..n-1) once, as
@@ -118,13 +122,19 @@ class TextScore:
 
     def to_dict(self) -> dict:
         loss = self.nll / self.tokens
-        return {"loss": loss, "perplexity": math.exp(loss), "bpb": bits_per_byte(loss, self.tokens, self.bytes),
-                "tokens": self.tokens, "bytes": self.bytes}
+        return {
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "bpb": bits_per_byte(loss, self.tokens, self.bytes),
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+        }
 
 
 @torch.inference_mode()
-def score_text(model, tokenizer, seqs: list[list[int]], stride: int, batch_size: int = 8,
-               desc: str | None = None) -> TextScore:
+def score_text(
+    model, tokenizer, seqs: list[list[int]], stride: int, batch_size: int = 8, desc: str | None = None
+) -> TextScore:
     """Loss, perplexity and bits per byte of token sequences (documents, or one long stream), each
     scored after its first token in windows of the model's block_size with `stride`."""
     from tqdm import tqdm
@@ -152,18 +162,19 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     context_ids = tokenizer.encode(context)
-    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids) :]
 
 
 @torch.inference_mode()
-def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                   progress=None) -> list[tuple[float, bool]]:
+def loglikelihoods(
+    model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16, progress=None
+) -> list[tuple[float, bool]]:
     """(log p(continuation | context), whether greedy decoding would write the continuation) for
     (context ids, continuation ids) pairs. A pair longer than block_size + 1 keeps its last tokens."""
     block_size = model.config.block_size
     seqs, spans = [], []
     for i, (context, continuation) in enumerate(pairs):
-        seq = (context + continuation)[-(block_size + 1):]
+        seq = (context + continuation)[-(block_size + 1) :]
         seqs.append(torch.tensor(seq, dtype=torch.long))
         length = len(seq) - 1
         spans.append(Span(i, 0, length, skip=length - min(len(continuation), length)))
@@ -194,6 +205,7 @@ def argmax(values: list[float]) -> int:
 
 # During training: the recipe's [eval] table ---------------------------------------------------
 
+
 class Evaluator:
     """Scores the [eval] table's text files and tasks; `lab run` calls it with the val loss. The files
     are read (and every mistake in them reported) when the run starts, not at its first evaluation."""
@@ -207,10 +219,12 @@ class Evaluator:
         self.tokenizer, self.batch_size = tokenizer, cfg.batch_size
         self.stride = cfg.stride or max(1, recipe.model.block_size // 2)
         if self.stride > recipe.model.block_size:
-            raise LabError(f"{recipe.source} [eval] stride = {cfg.stride} is more than block_size "
-                           f"({recipe.model.block_size}): windows must meet. Set it to at most that, or 0")
+            raise LabError(
+                f"{recipe.source} [eval] stride = {cfg.stride} is more than block_size "
+                f"({recipe.model.block_size}): windows must meet. Set it to at most that, or 0"
+            )
         self.texts = {Path(p).name: read_token_sequences(p, tokenizer) for p in cfg.text}
-        self.tasks = {Path(p).name: read_task(p)[:cfg.limit or None] for p in cfg.tasks}
+        self.tasks = {Path(p).name: read_task(p)[: cfg.limit or None] for p in cfg.tasks}
 
     def __bool__(self) -> bool:
         return bool(self.texts or self.tasks)
@@ -232,5 +246,7 @@ def describe(scores: dict) -> list[str]:
     by_name: dict[str, list[str]] = {}
     for key, value in scores.items():
         _, name, metric = key.split("/", 2)
-        by_name.setdefault(name, []).append(f"{metric} {value:.4f}" if metric != "perplexity" else f"{metric} {value:.2f}")
+        by_name.setdefault(name, []).append(
+            f"{metric} {value:.4f}" if metric != "perplexity" else f"{metric} {value:.2f}"
+        )
     return [f"{name}: {' | '.join(parts)}" for name, parts in by_name.items()]

@@ -9,6 +9,7 @@ compare, export-hf). One place names its files, tells a run folder from any othe
     generated.txt    the sample written at the end of training
     .lock            held by the one process writing the folder (lab.runs.lock)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,6 @@ from lab.model import GPT
 from lab.recipe import read_toml, resolve
 from lab.runs import tokenizer_files
 from lab.runs.checkpoint import CHECKPOINTS, MARKER, load_weights, newest_intact
-
 from lab.runs.metrics import METRICS
 
 RECIPE = "recipe.toml"
@@ -35,8 +35,11 @@ def load(run_dir, device="cpu"):
     """(recipe, model, checkpoint folder) of a run folder's newest checkpoint, the model in eval mode.
     recipe.parts["tokenizer"].build() gives the run's tokenizer, from the files the run folder keeps."""
     if not Path(run_dir).is_dir():
-        raise LabError(f"run folder not found: {run_dir}. Train one with `lab run RECIPE`, or import "
-                       "GPT-2 weights with `lab import-hf HF_DIR --out RUN_DIR`")
+        raise LabError(
+            f"run folder not found: {run_dir}. Train one with `lab run RECIPE`, or import "
+            "GPT-2 weights with `lab import-hf HF_DIR --out RUN_DIR`"
+        )
+
     def build(ckpt):
         recipe_file = ckpt / "recipe.toml"
         raw = read_toml(str(recipe_file))
@@ -48,7 +51,9 @@ def load(run_dir, device="cpu"):
 
     ckpt, loaded = newest_intact(run_dir, build)
     if ckpt is None:
-        raise LabError(f"{run_dir} has no complete checkpoint (looked for checkpoints/step_*/{MARKER}). "
-                       "Train with `lab run RECIPE` until it saves one")
+        raise LabError(
+            f"{run_dir} has no complete checkpoint (looked for checkpoints/step_*/{MARKER}). "
+            "Train with `lab run RECIPE` until it saves one"
+        )
     recipe, model = loaded
     return recipe, model.to(device).eval(), ckpt

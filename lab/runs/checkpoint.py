@@ -26,6 +26,7 @@ number of processes only (see data_states).
 state.pt is read with torch.load(weights_only=True), which unpickles only tensors and plain
 containers: so the RNG states are stored as tensors and lists, never numpy objects.
 """
+
 from __future__ import annotations
 
 import json
@@ -145,6 +146,7 @@ def remove(ckpt) -> None:
 
 # Damage ----------------------------------------------------------------------------------------
 
+
 class Damaged(LabError):
     """A checkpoint whose files are not what was saved."""
 
@@ -155,8 +157,11 @@ class Damaged(LabError):
 
 def manifest(folder: Path) -> dict:
     """{file: {bytes, sha256}} for every file in a checkpoint folder but COMPLETE."""
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+    return {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
 
 
 def damage(ckpt) -> list[str]:
@@ -199,9 +204,11 @@ def newest_intact(run_dir, load=lambda ckpt: None):
             print(f"warning: {e}; falling back to the checkpoint before it", file=sys.stderr)
     if damaged:
         listed = "; ".join(f"{e.ckpt.name}: {', '.join(e.problems)}" for e in damaged)
-        raise LabError(f"every checkpoint in {run_dir} is damaged ({listed}). Restore the run folder from a "
-                       f"copy if you have one; to train again from scratch, move {Path(run_dir) / 'checkpoints'} "
-                       "away (it is kept for inspection) and run the same command")
+        raise LabError(
+            f"every checkpoint in {run_dir} is damaged ({listed}). Restore the run folder from a "
+            f"copy if you have one; to train again from scratch, move {Path(run_dir) / 'checkpoints'} "
+            "away (it is kept for inspection) and run the same command"
+        )
     return None, None
 
 
@@ -234,7 +241,9 @@ def read_weights(ckpt_dir, model: nn.Module) -> dict:
     try:
         weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
     except (SafetensorError, OSError, ValueError) as e:
-        raise Damaged(ckpt_dir, [f"model.safetensors cannot be read ({str(e).splitlines()[0][:80]})"]) from None
+        raise Damaged(
+            ckpt_dir, [f"model.safetensors cannot be read ({str(e).splitlines()[0][:80]})"]
+        ) from None
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise Damaged(ckpt_dir, [f"model.safetensors holds NaN or infinite values ({', '.join(bad[:3])})"])
@@ -243,7 +252,9 @@ def read_weights(ckpt_dir, model: nn.Module) -> dict:
         for name in group if stored else []:
             weights[name] = weights[stored[0]]
     start_over = "To start over, delete or move that run folder, or set another train.out_dir"
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # whole shapes, even of shards
+    expected = {
+        name: tuple(t.shape) for name, t in model.state_dict().items()
+    }  # whole shapes, even of shards
     missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
     if missing or unexpected:
         raise LabError(
@@ -278,13 +289,17 @@ def load_state(ckpt_dir) -> dict:
 
 # Whole state from any layout, and back --------------------------------------------------------
 
+
 def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """(weights, optimizer state) of the whole model, keyed by parameter name, however the model is
     laid out: one process, DDP, or FSDP2 shards. Every process must call it (it gathers the shards);
     rank 0 gets the tensors, on the CPU, and the others empty dicts. model: not the DDP wrapper."""
     # Imported here: 0.4 s that `lab generate`, which reads checkpoints with read_weights, never needs.
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, not shards, on the CPU
     weights = get_model_state_dict(model, options=whole)
@@ -295,21 +310,26 @@ def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, di
     return weights, optimizer_state
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict,
-            optimizer_state: dict | None) -> None:
+def restore(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict, optimizer_state: dict | None
+) -> None:
     """Load what `gather` returned (or read_weights and state.pt hold) into a model and optimizer of
     any layout. With several processes only rank 0 has read the files (the others pass empty dicts):
     it sends each tensor to the others, which keep their shard of it (FSDP2) or all of it (DDP). So
     only rank 0 needs to see the run folder, and one copy of the state is in CPU memory, not one per
     process. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(model, weights, options=options)
     if optimizer is not None:  # None: the weights alone, for a fresh optimizer
-        set_optimizer_state_dict(model, optimizer, _by_name(optimizer_state, model, optimizer),
-                                 options=options)
+        set_optimizer_state_dict(
+            model, optimizer, _by_name(optimizer_state, model, optimizer), options=options
+        )
 
 
 def _by_name(optimizer_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -321,8 +341,10 @@ def _by_name(optimizer_state: dict, model: nn.Module, optimizer: torch.optim.Opt
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
     return {
         "state": {names[i]: state for i, state in optimizer_state["state"].items()},
-        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                         for group in optimizer_state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [names[i] for i in group["params"]]}
+            for group in optimizer_state["param_groups"]
+        ],
     }
 
 
@@ -338,8 +360,11 @@ def check_same_shape(ckpt_dir, recipe, run_dir) -> None:
 
     saved = read_toml(str(Path(ckpt_dir) / "recipe.toml")).get("model", {})
     now = recipe.model.model_dump()
-    differ = [f"{key} {saved[key]!r} there, {now[key]!r} in the recipe"
-              for key in SHAPE if key in saved and saved[key] != now[key]]
+    differ = [
+        f"{key} {saved[key]!r} there, {now[key]!r} in the recipe"
+        for key in SHAPE
+        if key in saved and saved[key] != now[key]
+    ]
     if differ:
         raise LabError(
             f"{run_dir} holds a checkpoint of another model shape than {recipe.source} builds "
@@ -397,5 +422,3 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if "cuda_device" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_device"], device)
-
-

@@ -9,6 +9,7 @@ torchrun only rank 0 writes the run folder, so only rank 0 takes the lock. Where
 (Windows) runs are not locked. flock on a network file system works only where that file system
 supports it (NFS v4 does).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,12 @@ class RunLock:
     def write_holder(self) -> None:
         """Who holds the lock, for the message another run prints. Best effort: on a full disk the
         lock holds all the same, and the write that matters fails later with its own message."""
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)
@@ -86,8 +91,16 @@ def read_holder(fd: int) -> dict:
 
 def in_use_message(run_dir: Path, holder: dict) -> str:
     pid = holder.get("pid", "?")
-    who = (f"process {pid} on {holder.get('host', '?')} (`{holder.get('command', '?')}`, started "
-           f"{holder.get('started', '?')})") if holder else "another process"
-    return (f"{run_dir} is in use by {who}. Two runs writing one folder would overwrite each other's "
-            f"checkpoints. Wait for it to finish, stop it (kill {pid}), or give this run another folder "
-            f"(--set train.out_dir=...)")
+    who = (
+        (
+            f"process {pid} on {holder.get('host', '?')} (`{holder.get('command', '?')}`, started "
+            f"{holder.get('started', '?')})"
+        )
+        if holder
+        else "another process"
+    )
+    return (
+        f"{run_dir} is in use by {who}. Two runs writing one folder would overwrite each other's "
+        f"checkpoints. Wait for it to finish, stop it (kill {pid}), or give this run another folder "
+        f"(--set train.out_dir=...)"
+    )

@@ -9,6 +9,7 @@ processes together); elapsed: wall-clock seconds of training so far, summed over
 so a resumed run's seconds axis continues where it stopped. A resumed run first drops the lines after
 its checkpoint's step, so the file holds each step once.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,9 @@ def plot_losses(records: list[dict], path, title: str = "") -> None:
     lines = ax.get_lines()
     if bpb:
         right = ax.twinx()
-        lines += right.plot(*zip(*bpb), "s--", color="tab:green", label="val bits per byte", linewidth=1,
-                            markersize=3)
+        lines += right.plot(
+            *zip(*bpb), "s--", color="tab:green", label="val bits per byte", linewidth=1, markersize=3
+        )
         right.set_ylabel("val bits per byte")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")

@@ -6,6 +6,7 @@
 Reading a run (lab.runs.load: lab generate, export-hf, eval, serve) and resuming it build the
 tokenizer from these copies, so the run works after the original files are moved or deleted.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,6 +64,7 @@ def use_kept(raw: dict, run_dir, source: str | None = None) -> None:
                 raise LabError(
                     f"{source} [tokenizer] {setting} = '{given}' is not the tokenizer {run_dir} was trained "
                     f"with (a copy of that one is kept in {kept}). A run keeps its tokenizer: start a new run "
-                    f"with --set train.out_dir=..., or point [tokenizer] {setting} at {kept}")
+                    f"with --set train.out_dir=..., or point [tokenizer] {setting} at {kept}"
+                )
             continue  # the same file: the recipe stays as the user wrote it
         table[setting] = str(kept)

@@ -6,6 +6,7 @@ phi(q).phi(k) with phi = elu + 1, so token i's output is
 Training computes every i at once, chunk by chunk; decoding keeps S and z as its cache: a state of
 fixed size, however long the context.
 """
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
@@ -16,7 +17,9 @@ from lab.interfaces import Attention, dropout, mark_residual
 
 
 class LinearConfig(BaseModel):
-    chunk: PositiveInt = Field(64, description="tokens per chunk in training: quadratic within, running sums across")
+    chunk: PositiveInt = Field(
+        64, description="tokens per chunk in training: quadratic within, running sums across"
+    )
     eps: PositiveFloat = Field(1e-6, description="added to the normaliser")
 
 
@@ -32,8 +35,10 @@ class LinearAttention(Attention):
     def __init__(self, config: LinearConfig, model):
         super().__init__()
         if model.kv_heads != model.n_head or model.qk_norm:
-            raise LabError("linear attention has one key/value head per query head and no QK-norm; "
-                           "unset [model] n_kv_head and qk_norm, or use a softmax attention (sdpa)")
+            raise LabError(
+                "linear attention has one key/value head per query head and no QK-norm; "
+                "unset [model] n_kv_head and qk_norm, or use a softmax attention (sdpa)"
+            )
         self.n_head, self.head_dim = model.n_head, model.head_dim
         self.chunk, self.eps = config.chunk, config.eps
         self.qkv = nn.Linear(model.n_embd, 3 * model.n_embd, bias=model.bias)
@@ -43,8 +48,10 @@ class LinearAttention(Attention):
     def forward(self, x, pos, position, cache=None):
         B, T, C = x.shape
         if position.bias(pos[:1], pos[:1]) is not None:
-            raise LabError('linear attention has no scores for a position bias (ALiBi) to act on; '
-                           'use [model.position] name = "learned" or "rope"')
+            raise LabError(
+                "linear attention has no scores for a position bias (ALiBi) to act on; "
+                'use [model.position] name = "learned" or "rope"'
+            )
         qkv = self.qkv(x).float().view(B, T, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         q, k = F.elu(q) + 1, F.elu(k) + 1  # positive features, so the normaliser is positive too

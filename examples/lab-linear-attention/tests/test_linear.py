@@ -1,5 +1,6 @@
 """The linear attention against a float64 reference written as the recurrence it is, and against
 lab's conformance checks for every attention."""
+
 import pytest
 import torch
 import torch.nn.functional as F

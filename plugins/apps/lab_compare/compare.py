@@ -1,5 +1,6 @@
 """`lab compare RUN_DIR...`: one row per run (what differs in their recipes, size, budget, speed, losses)
 and one figure overlaying their train and val curves. Given a sweep folder, the sweep's summary."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import math
 import statistics
 from pathlib import Path
 
-
 from lab_compare.runs import Run, differences, extra_keys, flatten
+
 
 def cli_compare(args) -> int:
     from lab_compare import sweep
@@ -42,17 +43,19 @@ def run_table(runs: list[Run]) -> list[dict]:
         last = run.records[-1] if run.records else {}
         row = {"run": str(run.path)}
         row.update({key: recipe.get(key) for key in differing})
-        row.update({
-            "status": "done" if run.finished else f"at step {run.last_step}/{run.target_steps}",
-            "params": run.num_params,
-            "tokens": run.x(last, "tokens") if last else 0,
-            "seconds": last.get("elapsed"),
-            "tokens_per_s": median(r["tokens_per_s"] for r in steps),
-            "mfu": median(r["mfu"] for r in steps),
-            "first_val_loss": val[0] if val else None,
-            "final_val_loss": val[-1] if val else None,
-            "best_val_loss": min(val) if val else None,
-        })
+        row.update(
+            {
+                "status": "done" if run.finished else f"at step {run.last_step}/{run.target_steps}",
+                "params": run.num_params,
+                "tokens": run.x(last, "tokens") if last else 0,
+                "seconds": last.get("elapsed"),
+                "tokens_per_s": median(r["tokens_per_s"] for r in steps),
+                "mfu": median(r["mfu"] for r in steps),
+                "first_val_loss": val[0] if val else None,
+                "final_val_loss": val[-1] if val else None,
+                "best_val_loss": min(val) if val else None,
+            }
+        )
         for key in extras:  # the last value each extra number took (val_bpb, an extra loss term...)
             row[key] = next((r[key] for r in reversed(run.records) if key in r), None)
         rows.append(row)
@@ -64,13 +67,33 @@ def median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
-HEADERS = {"tokens_per_s": "tokens/s", "mfu": "MFU", "first_val_loss": "first val", "final_val_loss": "final val",
-           "best_val_loss": "best val", "seconds": "wall s"}
+HEADERS = {
+    "tokens_per_s": "tokens/s",
+    "mfu": "MFU",
+    "first_val_loss": "first val",
+    "final_val_loss": "final val",
+    "best_val_loss": "best val",
+    "seconds": "wall s",
+}
 # How each measured column reads; recipe values (the differing keys) are shown as written.
-FORMATS = {"params": lambda v: f"{v / 1e6:.2f}M", "tokens": lambda v: f"{v:,}", "seconds": lambda v: f"{v:.1f}",
-           "tokens_per_s": lambda v: f"{v:,.0f}", "mfu": lambda v: f"{v:.2%}"}
-MEASURED = {"status", "params", "tokens", "seconds", "tokens_per_s", "mfu", "first_val_loss", "final_val_loss",
-            "best_val_loss"}
+FORMATS = {
+    "params": lambda v: f"{v / 1e6:.2f}M",
+    "tokens": lambda v: f"{v:,}",
+    "seconds": lambda v: f"{v:.1f}",
+    "tokens_per_s": lambda v: f"{v:,.0f}",
+    "mfu": lambda v: f"{v:.2%}",
+}
+MEASURED = {
+    "status",
+    "params",
+    "tokens",
+    "seconds",
+    "tokens_per_s",
+    "mfu",
+    "first_val_loss",
+    "final_val_loss",
+    "best_val_loss",
+}
 
 
 def cell(key: str, value, recipe_keys) -> str:

@@ -3,6 +3,7 @@
 Any run folder works: one written by a single process, by torchrun (rank 0 writes the same files) or by
 `lab sweep` (each cell is an ordinary run folder), finished or still training.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,13 +34,17 @@ class Run:
     def read(cls, folder) -> "Run":
         folder = Path(folder)
         if not folder.is_dir():
-            raise LabError(f"{folder} is not a folder; give run folders (the train.out_dir of `lab run`) "
-                           "or a sweep folder")
+            raise LabError(
+                f"{folder} is not a folder; give run folders (the train.out_dir of `lab run`) "
+                "or a sweep folder"
+            )
         if not is_run(folder):
             inside = sorted(str(p.parent) for p in folder.glob(f"**/{METRICS}"))[:4]
             hint = f" It holds run folders: lab compare {' '.join(inside)}" if inside else ""
-            raise LabError(f"{folder} is not a run folder (no {METRICS} and recipe.toml); give the folders "
-                           f"`lab run` or `lab sweep` wrote.{hint}")
+            raise LabError(
+                f"{folder} is not a run folder (no {METRICS} and recipe.toml); give the folders "
+                f"`lab run` or `lab sweep` wrote.{hint}"
+            )
         return cls(folder, read_toml(str(folder / "recipe.toml")), read_metrics(folder / METRICS))
 
     @property
@@ -147,6 +152,11 @@ def differences(runs: list[Run]) -> list[str]:
 
 def extra_keys(runs: list[Run]) -> list[str]:
     """Numbers the records carry beyond the usual ones (extra loss terms, val_bpb...), in order of appearance."""
-    keys = dict.fromkeys(k for run in runs for r in run.records for k, v in r.items()
-                         if k not in KNOWN and not k.startswith("lr.") and isinstance(v, (int, float)))
+    keys = dict.fromkeys(
+        k
+        for run in runs
+        for r in run.records
+        for k, v in r.items()
+        if k not in KNOWN and not k.startswith("lr.") and isinstance(v, (int, float))
+    )
     return list(keys)

@@ -1,6 +1,7 @@
 """`lab sweep --slurm`: the runs go to SLURM as one job array, through submitit; SLURM schedules them.
 Each array task is the same `lab run` command a local sweep would start, so a preempted or timed-out
 task resumes from its checkpoint when the sweep is submitted again (finished runs are skipped)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ def run_cell(argv: list[str], cwd: str, log: str) -> int:
     """One array task: `lab run ...` in the folder the sweep was started from, its output in the log."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
-        code = subprocess.call([sys.executable, "-m", "lab", *argv[1:]], cwd=cwd, stdout=out,
-                               stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            [sys.executable, "-m", "lab", *argv[1:]], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+        )
     if code:
         raise RuntimeError(f"{' '.join(argv)} exited with status {code}; see {log}")
     return code
@@ -35,21 +37,28 @@ def submit(grid, todo, args) -> int:
     try:
         executor = submitit.AutoExecutor(folder=Path(grid.out) / "slurm", cluster=cluster)
     except RuntimeError as e:  # no srun: not a SLURM machine
-        raise LabError(f"lab sweep --slurm: {e} Submit from a SLURM login node, or print the commands for "
-                       "another queue with --dry-run") from None
+        raise LabError(
+            f"lab sweep --slurm: {e} Submit from a SLURM login node, or print the commands for "
+            "another queue with --dry-run"
+        ) from None
     params = dict(parse_option(o) for o in args.slurm_opt)
     try:
-        executor.update_parameters(name=f"lab-sweep-{Path(grid.out).name}", slurm_array_parallelism=args.jobs,
-                                   **params)
+        executor.update_parameters(
+            name=f"lab-sweep-{Path(grid.out).name}", slurm_array_parallelism=args.jobs, **params
+        )
     except (NameError, AssertionError, TypeError) as e:
         raise LabError(f"--slurm-opt: {e}") from None
     cwd = os.getcwd()
     with executor.batch():  # one job array, not one job per run
         jobs = [executor.submit(run_cell, cell.argv(grid), cwd, str(cell.log)) for cell in todo]
-    print(f"submitted {len(jobs)} run(s) of {grid.out} as job array {jobs[0].job_id.split('_')[0]} "
-          f"({cluster}), at most {args.jobs} at once")
+    print(
+        f"submitted {len(jobs)} run(s) of {grid.out} as job array {jobs[0].job_id.split('_')[0]} "
+        f"({cluster}), at most {args.jobs} at once"
+    )
     if cluster == "slurm":
-        print(f"when they finish: lab compare {grid.out} (and the same `lab sweep` command continues any that stopped)")
+        print(
+            f"when they finish: lab compare {grid.out} (and the same `lab sweep` command continues any that stopped)"
+        )
         return 0
     failed = [cell for cell, job in zip(todo, jobs) if job.exception() is not None]  # local: wait for them
     if failed:

@@ -3,6 +3,7 @@
 Welch's test (unequal variances) is the one to use for a few seeds per variant: it does not assume a
 change leaves the run-to-run spread alone.
 """
+
 from __future__ import annotations
 
 import math

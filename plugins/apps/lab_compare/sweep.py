@@ -12,6 +12,7 @@ checkpoints (the runs' own resume). `--jobs J` trains J runs at once on this mac
 share of the CPU threads (or of the GPUs); past one machine, `--slurm` hands the runs to SLURM as one
 job array (through submitit) and `--dry-run` prints one command per run for any other queue.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,10 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.errors import LabError
 from lab.data.prepare import cpu_count
+from lab.errors import LabError
 from lab.recipe import load_recipe
-
 from lab_compare import stats
 from lab_compare.compare import MEASURED, markdown, plot_curves, run_table
 from lab_compare.runs import Run, flatten, is_run
@@ -75,15 +75,25 @@ class Grid:
         return out
 
     def cells(self) -> list[Cell]:
-        return [Cell(label, sets, seed, str(Path(self.out) / folder_name(label) / f"seed-{seed}"))
-                for label, sets in self.variants for seed in self.seeds]
+        return [
+            Cell(label, sets, seed, str(Path(self.out) / folder_name(label) / f"seed-{seed}"))
+            for label, sets in self.variants
+            for seed in self.seeds
+        ]
 
     def remembered(self) -> dict:
-        return {"recipe": self.recipe, "vary": [[k, v] for k, v in self.vary], "seeds": self.seeds,
-                "set": self.overrides, "resolved": self.resolved}
+        return {
+            "recipe": self.recipe,
+            "vary": [[k, v] for k, v in self.vary],
+            "seeds": self.seeds,
+            "set": self.overrides,
+            "resolved": self.resolved,
+        }
 
     def command(self) -> str:
-        parts = ["lab", "sweep", self.recipe] + [a for k, v in self.vary for a in ("--vary", f"{k}={','.join(v)}")]
+        parts = ["lab", "sweep", self.recipe] + [
+            a for k, v in self.vary for a in ("--vary", f"{k}={','.join(v)}")
+        ]
         parts += ["--seeds", str(len(self.seeds))] + [a for s in self.overrides for a in ("--set", s)]
         return shlex.join(parts + ["--out", self.out])
 
@@ -97,6 +107,7 @@ def is_sweep(folder: Path) -> bool:
 
 
 # Reading the command line --------------------------------------------------------------------------
+
 
 def make_grid(args) -> Grid:
     """The grid the command asks for, every value checked against the recipe before anything runs."""
@@ -117,12 +128,16 @@ def make_grid(args) -> Grid:
         if key in keys:
             raise LabError(f"--vary {key} is given twice; list all its values in one: --vary {key}=V1,V2")
         if any(k.startswith(f"{key}.") for k in flat):
-            raise LabError(f"--vary {key}: '{key}' is a table, not a setting; vary one of its keys, "
-                           f"e.g. {next(k for k in flat if k.startswith(f'{key}.'))}")
+            raise LabError(
+                f"--vary {key}: '{key}' is a table, not a setting; vary one of its keys, "
+                f"e.g. {next(k for k in flat if k.startswith(f'{key}.'))}"
+            )
         values = split_values(values)
         if not values:
-            raise LabError(f"--vary {key}= has no values: the grid is empty. Give them separated by commas, "
-                           f"e.g. --vary {key}=V1,V2")
+            raise LabError(
+                f"--vary {key}= has no values: the grid is empty. Give them separated by commas, "
+                f"e.g. --vary {key}=V1,V2"
+            )
         if len(set(values)) < len(values):
             raise LabError(f"--vary {key}: a value is listed twice ({', '.join(values)})")
         for value in values:
@@ -175,20 +190,29 @@ def remember(grid: Grid) -> None:
         except json.JSONDecodeError:
             raise LabError(f"{path} is not valid JSON; move it away or choose another --out") from None
         if old != grid.remembered():
-            raise LabError(f"{out} holds another sweep: {describe_change(old, grid.remembered())}. Its runs "
-                           "belong to that grid. Run that sweep's command again to continue it, or give this "
-                           "one another folder: --out DIR")
+            raise LabError(
+                f"{out} holds another sweep: {describe_change(old, grid.remembered())}. Its runs "
+                "belong to that grid. Run that sweep's command again to continue it, or give this "
+                "one another folder: --out DIR"
+            )
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LabError(f"{out} exists and is not a sweep folder (no {GRID}); the sweep would write into it. "
-                       "Give another folder: --out DIR")
+        raise LabError(
+            f"{out} exists and is not a sweep folder (no {GRID}); the sweep would write into it. "
+            "Give another folder: --out DIR"
+        )
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(grid.remembered(), indent=2) + "\n")
 
 
 def describe_change(old: dict, new: dict) -> str:
-    what = {"recipe": "recipe file", "vary": "--vary", "seeds": "seeds", "set": "--set",
-            "resolved": "recipe's settings"}
+    what = {
+        "recipe": "recipe file",
+        "vary": "--vary",
+        "seeds": "seeds",
+        "set": "--set",
+        "resolved": "recipe's settings",
+    }
     changed = [f"{what[k]} {fmt(old.get(k), k)} -> {fmt(new[k], k)}" for k in what if old.get(k) != new[k]]
     return "; ".join(changed) if changed else "another grid"
 
@@ -202,6 +226,7 @@ def fmt(value, key: str) -> str:
 
 
 # Running ------------------------------------------------------------------------------------------
+
 
 def cli_sweep(args) -> int:
     if args.jobs < 1:
@@ -218,8 +243,10 @@ def cli_sweep(args) -> int:
         from lab_compare.slurm import submit
 
         return submit(grid, todo, args)
-    print(f"sweep {grid.out}: {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) = {len(cells)} runs; "
-          f"{len(cells) - len(todo)} finished already, {len(todo)} to run, {args.jobs} at a time")
+    print(
+        f"sweep {grid.out}: {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) = {len(cells)} runs; "
+        f"{len(cells) - len(todo)} finished already, {len(todo)} to run, {args.jobs} at a time"
+    )
     status = Pool(args.jobs).run(grid, todo)
     if status:
         return status
@@ -281,11 +308,16 @@ class Pool:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if self.stop is not None:
-            print(f"sweep stopped; the runs saved checkpoints. Continue with the same command:\n  {grid.command()}")
+            print(
+                f"sweep stopped; the runs saved checkpoints. Continue with the same command:\n  {grid.command()}"
+            )
             return 128 + int(self.stop)
         if failed:
-            raise LabError(f"{len(failed)} run(s) failed: " + ", ".join(str(c.log) for c in failed) +
-                           f" say why. Fix it, then run the same command again: {grid.command()}")
+            raise LabError(
+                f"{len(failed)} run(s) failed: "
+                + ", ".join(str(c.log) for c in failed)
+                + f" say why. Fix it, then run the same command again: {grid.command()}"
+            )
         return 0
 
     def start(self, grid: Grid, cell: Cell) -> None:
@@ -293,14 +325,24 @@ class Pool:
         cell.log.parent.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "lab", *cell.argv(grid)[1:]]
         with open(cell.log, "a") as log:  # the child holds its own handle
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **self.envs[slot]}, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.envs[slot]},
+                start_new_session=True,
+            )
         self.running[proc] = (cell, slot, time.perf_counter())
 
     def handle(self, signum, frame) -> None:
         if self.stop is None:
-            print(f"\n{signal.Signals(signum).name}: the runs in progress save a checkpoint and stop "
-                  "(again to quit them at once)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: the runs in progress save a checkpoint and stop "
+                "(again to quit them at once)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.stop = self.stop or signal.Signals(signum)
         for proc in self.running:
             if proc.poll() is None:
@@ -310,7 +352,11 @@ class Pool:
         what = f"{cell.variant} seed {cell.seed}"
         if code == 0:
             val = Run.read(cell.dir).final_val_loss if is_run(Path(cell.dir)) else None
-            print(f"{counter} {what}: val loss {val:.4f} ({seconds:.0f} s)" if val is not None else f"{counter} {what}")
+            print(
+                f"{counter} {what}: val loss {val:.4f} ({seconds:.0f} s)"
+                if val is not None
+                else f"{counter} {what}"
+            )
         elif code in (130, 143) and self.stop is not None:
             print(f"{counter} {what}: stopped, checkpoint saved")
         else:
@@ -319,6 +365,7 @@ class Pool:
 
 
 # The summary ---------------------------------------------------------------------------------------
+
 
 def cli_summary(folder: Path, args) -> int:
     table = summarize(folder, args.x, output=Path(args.output) if args.output else None, quiet=args.json)
@@ -330,10 +377,18 @@ def cli_summary(folder: Path, args) -> int:
 def read_grid(folder: Path) -> Grid:
     try:
         saved = json.loads((folder / GRID).read_text())
-        return Grid(saved["recipe"], [(k, v) for k, v in saved["vary"]], saved["seeds"], saved["set"], str(folder),
-                    saved["resolved"])
+        return Grid(
+            saved["recipe"],
+            [(k, v) for k, v in saved["vary"]],
+            saved["seeds"],
+            saved["set"],
+            str(folder),
+            saved["resolved"],
+        )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise LabError(f"{folder / GRID} is not a grid lab sweep wrote; compare its runs by name instead") from None
+        raise LabError(
+            f"{folder / GRID} is not a grid lab sweep wrote; compare its runs by name instead"
+        ) from None
 
 
 def summarize(folder: Path, axis: str = "tokens", output: Path | None = None, quiet: bool = False) -> dict:
@@ -360,23 +415,36 @@ def summarize(folder: Path, axis: str = "tokens", output: Path | None = None, qu
 def variant_table(grid: Grid, groups: dict[str, list[Run]]) -> list[dict]:
     """Per variant, over its finished seeds: mean ± std of the final val loss, the difference from the
     baseline with Welch's p-value, and the rank (1: lowest mean)."""
-    finals = {label: [r.final_val_loss for r in groups.get(label, []) if r.finished]
-              for label, _ in grid.variants}
+    finals = {
+        label: [r.final_val_loss for r in groups.get(label, []) if r.finished] for label, _ in grid.variants
+    }
     baseline = grid.variants[0][0]
     rows = []
     for label, _ in grid.variants:
         values, started = finals[label], len(groups.get(label, []))
         mean, std = stats.mean_std(values) if values else (None, None)
         base = finals[baseline]
-        row = {"variant": label, "baseline": label == baseline, "seeds_done": len(values),
-               "seeds_running": started - len(values), "final_val_loss_mean": mean, "final_val_loss_std": std,
-               "diff_vs_baseline": mean - stats.mean_std(base)[0] if values and base and label != baseline else None,
-               "p_welch": stats.welch_p(values, base) if label != baseline else None}
-        bpb = [r.evals[-1]["val_bpb"] for r in groups.get(label, []) if r.finished and "val_bpb" in r.evals[-1]]
+        row = {
+            "variant": label,
+            "baseline": label == baseline,
+            "seeds_done": len(values),
+            "seeds_running": started - len(values),
+            "final_val_loss_mean": mean,
+            "final_val_loss_std": std,
+            "diff_vs_baseline": mean - stats.mean_std(base)[0]
+            if values and base and label != baseline
+            else None,
+            "p_welch": stats.welch_p(values, base) if label != baseline else None,
+        }
+        bpb = [
+            r.evals[-1]["val_bpb"] for r in groups.get(label, []) if r.finished and "val_bpb" in r.evals[-1]
+        ]
         if bpb:
             row["final_val_bpb_mean"] = stats.mean_std(bpb)[0]
         rows.append(row)
-    ranked = sorted((r for r in rows if r["final_val_loss_mean"] is not None), key=lambda r: r["final_val_loss_mean"])
+    ranked = sorted(
+        (r for r in rows if r["final_val_loss_mean"] is not None), key=lambda r: r["final_val_loss_mean"]
+    )
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank
     return rows
@@ -391,20 +459,28 @@ def number(value, digits: int = 4, signed: bool = False) -> str:
 def summary_markdown(grid: Grid, table: dict) -> str:
     rows = sorted(table["variants"], key=lambda r: r.get("rank", math.inf))
     bpb = any("final_val_bpb_mean" in r for r in rows)
-    lines = [f"# Sweep `{grid.out}`", "", f"`{grid.command()}`", "",
-             f"Final val loss over seeds ({len(grid.seeds)} per variant; finished runs only), the difference "
-             "from the baseline (the first value of each --vary) and its Welch t-test p-value.", "",
-             "| rank | variant | seeds | final val loss (mean ± std) | vs baseline | p (Welch) |"
-             + (" val bpb |" if bpb else ""),
-             "|---|---|---|---|---|---|" + ("---|" if bpb else "")]
+    lines = [
+        f"# Sweep `{grid.out}`",
+        "",
+        f"`{grid.command()}`",
+        "",
+        f"Final val loss over seeds ({len(grid.seeds)} per variant; finished runs only), the difference "
+        "from the baseline (the first value of each --vary) and its Welch t-test p-value.",
+        "",
+        "| rank | variant | seeds | final val loss (mean ± std) | vs baseline | p (Welch) |"
+        + (" val bpb |" if bpb else ""),
+        "|---|---|---|---|---|---|" + ("---|" if bpb else ""),
+    ]
     for r in rows:
         seeds = f"{r['seeds_done']}" + (f" (+{r['seeds_running']} running)" if r["seeds_running"] else "")
         name = f"{r['variant']} (baseline)" if r["baseline"] else r["variant"]
         p = r["p_welch"]
-        lines.append(f"| {r.get('rank', '–')} | {name} | {seeds} | {number(r['final_val_loss_mean'])} ± "
-                     f"{number(r['final_val_loss_std'])} | {number(r['diff_vs_baseline'], signed=True)} | "
-                     f"{'–' if p is None or math.isnan(p) else f'{p:.3g}'} |"
-                     + (f" {number(r.get('final_val_bpb_mean'))} |" if bpb else ""))
+        lines.append(
+            f"| {r.get('rank', '–')} | {name} | {seeds} | {number(r['final_val_loss_mean'])} ± "
+            f"{number(r['final_val_loss_std'])} | {number(r['diff_vs_baseline'], signed=True)} | "
+            f"{'–' if p is None or math.isnan(p) else f'{p:.3g}'} |"
+            + (f" {number(r.get('final_val_bpb_mean'))} |" if bpb else "")
+        )
     if table["runs"]:
         recipe_keys = [k for k in table["runs"][0] if k not in MEASURED and k != "run"]
         lines += ["", "## Runs", "", markdown(table["runs"], recipe_keys)]

@@ -1,26 +1,29 @@
 """`lab eval RUN_DIR --text FILE... --tasks FILE... --harness TASKS`: print the scores and keep them
 in RUN_DIR/eval.json (each file's or task's latest result, with the checkpoint it came from)."""
+
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from lab.runs import checkpoint
 import lab.runs
+from lab.data.eval_sets import read_task, read_token_sequences
 from lab.engine.device import pick_device
 from lab.errors import LabError
-from lab.data.eval_sets import read_task, read_token_sequences
-from lab.inference.scoring import score_choices, score_text
 from lab.files import write_text_atomically
+from lab.inference.scoring import score_choices, score_text
+from lab.runs import checkpoint
 
 RESULTS = "eval.json"
 
 
 def cli_eval(args) -> int:
     if not (args.text or args.tasks or args.harness):
-        raise LabError("lab eval needs something to score: --text FILE..., --tasks FILE... or --harness TASKS "
-                       "(e.g. lab eval runs/gpt_small --text plugins/components/lab_memmap/tinyshakespeare.txt)")
+        raise LabError(
+            "lab eval needs something to score: --text FILE..., --tasks FILE... or --harness TASKS "
+            "(e.g. lab eval runs/gpt_small --text plugins/components/lab_memmap/tinyshakespeare.txt)"
+        )
     check_positive(args.batch_size, "--batch-size")
     if args.limit is not None:
         check_positive(args.limit, "--limit")
@@ -35,14 +38,16 @@ def cli_eval(args) -> int:
     stride = text_stride(args.stride, model.config.block_size)
     # Every file is read before anything is scored: a mistake in the last one costs no wait.
     texts = {path: read_token_sequences(path, tokenizer) for path in args.text}
-    tasks = {path: read_task(path)[:args.limit] for path in args.tasks}
+    tasks = {path: read_task(path)[: args.limit] for path in args.tasks}
     print(f"{ckpt} on {device}", file=sys.stderr)
     results: dict = {"text": {}, "tasks": {}}
     for path, seqs in texts.items():
         score = score_text(model, tokenizer, seqs, stride, args.batch_size, desc=Path(path).name).to_dict()
         results["text"][path] = {**score, "stride": stride}
-        print(f"{path}: loss {score['loss']:.4f} | perplexity {score['perplexity']:.2f} | bpb {score['bpb']:.4f} "
-              f"({score['tokens']:,} tokens, {score['bytes']:,} bytes)")
+        print(
+            f"{path}: loss {score['loss']:.4f} | perplexity {score['perplexity']:.2f} | bpb {score['bpb']:.4f} "
+            f"({score['tokens']:,} tokens, {score['bytes']:,} bytes)"
+        )
     for path, items in tasks.items():
         score = score_choices(model, tokenizer, items, args.batch_size, desc=Path(path).name)
         results["tasks"][path] = score
@@ -67,8 +72,10 @@ def text_stride(stride: int | None, block_size: int) -> int:
     if stride is None:
         return max(1, block_size // 2)
     if not 1 <= stride <= block_size:
-        raise LabError(f"--stride {stride} must be between 1 and the model's block_size, {block_size}: windows "
-                       f"further apart than a block would leave tokens unscored (e.g. --stride {max(1, block_size // 2)})")
+        raise LabError(
+            f"--stride {stride} must be between 1 and the model's block_size, {block_size}: windows "
+            f"further apart than a block would leave tokens unscored (e.g. --stride {max(1, block_size // 2)})"
+        )
     return stride
 
 

@@ -7,6 +7,7 @@ and `lab eval RUN_DIR --harness TASKS [--include-path DIR]` does the same from t
 (lm-eval's own CLI cannot load models from other packages). Scoring is lab's own (lab/evaluate.py),
 so a task scored here and by `lab eval --tasks` gives the same numbers.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,18 +42,29 @@ class LabLM(LM):
     """model_args: run_dir (required), device (auto), batch_size (8), stride (block_size: windows of
     loglikelihood_rolling, as lm-eval's own models score long text), max_gen_toks (256)."""
 
-    def __init__(self, run_dir: str | None = None, device: str | None = "auto", batch_size=8, stride=None,
-                 max_gen_toks=256, max_batch_size=None, model=None, **unknown):
+    def __init__(
+        self,
+        run_dir: str | None = None,
+        device: str | None = "auto",
+        batch_size=8,
+        stride=None,
+        max_gen_toks=256,
+        max_batch_size=None,
+        model=None,
+        **unknown,
+    ):
         super().__init__()
         if unknown:
-            raise LabError(f"unknown model_args for lab: {', '.join(unknown)}; lab takes run_dir, device, "
-                           "batch_size, stride and max_gen_toks")
+            raise LabError(
+                f"unknown model_args for lab: {', '.join(unknown)}; lab takes run_dir, device, "
+                "batch_size, stride and max_gen_toks"
+            )
         import lab.runs
         from lab.engine.device import pick_device
 
         if model is None:
             if not run_dir:
-                raise LabError("the lab model needs run_dir, e.g. model_args=\"run_dir=runs/gpt_small\"")
+                raise LabError('the lab model needs run_dir, e.g. model_args="run_dir=runs/gpt_small"')
             where = f"model_args device={device}"
             recipe, model = lab.runs.load(run_dir, pick_device(device or "auto", where, "use device=cpu"))[:2]
         else:
@@ -69,8 +81,10 @@ class LabLM(LM):
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         from lab.inference.scoring import encode_pair, loglikelihoods
 
-        pairs = [encode_pair(self.tokenizer, context, continuation) for context, continuation in
-                 (request.args for request in requests)]
+        pairs = [
+            encode_pair(self.tokenizer, context, continuation)
+            for context, continuation in (request.args for request in requests)
+        ]
         return loglikelihoods(self.model, pairs, self.batch_size)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -78,15 +92,26 @@ class LabLM(LM):
         from lab.data.eval_sets import document_ids
         from lab.inference.scoring import score_text
 
-        return [-score_text(self.model, self.tokenizer, [document_ids(self.tokenizer, request.args[0])],
-                            self.stride, self.batch_size).nll if request.args[0] else 0.0
-                for request in requests]
+        return [
+            -score_text(
+                self.model,
+                self.tokenizer,
+                [document_ids(self.tokenizer, request.args[0])],
+                self.stride,
+                self.batch_size,
+            ).nll
+            if request.args[0]
+            else 0.0
+            for request in requests
+        ]
 
     # Generation ------------------------------------------------------------------------------
 
     def generate_until(self, requests) -> list[str]:
-        return [self.generate_one(context, dict(kwargs or {})) for context, kwargs in
-                (request.args for request in requests)]
+        return [
+            self.generate_one(context, dict(kwargs or {}))
+            for context, kwargs in (request.args for request in requests)
+        ]
 
     @torch.inference_mode()
     def generate_one(self, context: str, kwargs: dict) -> str:
@@ -103,7 +128,7 @@ class LabLM(LM):
         limit = self.model.position.max_len
         if limit is not None:
             max_new = min(max_new, limit - 1)
-            ids = ids[-(limit - max_new):]  # the newest context that leaves room for the answer
+            ids = ids[-(limit - max_new) :]  # the newest context that leaves room for the answer
         new: list[int] = []
         idx = torch.tensor([ids], device=self._device)
         for token in stream(self.model, idx, max_new, temperature=temperature, eos_id=eot):
@@ -130,7 +155,9 @@ def find_tasks(tasks: str, include_path: str | None):
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if include_path is not None and not os.path.isdir(include_path):
-        raise LabError(f"--include-path {include_path} is not a folder; give the folder of your task YAML files")
+        raise LabError(
+            f"--include-path {include_path} is not a folder; give the folder of your task YAML files"
+        )
     manager = None
     if include_path is not None:  # the user's own tasks alone: indexing lm-eval's 10,000+ takes seconds
         manager = TaskManager(include_path=include_path, include_defaults=False)
@@ -139,8 +166,10 @@ def find_tasks(tasks: str, include_path: str | None):
     unknown = [name for name in names if name not in manager.all_tasks]
     if not names or unknown:
         where = f" (nor in {include_path})" if include_path else " (add yours with --include-path DIR)"
-        raise LabError(f"unknown lm-eval task(s): {', '.join(unknown) or repr(tasks)}{where}; "
-                       "`python -m lm_eval ls tasks` lists them")
+        raise LabError(
+            f"unknown lm-eval task(s): {', '.join(unknown) or repr(tasks)}{where}; "
+            "`python -m lm_eval ls tasks` lists them"
+        )
     return names, manager
 
 
@@ -154,6 +183,11 @@ def run_harness(names: list[str], manager, lm: LabLM, limit: int | None) -> dict
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown the results
     out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False)
     print(make_table(out))
-    return {task: {metric.split(",")[0]: value for metric, value in scores.items()
-                   if isinstance(value, (int, float)) and "stderr" not in metric}
-            for task, scores in out["results"].items()}
+    return {
+        task: {
+            metric.split(",")[0]: value
+            for metric, value in scores.items()
+            if isinstance(value, (int, float)) and "stderr" not in metric
+        }
+        for task, scores in out["results"].items()
+    }

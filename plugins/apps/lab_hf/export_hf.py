@@ -1,5 +1,6 @@
 """`lab export-hf`: a lab run folder whose components are GPT-2's or Llama's -> a folder that
 transformers' GPT2LMHeadModel or LlamaForCausalLM from_pretrained (and AutoTokenizer) loads."""
+
 import json
 import shutil
 import sys
@@ -11,14 +12,18 @@ import lab.runs
 from lab.errors import LabError
 from lab.files import usual_mode
 from lab.recipe import Recipe
-from lab_tokenizers.gpt2 import HERE as GPT2_FILES
 from lab_hf import llama
 from lab_hf.names import to_hf
+from lab_tokenizers.gpt2 import HERE as GPT2_FILES
 
 # The components GPT-2 is made of. Both attentions compute the same softmax attention. The tokenizer
 # is any with a Hugging Face form (tokenizer_refusals).
-GPT2_PARTS = {"attention": ("sdpa", "manual"), "mlp": ("gelu",), "norm": ("layernorm",),
-              "position": ("learned",)}
+GPT2_PARTS = {
+    "attention": ("sdpa", "manual"),
+    "mlp": ("gelu",),
+    "norm": ("layernorm",),
+    "position": ("learned",),
+}
 ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
 
 
@@ -31,7 +36,10 @@ def export_hf(run_dir, out) -> Path:
         raise LabError(f"{out} exists and is not an empty folder; choose a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
     if family == "llama":
-        weights, config = llama.to_hf(model.state_dict(), recipe.model), llama.hf_config(recipe, tokenizer.eot_id)
+        weights, config = (
+            llama.to_hf(model.state_dict(), recipe.model),
+            llama.hf_config(recipe, tokenizer.eot_id),
+        )
     else:
         weights, config = to_hf(model.state_dict(), recipe.model.n_layer), hf_config(recipe, tokenizer.eot_id)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -45,8 +53,11 @@ def write_tokenizer(recipe: Recipe, tokenizer, out: Path) -> None:
     """transformers' GPT-2 tokenizer files are the ones lab ships, under their hub names; another
     tokenizer is written as tokenizer.json. tokenizer_config.json says which class reads them, or
     AutoTokenizer on a Llama folder would look for Llama's own."""
-    special = {} if tokenizer.eot_id is None else {
-        key: tokenizer.decode([tokenizer.eot_id]) for key in ("bos_token", "eos_token", "unk_token")}
+    special = (
+        {}
+        if tokenizer.eot_id is None
+        else {key: tokenizer.decode([tokenizer.eot_id]) for key in ("bos_token", "eos_token", "unk_token")}
+    )
     if recipe.parts["tokenizer"].name == "gpt2":
         shutil.copyfile(GPT2_FILES / "encoder.json", out / "vocab.json")
         shutil.copyfile(GPT2_FILES / "vocab.bpe", out / "merges.txt")
@@ -66,7 +77,7 @@ def tokenizer_refusals(recipe: Recipe, tokenizer) -> list[str]:
 
 
 def pick_family(recipe: Recipe, tokenizer, source) -> str:
-    """"gpt2" or "llama": the family the run belongs to, or one message with every part that keeps it
+    """ "gpt2" or "llama": the family the run belongs to, or one message with every part that keeps it
     out of the closer one (rotary positions make it a Llama candidate, anything else a GPT-2 one)."""
     refused = tokenizer_refusals(recipe, tokenizer)
     llama_reasons, gpt2_reasons = llama.refusals(recipe) + refused, gpt2_refusals(recipe) + refused
@@ -74,17 +85,22 @@ def pick_family(recipe: Recipe, tokenizer, source) -> str:
         return "gpt2"
     if not llama_reasons:
         return "llama"
-    family, reasons = (("a Llama", llama_reasons) if recipe.parts["position"].name == "rope"
-                       else ("a GPT-2", gpt2_reasons))
-    raise LabError(f"{source} is not {family}, so export-hf cannot write it: " + "; ".join(reasons)
-                   + ". Export writes GPT-2 and Llama models; train a recipe without these parts")
+    family, reasons = (
+        ("a Llama", llama_reasons) if recipe.parts["position"].name == "rope" else ("a GPT-2", gpt2_reasons)
+    )
+    raise LabError(
+        f"{source} is not {family}, so export-hf cannot write it: "
+        + "; ".join(reasons)
+        + ". Export writes GPT-2 and Llama models; train a recipe without these parts"
+    )
 
 
 def gpt2_refusals(recipe: Recipe) -> list[str]:
     """Every way the recipe leaves GPT-2's architecture."""
     reasons = [
         f"{slot} '{recipe.parts[slot].name}' (GPT-2's is {' or '.join(names)})"
-        for slot, names in GPT2_PARTS.items() if recipe.parts[slot].name not in names
+        for slot, names in GPT2_PARTS.items()
+        if recipe.parts[slot].name not in names
     ]
     if not recipe.model.bias:
         reasons.append("model.bias = false (GPT-2's linear layers and norms have biases)")
@@ -93,7 +109,9 @@ def gpt2_refusals(recipe: Recipe) -> list[str]:
     if recipe.model.logit_softcap:
         reasons.append(f"model.logit_softcap = {recipe.model.logit_softcap} (GPT-2's logits are not capped)")
     if recipe.model.kv_heads != recipe.model.n_head:
-        reasons.append(f"model.n_kv_head = {recipe.model.n_kv_head} (GPT-2 gives every query head its own keys and values)")
+        reasons.append(
+            f"model.n_kv_head = {recipe.model.n_kv_head} (GPT-2 gives every query head its own keys and values)"
+        )
     if recipe.model.qk_norm:
         reasons.append("model.qk_norm = true (GPT-2 has no norm on queries and keys)")
     return reasons
@@ -125,6 +143,9 @@ def hf_config(recipe: Recipe, eot: int | None) -> dict:
 def cli_export(args) -> int:
     out = export_hf(args.run_dir, args.out)
     model = json.loads((out / "config.json").read_text())["architectures"][0]
-    print(f"wrote {out}/config.json, model.safetensors and tokenizer files; load it with "
-          f"transformers' {model}.from_pretrained({str(out)!r})", file=sys.stderr)
+    print(
+        f"wrote {out}/config.json, model.safetensors and tokenizer files; load it with "
+        f"transformers' {model}.from_pretrained({str(out)!r})",
+        file=sys.stderr,
+    )
     return 0

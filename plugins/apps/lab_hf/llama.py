@@ -7,6 +7,7 @@ and a head tied to the embedding or not. lab's rope pairs dims (i, i + hs/2),
 as transformers' Llama does (rotate_half), so q and k need no permutation. lab keeps q, k and v
 in one projection and SwiGLU's gate and up in one matrix: transformers has one of each.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,11 @@ NORMS = {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"}
 
 def refusals(recipe: Recipe) -> list[str]:
     """Every way the recipe leaves Llama's architecture ([] for a Llama)."""
-    reasons = [f"{slot} '{recipe.parts[slot].name}' (Llama's is {' or '.join(names)})"
-               for slot, names in PARTS.items() if recipe.parts[slot].name not in names]
+    reasons = [
+        f"{slot} '{recipe.parts[slot].name}' (Llama's is {' or '.join(names)})"
+        for slot, names in PARTS.items()
+        if recipe.parts[slot].name not in names
+    ]
     m = recipe.model
     if m.bias:
         reasons.append("model.bias = true (Llama's linear layers and norms have no biases)")
@@ -86,8 +90,15 @@ def to_hf(state: dict, m: ModelConfig) -> dict:
         q, k, v = state[f"blocks.{i}.attn.qkv.weight"].split([q_rows, kv_rows, kv_rows])
         gate, up = state[f"blocks.{i}.mlp.fc.weight"].chunk(2)
         attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        out.update({f"{attn}.q_proj.weight": q, f"{attn}.k_proj.weight": k, f"{attn}.v_proj.weight": v,
-                    f"{mlp}.gate_proj.weight": gate, f"{mlp}.up_proj.weight": up})
+        out.update(
+            {
+                f"{attn}.q_proj.weight": q,
+                f"{attn}.k_proj.weight": k,
+                f"{attn}.v_proj.weight": v,
+                f"{mlp}.gate_proj.weight": gate,
+                f"{mlp}.up_proj.weight": up,
+            }
+        )
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -96,8 +107,10 @@ def to_lab(hf: dict, m: ModelConfig, source: str) -> dict:
 
     def get(name):
         if name not in hf:
-            raise LabError(f"{source} has no tensor '{name}', which a Llama with num_hidden_layers = "
-                           f"{m.n_layer} needs; the weights file does not match config.json")
+            raise LabError(
+                f"{source} has no tensor '{name}', which a Llama with num_hidden_layers = "
+                f"{m.n_layer} needs; the weights file does not match config.json"
+            )
         if not isinstance(hf[name], torch.Tensor):
             raise LabError(f"{source}: {name} is a {type(hf[name]).__name__}, not a tensor")
         return hf[name].float()
@@ -108,15 +121,30 @@ def to_lab(hf: dict, m: ModelConfig, source: str) -> dict:
         out.update({ours: get(theirs) for ours, theirs in _layer_pairs(i)})
         attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([get(f"{attn}.{p}_proj.weight") for p in "qkv"])
-        out[f"blocks.{i}.mlp.fc.weight"] = torch.cat([get(f"{mlp}.gate_proj.weight"), get(f"{mlp}.up_proj.weight")])
+        out[f"blocks.{i}.mlp.fc.weight"] = torch.cat(
+            [get(f"{mlp}.gate_proj.weight"), get(f"{mlp}.up_proj.weight")]
+        )
     return out
 
 
 # What LlamaConfig assumes when config.json leaves a key out.
-HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
-               "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-               "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "rope_scaling": None}
+HF_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,
+    "head_dim": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "rope_scaling": None,
+}
 
 
 def recipe_table(config: dict, source: str) -> dict:
@@ -126,9 +154,13 @@ def recipe_table(config: dict, source: str) -> dict:
     rope = config.get("rope_parameters") or {}
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     model = {
-        "vocab_size": config["vocab_size"], "block_size": config["max_position_embeddings"],
-        "n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
-        "n_embd": config["hidden_size"], "dropout": config["attention_dropout"], "bias": False,
+        "vocab_size": config["vocab_size"],
+        "block_size": config["max_position_embeddings"],
+        "n_layer": config["num_hidden_layers"],
+        "n_head": config["num_attention_heads"],
+        "n_embd": config["hidden_size"],
+        "dropout": config["attention_dropout"],
+        "bias": False,
         "tie_embeddings": bool(config["tie_word_embeddings"]),
         "attention": {"name": "sdpa"},
         "mlp": {"name": "swiglu", "hidden": config["intermediate_size"]},
@@ -147,12 +179,18 @@ def refuse_unsupported(config: dict, source: str) -> None:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     checks = [
         (config["hidden_act"] == "silu", f"hidden_act = {config['hidden_act']!r}; lab's swiglu uses silu"),
-        (not config["attention_bias"] and not config["mlp_bias"],
-         "attention_bias or mlp_bias is true; lab's Llama has no biases"),
-        (rope.get("rope_type", "default") == "default",
-         f"rope type {rope.get('rope_type')!r}; lab's rope is the default one, unscaled"),
-        (config["head_dim"] in (None, width // heads),
-         f"head_dim = {config['head_dim']} is not hidden_size / num_attention_heads = {width // heads}"),
+        (
+            not config["attention_bias"] and not config["mlp_bias"],
+            "attention_bias or mlp_bias is true; lab's Llama has no biases",
+        ),
+        (
+            rope.get("rope_type", "default") == "default",
+            f"rope type {rope.get('rope_type')!r}; lab's rope is the default one, unscaled",
+        ),
+        (
+            config["head_dim"] in (None, width // heads),
+            f"head_dim = {config['head_dim']} is not hidden_size / num_attention_heads = {width // heads}",
+        ),
     ]
     for ok, why in checks:
         if not ok:

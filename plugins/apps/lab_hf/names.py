@@ -4,12 +4,18 @@ transformers' GPT-2 keeps its linear layers as Conv1D, whose weight is stored (i
 transpose of nn.Linear's (out, in). Files saved from GPT2LMHeadModel prefix every name with
 "transformer."; the original OpenAI-converted files (the hub's gpt2 .. gpt2-xl) do not.
 """
+
 import torch
 
 from lab.errors import LabError
 
 PREFIX = "transformer."
-LINEARS = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+LINEARS = {
+    "attn.qkv": "attn.c_attn",
+    "attn.proj": "attn.c_proj",
+    "mlp.fc": "mlp.c_fc",
+    "mlp.proj": "mlp.c_proj",
+}
 NORMS = {"norm_1": "ln_1", "norm_2": "ln_2"}
 
 
@@ -35,12 +41,16 @@ def to_lab(hf_state: dict, n_layer: int, source: str) -> dict:
     out = {}
     for ours, theirs, transposed in pairs(n_layer):
         if theirs not in hf_state:
-            raise LabError(f"{source} has no tensor '{theirs}' (nor '{PREFIX}{theirs}'), which a GPT-2 "
-                           f"with n_layer = {n_layer} needs; the weights file does not match config.json")
+            raise LabError(
+                f"{source} has no tensor '{theirs}' (nor '{PREFIX}{theirs}'), which a GPT-2 "
+                f"with n_layer = {n_layer} needs; the weights file does not match config.json"
+            )
         tensor = hf_state[theirs]
         if not isinstance(tensor, torch.Tensor):
-            raise LabError(f"{source}: '{theirs}' is a {type(tensor).__name__}, not a tensor; the weights "
-                           "file is not a model's state dict")
+            raise LabError(
+                f"{source}: '{theirs}' is a {type(tensor).__name__}, not a tensor; the weights "
+                "file is not a model's state dict"
+            )
         tensor = tensor.float()
         out[ours] = tensor.t().contiguous() if transposed else tensor
     out["head.weight"] = out["tok_emb.weight"]
@@ -55,4 +65,3 @@ def to_hf(lab_state: dict, n_layer: int) -> dict:
         tensor = lab_state[ours].detach().float().cpu()
         out[PREFIX + theirs] = (tensor.t() if transposed else tensor).contiguous()
     return out
-

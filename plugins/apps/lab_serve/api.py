@@ -5,6 +5,7 @@ status for anything a client sent wrong; an unexpected failure is logged and ans
 that carries no traceback. Text leaves a request's own Job only (see batcher.py): requests in flight
 share batches, never text.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lab.errors import LabError
-
 from lab_serve.batcher import Job
 from lab_serve.runs import Busy, ModelPool, RunTable
 
@@ -48,8 +48,15 @@ class Limits:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -116,8 +123,9 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body:
-                response = error_response(413, f"the request body is over {self.max_body} bytes",
-                                          code="body_too_large")
+                response = error_response(
+                    413, f"the request body is over {self.max_body} bytes", code="body_too_large"
+                )
                 return await response(scope, receive, send)
         replayed = False
 
@@ -198,13 +206,13 @@ class Choice:
         self.text = text
         safe = len(text) - held_back(text, self.stops)
         if safe > self.sent:
-            self.put(("text", self.index, text[self.sent:safe]))
+            self.put(("text", self.index, text[self.sent : safe]))
             self.sent = safe
         return True
 
     def on_end(self, reason: str) -> None:
         if len(self.text) > self.sent and not reason.startswith("error"):
-            self.put(("text", self.index, self.text[self.sent:]))
+            self.put(("text", self.index, self.text[self.sent :]))
             self.sent = len(self.text)
         self.put(("end", self.index, reason))
 
@@ -236,34 +244,61 @@ class Completions:
         if not 1 <= n <= lim.max_n:
             raise APIError(400, f"n must be between 1 and {lim.max_n}, got {n}", param="n")
         if len(texts) > lim.max_prompts:
-            raise APIError(400, f"at most {lim.max_prompts} prompts a request, got {len(texts)}", param="prompt")
+            raise APIError(
+                400, f"at most {lim.max_prompts} prompts a request, got {len(texts)}", param="prompt"
+            )
         max_tokens = 16 if max_tokens is None else max_tokens  # OpenAI's default
         if not 1 <= max_tokens <= lim.max_tokens:
-            raise APIError(400, f"max_tokens must be between 1 and {lim.max_tokens}, got {max_tokens}",
-                           param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens must be between 1 and {lim.max_tokens}, got {max_tokens}",
+                param="max_tokens",
+            )
         if self.pool.in_flight() + n * len(texts) > lim.max_queue:
-            raise APIError(429, f"the server is busy ({lim.max_queue} completions in flight); retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is busy ({lim.max_queue} completions in flight); retry shortly",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         served = await self.model(req.model)
         prompts = [self.prompt_ids(served, t, max_tokens) for t in texts]
         stops = [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
         stops = [s for s in stops if s]
-        settings = dict(temperature=1.0 if req.temperature is None else req.temperature,
-                        top_k=req.top_k or None, top_p=req.top_p, seed=req.seed)
+        settings = dict(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=req.top_k or None,
+            top_p=req.top_p,
+            seed=req.seed,
+        )
         return Prepared(served, prompts, settings, n, stops, max_tokens)
 
     async def model(self, model_id: str):
         try:
             return await run_in_threadpool(self.pool.get, model_id)
         except KeyError:
-            raise APIError(404, f"the model '{model_id}' does not exist; GET /v1/models lists the runs served",
-                           param="model", code="model_not_found") from None
+            raise APIError(
+                404,
+                f"the model '{model_id}' does not exist; GET /v1/models lists the runs served",
+                param="model",
+                code="model_not_found",
+            ) from None
         except Busy:
-            raise APIError(503, "every loaded model is busy, and none can make room for this one; retry "
-                           "shortly", type="server_error", code="models_busy", headers={"Retry-After": "5"}) from None
+            raise APIError(
+                503,
+                "every loaded model is busy, and none can make room for this one; retry shortly",
+                type="server_error",
+                code="models_busy",
+                headers={"Retry-After": "5"},
+            ) from None
         except LabError as e:
-            raise APIError(500, f"the run '{model_id}' cannot be loaded: {e}", type="server_error",
-                           code="model_unavailable") from None
+            raise APIError(
+                500,
+                f"the run '{model_id}' cannot be loaded: {e}",
+                type="server_error",
+                code="model_unavailable",
+            ) from None
 
     @staticmethod
     def prompt_ids(served, text: str, max_tokens: int) -> list[int]:
@@ -271,15 +306,21 @@ class Completions:
         ids = tok.encode(text)
         if not ids:  # nothing to continue: start where a new document starts
             if tok.eot_id is None:
-                raise APIError(400, "the prompt is empty and this model's tokenizer has no end-of-text "
-                               "token to start from", param="prompt")
+                raise APIError(
+                    400,
+                    "the prompt is empty and this model's tokenizer has no end-of-text token to start from",
+                    param="prompt",
+                )
             ids = [tok.eot_id]
         if len(ids) + max_tokens > served.max_len:
-            raise APIError(400, f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together "
-                           f"more than the {served.max_len} positions model '{served.id}' knows; shorten "
-                           f"the prompt or lower max_tokens to {max(served.max_len - len(ids), 0)}",
-                           param="prompt" if len(ids) >= served.max_len else "max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together "
+                f"more than the {served.max_len} positions model '{served.id}' knows; shorten "
+                f"the prompt or lower max_tokens to {max(served.max_len - len(ids), 0)}",
+                param="prompt" if len(ids) >= served.max_len else "max_tokens",
+                code="context_length_exceeded",
+            )
         return ids
 
     def start(self, p: Prepared, loop) -> tuple[asyncio.Queue, list[Job]]:
@@ -298,8 +339,16 @@ class Completions:
             for k in range(p.n):
                 seed = p.settings["seed"]
                 choice = Choice(i * p.n + k, p.served.tokenizer, p.stops, put)
-                jobs.append(Job(ids, p.max_tokens, choice.on_token, choice.on_end, deadline=deadline,
-                                **{**p.settings, "seed": None if seed is None else seed + k}))
+                jobs.append(
+                    Job(
+                        ids,
+                        p.max_tokens,
+                        choice.on_token,
+                        choice.on_end,
+                        deadline=deadline,
+                        **{**p.settings, "seed": None if seed is None else seed + k},
+                    )
+                )
         p.served.batcher.submit(jobs)
         return queue, jobs
 
@@ -340,8 +389,14 @@ def usage_chunk(req: Sampling, rid: str, created: int, p: Prepared):
     if req.stream_options is None or not req.stream_options.include_usage:
         return None
     kind = "chat.completion.chunk" if rid.startswith("chat") else "text_completion"
-    return lambda tokens: {"id": rid, "object": kind, "created": created, "model": req.model, "choices": [],
-                           "usage": usage(p, tokens)}
+    return lambda tokens: {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": req.model,
+        "choices": [],
+        "usage": usage(p, tokens),
+    }
 
 
 def sse(obj) -> str:
@@ -389,8 +444,9 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "a valid API key is needed: send `Authorization: Bearer KEY`",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "a valid API key is needed: send `Authorization: Bearer KEY`", code="invalid_api_key"
+            )
 
     def run_or_404(run_id: str) -> str:
         if table.folder(run_id) is None and run_id not in table.refresh():
@@ -402,8 +458,11 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
     @api.get("/v1/models")
     async def models():
         runs = table.refresh()
-        data = [{"id": run_id, "object": "model", "created": int(folder.stat().st_mtime), "owned_by": "lab"}
-                for run_id, folder in runs.items() if table.describe(run_id)["servable"]]
+        data = [
+            {"id": run_id, "object": "model", "created": int(folder.stat().st_mtime), "owned_by": "lab"}
+            for run_id, folder in runs.items()
+            if table.describe(run_id)["servable"]
+        ]
         return {"object": "list", "data": data}
 
     @api.post("/v1/completions")
@@ -414,20 +473,41 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(index, text, reason=None):
-            return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
+            }
 
         if req.stream:
-            events = stream_events(queue, jobs, chunk, lambda i, r: chunk(i, "", r), usage_chunk(req, rid, created, p))
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = stream_events(
+                queue, jobs, chunk, lambda i, r: chunk(i, "", r), usage_chunk(req, rid, created, p)
+            )
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         texts_by, ends = await collect(queue, jobs, request)
         for i in range(len(jobs)):
             raise_if_failed(ends, i)
         made = sum(j.made for j in jobs)
-        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": texts_by.get(i, ""), "logprobs": None,
-                             "finish_reason": finish_reason(ends.get(i, "cancelled"))} for i in range(len(jobs))],
-                "usage": usage(p, made)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": texts_by.get(i, ""),
+                    "logprobs": None,
+                    "finish_reason": finish_reason(ends.get(i, "cancelled")),
+                }
+                for i in range(len(jobs))
+            ],
+            "usage": usage(p, made),
+        }
 
     @api.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -435,36 +515,68 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
         served = await completions.model(req.model)
         template = served.chat_template
         if template is None:
-            raise APIError(400, f"model '{req.model}' has no chat template: its tokenizer "
-                           f"({getattr(served.tokenizer, 'name', '?')}) was not trained on conversations. "
-                           "Use /v1/completions with a plain prompt", param="model", code="no_chat_template")
+            raise APIError(
+                400,
+                f"model '{req.model}' has no chat template: its tokenizer "
+                f"({getattr(served.tokenizer, 'name', '?')}) was not trained on conversations. "
+                "Use /v1/completions with a plain prompt",
+                param="model",
+                code="no_chat_template",
+            )
         text = template.render([m.model_dump() for m in req.messages])
-        req.stop = [*([] if req.stop is None else [req.stop] if isinstance(req.stop, str) else req.stop),
-                    *template.stop]
+        req.stop = [
+            *([] if req.stop is None else [req.stop] if isinstance(req.stop, str) else req.stop),
+            *template.stop,
+        ]
         p = await completions.prepare(req, [text], max_tokens)
         queue, jobs = completions.start(p, asyncio.get_running_loop())
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(index, delta, reason=None):
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            }
 
         if req.stream:
+
             async def events():
                 for i in range(len(jobs)):
                     yield sse(chunk(i, {"role": "assistant", "content": ""}))
-                async for e in stream_events(queue, jobs, lambda i, t: chunk(i, {"content": t}),
-                                             lambda i, r: chunk(i, {}, r), usage_chunk(req, rid, created, p)):
+                async for e in stream_events(
+                    queue,
+                    jobs,
+                    lambda i, t: chunk(i, {"content": t}),
+                    lambda i, r: chunk(i, {}, r),
+                    usage_chunk(req, rid, created, p),
+                ):
                     yield e
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+            return StreamingResponse(
+                events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         texts_by, ends = await collect(queue, jobs, request)
         for i in range(len(jobs)):
             raise_if_failed(ends, i)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts_by.get(i, "")},
-                             "logprobs": None, "finish_reason": finish_reason(ends.get(i, "cancelled"))}
-                            for i in range(len(jobs))],
-                "usage": usage(p, sum(j.made for j in jobs))}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": texts_by.get(i, "")},
+                    "logprobs": None,
+                    "finish_reason": finish_reason(ends.get(i, "cancelled")),
+                }
+                for i in range(len(jobs))
+            ],
+            "usage": usage(p, sum(j.made for j in jobs)),
+        }
 
     # The runs view's data. Run ids come from the table; the files read are fixed names in its folders.
     @api.get("/api/runs")

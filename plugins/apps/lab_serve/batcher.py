@@ -13,6 +13,7 @@ Generation runs here, off the server's event loop, which stays free to accept an
 whose client went away, or whose text hit a stop string, is marked done and gets no more tokens; its
 row stays in the batch, unused, until the group's other rows finish.
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,7 +96,7 @@ class Group:
         if self.caches is None:  # prefill: every prompt's first `start` tokens in one pass
             size = max(len(j.ids) + j.max_tokens for j in self.jobs)
             self.caches = self.model.new_caches(len(self.jobs), size)
-            prompt = torch.tensor([j.ids[:self.start] for j in self.jobs], device=self.device)
+            prompt = torch.tensor([j.ids[: self.start] for j in self.jobs], device=self.device)
             logits, _ = self.model(prompt, caches=self.caches, start_pos=0, last_only=True)
         else:
             logits, _ = self.model(self.last, caches=self.caches, start_pos=self.pos, last_only=True)

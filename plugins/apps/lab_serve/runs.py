@@ -4,6 +4,7 @@ A request names a run by its id, a key of a table made from the folders given on
 nothing in a request becomes a path. Models load on first use (through lab.runs.load) and
 at most `max_models` stay in memory: the least recently used idle one makes room.
 """
+
 from __future__ import annotations
 
 import threading
@@ -12,11 +13,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.runs.checkpoint import latest, step_of
 import lab.runs
 from lab.errors import LabError
+from lab.runs.checkpoint import latest, step_of
 from lab.runs.metrics import METRICS, read_metrics
-
 from lab_serve.batcher import Batcher
 
 RESOLVED_RECIPE = "recipe.toml"  # what lab run writes in the run folder
@@ -39,8 +39,10 @@ class RunTable:
                 raise LabError(f"{p} is not a folder; give run folders or a folder of them (e.g. runs/)")
         self.runs = self.scan()
         if not self.runs:
-            raise LabError(f"no run folders in {', '.join(map(str, self.paths))} (a run folder has a "
-                           "checkpoints/ folder or a metrics.jsonl); train one with `lab run RECIPE`")
+            raise LabError(
+                f"no run folders in {', '.join(map(str, self.paths))} (a run folder has a "
+                "checkpoints/ folder or a metrics.jsonl); train one with `lab run RECIPE`"
+            )
 
     def scan(self) -> dict[str, Path]:
         found: dict[str, Path] = {}
@@ -49,8 +51,10 @@ class RunTable:
             for run in runs:
                 name = run.resolve().name
                 if name in found and found[name].resolve() != run.resolve():
-                    raise LabError(f"two run folders are named {name}: {found[name]} and {run}; "
-                                   "serve them separately or rename one")
+                    raise LabError(
+                        f"two run folders are named {name}: {found[name]} and {run}; "
+                        "serve them separately or rename one"
+                    )
                 found[name] = run
         return found
 
@@ -68,8 +72,13 @@ class RunTable:
         """What the runs view lists for a run."""
         folder = self.runs[run_id]
         ckpt = latest(folder)
-        return {"id": run_id, "servable": ckpt is not None, "step": step_of(ckpt) if ckpt else None,
-                "has_metrics": (folder / METRICS).is_file(), "has_generated": (folder / GENERATED).is_file()}
+        return {
+            "id": run_id,
+            "servable": ckpt is not None,
+            "step": step_of(ckpt) if ckpt else None,
+            "has_metrics": (folder / METRICS).is_file(),
+            "has_generated": (folder / GENERATED).is_file(),
+        }
 
     def metrics(self, run_id: str) -> list[dict]:
         return read_metrics(self.runs[run_id] / METRICS)
@@ -141,8 +150,14 @@ class ModelPool:
         tokenizer = recipe.parts["tokenizer"].build()
         max_len = model.position.max_len or model.config.block_size
         eos = getattr(tokenizer, "eot_id", None)
-        return Served(run_id, model, tokenizer, Batcher(model, self.max_batch, eos, name=run_id),
-                      max_len, int(time.time()))
+        return Served(
+            run_id,
+            model,
+            tokenizer,
+            Batcher(model, self.max_batch, eos, name=run_id),
+            max_len,
+            int(time.time()),
+        )
 
     def in_flight(self) -> int:
         return sum(s.batcher.in_flight() for s in list(self.loaded.values()))

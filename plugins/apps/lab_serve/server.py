@@ -3,6 +3,7 @@
 FastAPI on uvicorn: a well-kept ASGI stack whose StreamingResponse gives server-sent events, with
 request bodies checked by pydantic, which lab already uses for recipes.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ import sys
 
 from lab.engine.device import pick_device
 from lab.errors import LabError
-
 from lab_serve.api import Limits, make_app
 from lab_serve.runs import ModelPool, RunTable
 
@@ -27,13 +27,19 @@ def build(paths, device="cpu", max_models=2, max_batch=16, limits: Limits | None
 def serve(args) -> int:
     import uvicorn
 
-    for flag, value in (("--max-models", args.max_models), ("--max-batch", args.max_batch),
-                        ("--max-queue", args.max_queue), ("--port", args.port)):
+    for flag, value in (
+        ("--max-models", args.max_models),
+        ("--max-batch", args.max_batch),
+        ("--max-queue", args.max_queue),
+        ("--port", args.port),
+    ):
         if value < 1:
             raise LabError(f"{flag} must be at least 1, got {value}")
     api_key = args.api_key or os.environ.get("LAB_API_KEY") or None
     device = pick_device(args.device, f"--device {args.device}", "use --device cpu")
-    app, pool = build(args.paths, device, args.max_models, args.max_batch, Limits(max_queue=args.max_queue), api_key)
+    app, pool = build(
+        args.paths, device, args.max_models, args.max_batch, Limits(max_queue=args.max_queue), api_key
+    )
     runs = ", ".join(app.app.state.table.runs) if hasattr(app, "app") else ""
     print(f"serving {runs} on {device}", file=sys.stderr)
     if args.host not in LOCAL:

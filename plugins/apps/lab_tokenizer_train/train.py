@@ -7,6 +7,7 @@ The BPE is GPT-2's kind: text is cut by GPT-2's pre-tokenisation regex (--patter
 piece mapped to bytes, merges learnt over bytes (so any text encodes, nothing is unknown), and
 <|endoftext|> is a special token. The same input and settings give the same file, byte for byte.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from lab.data.text import INPUT_HELP, documents, find_input_files, read_text
 from lab.errors import LabError
 from lab.files import write_text_atomically
-from lab.data.text import INPUT_HELP, documents, find_input_files, read_text
-from lab_tokenizers.gpt2 import PATTERN as GPT2_PATTERN
 from lab_tokenizers.bpe import ENDOFTEXT, tokenizers_library
+from lab_tokenizers.gpt2 import PATTERN as GPT2_PATTERN
 
 SPECIALS = [ENDOFTEXT]
 SMALLEST = 256 + len(SPECIALS)  # every byte is a token, so nothing is ever unknown
@@ -32,22 +33,36 @@ PIECE_BYTES = 64 << 10
 def cli_train(args) -> int:
     if args.char:
         path, size = train_char(args.inputs, args.out)
-        print(f"wrote {path}: {size} characters. Use it in a recipe:\n"
-              f"  [tokenizer]\n  name = \"char\"\n  vocab = \"{path}\"", file=sys.stderr)
+        print(
+            f"wrote {path}: {size} characters. Use it in a recipe:\n"
+            f'  [tokenizer]\n  name = "char"\n  vocab = "{path}"',
+            file=sys.stderr,
+        )
         return 0
     if args.vocab_size is None:
-        raise LabError("lab tokenizer train needs --vocab-size N (e.g. 4096), or --char for a character vocabulary")
-    path, size = train_bpe(args.inputs, args.out, args.vocab_size, args.pattern or GPT2_PATTERN, args.min_frequency)
-    print(f"wrote {path}: {size} tokens. Use it in a recipe:\n"
-          f"  [tokenizer]\n  name = \"bpe\"\n  path = \"{path}\"", file=sys.stderr)
+        raise LabError(
+            "lab tokenizer train needs --vocab-size N (e.g. 4096), or --char for a character vocabulary"
+        )
+    path, size = train_bpe(
+        args.inputs, args.out, args.vocab_size, args.pattern or GPT2_PATTERN, args.min_frequency
+    )
+    print(
+        f'wrote {path}: {size} tokens. Use it in a recipe:\n  [tokenizer]\n  name = "bpe"\n  path = "{path}"',
+        file=sys.stderr,
+    )
     return 0
 
 
 def texts(inputs: list[str], progress: bool = True, what: str = "reading") -> Iterator[str]:
     """The text of every document of the inputs, in pieces of about PIECE_BYTES cut between lines."""
     files = find_input_files([str(i) for i in inputs])
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=what,
-               disable=None if progress else True)  # None: a bar on a terminal, nothing in a log file
+    bar = tqdm(
+        total=sum(f.stat().st_size for f in files),
+        unit="B",
+        unit_scale=True,
+        desc=what,
+        disable=None if progress else True,
+    )  # None: a bar on a terminal, nothing in a log file
     with bar:
         for doc in documents(files):
             if doc.text is not None:
@@ -68,16 +83,21 @@ def output_file(out, name: str) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LabError(f"cannot create the --out folder {out} ({e.strerror}); choose a folder you can write") from None
+        raise LabError(
+            f"cannot create the --out folder {out} ({e.strerror}); choose a folder you can write"
+        ) from None
     return out / name
 
 
-def train_bpe(inputs, out, vocab_size: int, pattern: str = GPT2_PATTERN, min_frequency: int = 2,
-              progress: bool = True) -> tuple[Path, int]:
+def train_bpe(
+    inputs, out, vocab_size: int, pattern: str = GPT2_PATTERN, min_frequency: int = 2, progress: bool = True
+) -> tuple[Path, int]:
     """Train a byte-level BPE on the inputs and write out/tokenizer.json; (its path, its vocab size)."""
     if vocab_size < SMALLEST:
-        raise LabError(f"--vocab-size {vocab_size} is smaller than the {SMALLEST} tokens a byte-level BPE starts "
-                       f"with (256 bytes + {ENDOFTEXT}); give at least {SMALLEST}, e.g. --vocab-size 4096")
+        raise LabError(
+            f"--vocab-size {vocab_size} is smaller than the {SMALLEST} tokens a byte-level BPE starts "
+            f"with (256 bytes + {ENDOFTEXT}); give at least {SMALLEST}, e.g. --vocab-size 4096"
+        )
     tokenizer = untrained_bpe(pattern)
     path = output_file(out, "tokenizer.json")
     seen = Counted(texts(inputs, progress))
@@ -96,15 +116,21 @@ def untrained_bpe(pattern: str = GPT2_PATTERN):
         raise LabError(f"--pattern {pattern!r} is not a regex tokenizers can use ({e})") from None
     tokenizer = tk.Tokenizer(tk.models.BPE())
     tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(
-        [split, tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        [split, tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tokenizer.decoder = tk.decoders.ByteLevel()
     return tokenizer
 
 
 def bpe_trainer(vocab_size: int, min_frequency: int = 2):
     tk = tokenizers_library()
-    return tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
-                                  initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    return tk.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIALS,
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
 
 
 def train_char(inputs, out, progress: bool = True) -> tuple[Path, int]:

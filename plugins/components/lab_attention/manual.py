@@ -1,4 +1,5 @@
 """Attention written out: scores, mask, softmax, weighted sum. Slow, obvious, the reference."""
+
 import math
 
 import torch.nn.functional as F

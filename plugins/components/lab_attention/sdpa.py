@@ -1,5 +1,6 @@
 """Causal attention through torch.nn.functional.scaled_dot_product_attention, which picks a
 fused kernel (flash, memory-efficient, cuDNN) for the device."""
+
 import torch.nn.functional as F
 from pydantic import BaseModel
 

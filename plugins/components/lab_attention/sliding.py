@@ -2,6 +2,7 @@
 window - 1 tokens before it. On CUDA the window runs as a FlexAttention block mask, which skips the
 blocks outside the window; elsewhere (FlexAttention on CPU has no backward in torch 2.13) and for
 cached decoding, it is SDPA with the window as a mask."""
+
 from functools import lru_cache
 from typing import Literal
 
@@ -15,14 +16,18 @@ from lab.attention import SelfAttention, additive_mask, causal_mask
 
 class SlidingConfig(BaseModel):
     window: PositiveInt = Field(256, description="keys each token sees, itself included")
-    backend: Literal["auto", "sdpa"] = Field("auto", description="auto: FlexAttention on CUDA, masked SDPA elsewhere; sdpa: always masked SDPA")
+    backend: Literal["auto", "sdpa"] = Field(
+        "auto", description="auto: FlexAttention on CUDA, masked SDPA elsewhere; sdpa: always masked SDPA"
+    )
 
     def check_recipe(self, recipe):
         """A window as long as the context is plain causal attention, more slowly: surely a mistake."""
         if self.window >= recipe.model.block_size:
-            raise ValueError(f"window = {self.window} is not shorter than [model] block_size = "
-                             f"{recipe.model.block_size}, so every token sees its whole context: set window "
-                             f"below {recipe.model.block_size}, or use full attention (name = \"sdpa\")")
+            raise ValueError(
+                f"window = {self.window} is not shorter than [model] block_size = "
+                f"{recipe.model.block_size}, so every token sees its whole context: set window "
+                f'below {recipe.model.block_size}, or use full attention (name = "sdpa")'
+            )
 
 
 class SlidingAttention(SelfAttention):
@@ -58,6 +63,7 @@ def flex_sliding(q, k, v, window: int, bias=None):
 def _block_mask(T: int, window: int, device: str):
     def sliding(b, h, i, j):
         return (j <= i) & (i - j < window)
+
     return create_block_mask(sliding, None, None, T, T, device=device)
 
 

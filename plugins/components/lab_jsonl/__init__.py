@@ -8,6 +8,7 @@ With `path = ""` it streams the small sample that ships with this package (speec
 tinyshakespeare, one per line). See stream.py for how the documents are shared out between
 processes and how a run resumes exactly where it stopped.
 """
+
 from pydantic import BaseModel, Field
 
 from lab import hookimpl
@@ -16,21 +17,31 @@ from lab_jsonl.stream import JsonlData
 
 class JsonlConfig(BaseModel):
     path: str | list[str] = Field(
-        "", description=".jsonl files (one JSON object with a \"text\" field per line), text files, or "
-                        "folders searched for *.jsonl and *.txt; empty: the sample that ships with lab"
+        "",
+        description='.jsonl files (one JSON object with a "text" field per line), text files, or '
+        "folders searched for *.jsonl and *.txt; empty: the sample that ships with lab",
     )
     val_path: str | list[str] = Field(
-        "", description="files or folders to validate on, in the same forms; empty: hold out "
-                        "val_fraction of the documents of path"
+        "",
+        description="files or folders to validate on, in the same forms; empty: hold out "
+        "val_fraction of the documents of path",
     )
     val_fraction: float = Field(
-        0.05, ge=0, lt=1, description="share of path's documents (a .jsonl line, or a ~64 KB piece of "
-                                      "a text file) held out for validation when val_path is empty, "
-                                      "chosen by a hash of each one's bytes"
+        0.05,
+        ge=0,
+        lt=1,
+        description="share of path's documents (a .jsonl line, or a ~64 KB piece of "
+        "a text file) held out for validation when val_path is empty, "
+        "chosen by a hash of each one's bytes",
     )
 
 
 @hookimpl
 def lab_components(register):
-    register("data", "jsonl", JsonlData, JsonlConfig,
-             "documents streamed from .jsonl / .txt files, tokenized as they are read")
+    register(
+        "data",
+        "jsonl",
+        JsonlData,
+        JsonlConfig,
+        "documents streamed from .jsonl / .txt files, tokenized as they are read",
+    )

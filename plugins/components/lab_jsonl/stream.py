@@ -20,6 +20,7 @@ Validation. Every process reads the whole val split from its start, and val row 
 window s * rows + i of it: the same whoever asks and whenever, so the val loss compares like with
 like. Past the end of the val split the windows repeat.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -31,9 +32,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lab.data.text import decode, jsonl_text, last_seam
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource
-from lab.data.text import decode, jsonl_text, last_seam
 
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
@@ -57,7 +58,9 @@ class Unit:
 
     def text(self) -> str:
         if self.path.suffix != ".jsonl":
-            return decode(codecs.getincrementaldecoder("utf-8")(), self.raw, self.path, self.start, final=True)
+            return decode(
+                codecs.getincrementaldecoder("utf-8")(), self.raw, self.path, self.start, final=True
+            )
         return jsonl_text(self.raw, self.path, self.line)
 
     def draw(self) -> float:
@@ -133,15 +136,24 @@ class Stream:
     """One split's windows of block_size + 1 tokens for one process: the units `in_split` says are
     this split's, every world-th of them (this process's share), tokenized one after another."""
 
-    def __init__(self, files: list[Path], in_split: Callable[[Unit], bool], context: DataContext,
-                 rank: int = 0, world: int = 1, repeat: bool = True):
+    def __init__(
+        self,
+        files: list[Path],
+        in_split: Callable[[Unit], bool],
+        context: DataContext,
+        rank: int = 0,
+        world: int = 1,
+        repeat: bool = True,
+    ):
         self.files, self.in_split, self.tokenizer = files, in_split, context.tokenizer
         self.block_size, self.rank, self.world, self.repeat = context.block_size, rank, world, repeat
         self.reader = Reader(files)
         self.seen = 0  # units of this split read so far, every process's: unit j is process j % world's
         self.epoch = 0  # passes over the files completed
         self.took = False  # whether this pass gave this process a unit yet
-        self.last: list[int] | None = None  # [file, end] of the last unit taken: one starting there continues it
+        self.last: list[int] | None = (
+            None  # [file, end] of the last unit taken: one starting there continues it
+        )
         self.buffer = np.zeros(0, dtype=np.int64)  # tokens read and not yet used
 
     def window(self) -> np.ndarray | None:
@@ -176,15 +188,23 @@ class Stream:
         if not self.took:
             names = ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
             whose = f" for process {self.rank} of {self.world}" if self.world > 1 else ""
-            raise LabError(f"no training text in {names}{whose}: a whole pass over the files gave none "
-                           f"({self.seen} train documents or pieces in all). Give more text in [data] path"
-                           + (", or train on fewer processes" if self.world > 1 else ""))
+            raise LabError(
+                f"no training text in {names}{whose}: a whole pass over the files gave none "
+                f"({self.seen} train documents or pieces in all). Give more text in [data] path"
+                + (", or train on fewer processes" if self.world > 1 else "")
+            )
         self.reader.close()
         self.reader, self.epoch, self.took = Reader(self.files), self.epoch + 1, False
 
     def state_dict(self) -> dict:
-        return {"position": self.reader.position, "seen": self.seen, "epoch": self.epoch, "took": self.took,
-                "last": None if self.last is None else list(self.last), "buffer": torch.from_numpy(self.buffer.copy())}
+        return {
+            "position": self.reader.position,
+            "seen": self.seen,
+            "epoch": self.epoch,
+            "took": self.took,
+            "last": None if self.last is None else list(self.last),
+            "buffer": torch.from_numpy(self.buffer.copy()),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.close()
@@ -204,13 +224,17 @@ class JsonlData(DataSource):
         elif config.val_fraction > 0:
             val_files, in_val = self.files, (lambda unit: unit.draw() < config.val_fraction)
         else:
-            raise LabError("[data] val_fraction = 0 and no val_path: the run's validation would have no "
-                           "text; set val_fraction (e.g. 0.05) or val_path to files to validate on")
+            raise LabError(
+                "[data] val_fraction = 0 and no val_path: the run's validation would have no "
+                "text; set val_fraction (e.g. 0.05) or val_path to files to validate on"
+            )
         in_train = (lambda unit: True) if config.val_path else (lambda unit: not in_val(unit))
         self.train = Stream(self.files, in_train, context, context.rank, context.world_size)
         self.val = Stream(val_files, in_val, context, repeat=False)
         self.val_windows: list[np.ndarray] = []  # val's windows so far, from its start
-        self.val_where = "[data] val_path " if config.val_path else f"[data] val_fraction {config.val_fraction} of "
+        self.val_where = (
+            "[data] val_path " if config.val_path else f"[data] val_fraction {config.val_fraction} of "
+        )
 
     def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
         if split == "train":
@@ -227,9 +251,11 @@ class JsonlData(DataSource):
                 break
             self.val_windows.append(window)
         if not self.val_windows:
-            raise LabError(f"no validation text: {self.val_where}{', '.join(map(str, self.val.files))} gives "
-                           f"fewer than block_size + 1 = {self.val.block_size + 1} tokens; raise val_fraction, "
-                           "or set val_path to more text")
+            raise LabError(
+                f"no validation text: {self.val_where}{', '.join(map(str, self.val.files))} gives "
+                f"fewer than block_size + 1 = {self.val.block_size + 1} tokens; raise val_fraction, "
+                "or set val_path to more text"
+            )
         return self.val_windows[i % len(self.val_windows)]
 
     def state_dict(self) -> dict:
@@ -250,13 +276,17 @@ def find_files(spec: str | list[str], key: str) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
             if not found:
-                raise LabError(f"[data] {key}: folder {name} holds no .jsonl or .txt files (searched recursively)")
+                raise LabError(
+                    f"[data] {key}: folder {name} holds no .jsonl or .txt files (searched recursively)"
+                )
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise LabError(f"[data] {key}: {name} not found; give .jsonl or .txt files, or folders of them "
-                           "(relative to the current folder)")
+            raise LabError(
+                f"[data] {key}: {name} not found; give .jsonl or .txt files, or folders of them "
+                "(relative to the current folder)"
+            )
     return files
 
 
@@ -264,10 +294,14 @@ def check_same_files(saved: list, files: list[Path]) -> None:
     """A stream resumes at byte offsets: the files must be the ones it was reading."""
     names = [name for name, _ in saved]
     if names != [str(f) for f in files]:
-        raise LabError(f"[data] path lists other files than when the checkpoint was saved ({', '.join(names)}); "
-                       "resuming needs the same files. Set path back, or start a new run with another train.out_dir")
+        raise LabError(
+            f"[data] path lists other files than when the checkpoint was saved ({', '.join(names)}); "
+            "resuming needs the same files. Set path back, or start a new run with another train.out_dir"
+        )
     for (name, size), f in zip(saved, files):
         if f.stat().st_size < size:
-            raise LabError(f"{name} is {f.stat().st_size} bytes, {size} when the checkpoint was saved: the "
-                           "data changed under the run, so it cannot continue where it stopped. Restore the "
-                           "file, or start a new run with another train.out_dir")
+            raise LabError(
+                f"{name} is {f.stat().st_size} bytes, {size} when the checkpoint was saved: the "
+                "data changed under the run, so it cannot continue where it stopped. Restore the "
+                "file, or start a new run with another train.out_dir"
+            )

@@ -8,11 +8,16 @@ its own in the recipe, several at once:
 Each needs its own package, an extra of lab (pip install 'lab[tensorboard]', 'lab[wandb]'); a recipe
 that names one that is not installed stops before training, saying which command installs it.
 """
+
 from lab import hookimpl
+
+
 @hookimpl
 def lab_components(register):
     from lab_loggers.tensorboard import TensorBoard, TensorBoardConfig
     from lab_loggers.wandb import WandB, WandBConfig
 
-    register("logger", "tensorboard", TensorBoard, TensorBoardConfig, "TensorBoard event files in the run folder")
+    register(
+        "logger", "tensorboard", TensorBoard, TensorBoardConfig, "TensorBoard event files in the run folder"
+    )
     register("logger", "wandb", WandB, WandBConfig, "Weights & Biases (online, or offline with no network)")

@@ -1,4 +1,5 @@
 """TensorBoard event files, written with torch's SummaryWriter (which needs the tensorboard package)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,11 @@ class TensorBoard(Logger):
     def open(self, run_dir: Path, recipe: dict, first_step: int) -> None:
         # purge_step: a resumed run logs the steps after its checkpoint again; TensorBoard drops the
         # events it had from there on, as metrics.jsonl drops its lines.
-        self.writer = self.SummaryWriter(str(Path(run_dir) / self.config.dir), flush_secs=self.config.flush_secs,
-                                         purge_step=first_step or None)
+        self.writer = self.SummaryWriter(
+            str(Path(run_dir) / self.config.dir),
+            flush_secs=self.config.flush_secs,
+            purge_step=first_step or None,
+        )
 
     def log(self, record: dict) -> None:
         for key, value in record.items():

@@ -1,5 +1,6 @@
 """Weights & Biases. Online by default; with WANDB_MODE=offline (or mode = "offline") it writes the run
 to RUN_DIR/wandb with no network, for `wandb sync` later."""
+
 from __future__ import annotations
 
 import secrets
@@ -37,9 +38,17 @@ class WandB(Logger):
         id_file = run_dir / ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
-        self.run = self.wandb.init(project=c.project, entity=c.entity, mode=c.mode, tags=c.tags or None,
-                                   dir=str(run_dir), id=run_id, name=str(run_dir), resume="allow",
-                                   config=recipe)
+        self.run = self.wandb.init(
+            project=c.project,
+            entity=c.entity,
+            mode=c.mode,
+            tags=c.tags or None,
+            dir=str(run_dir),
+            id=run_id,
+            name=str(run_dir),
+            resume="allow",
+            config=recipe,
+        )
 
     def log(self, record: dict) -> None:
         # W&B's steps only move forward: of the steps a resumed run logs again (those after its

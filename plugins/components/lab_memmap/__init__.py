@@ -3,6 +3,7 @@ numpy.memmap: the corpus stays on disk and only the windows a batch needs are pa
 
 With `path = ""` the data is the tinyshakespeare that ships with lab, tokenized on first use into
 the user's cache (see embedded.py)."""
+
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -13,8 +14,9 @@ from lab_memmap.source import MemmapData
 
 class MemmapConfig(BaseModel):
     path: str = Field(
-        "", description="folder with train.bin, val.bin and meta.json (from `lab prepare`), relative to "
-                        "the current folder; empty: the tinyshakespeare that ships with lab"
+        "",
+        description="folder with train.bin, val.bin and meta.json (from `lab prepare`), relative to "
+        "the current folder; empty: the tinyshakespeare that ships with lab",
     )
     dtype: Literal["uint16", "uint32"] = Field(
         "uint16", description="token width of the .bin files when the folder has no meta.json"

@@ -4,16 +4,17 @@ tinyshakespeare text in this package, tokenized on first use into the user's cac
 The cache folder is written by lab.data.prepare like any other (temporary files renamed into place, meta.json
 last), so a run killed while tokenizing, or two runs tokenizing at once, never leave a broken cache.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
+from lab.data.prepare import SPLITS, prepare, token_dtype
 from lab.errors import LabError
 from lab.files import cache_folder
 from lab.interfaces import Tokenizer
-from lab.data.prepare import SPLITS, prepare, token_dtype
 
 CORPUS = Path(__file__).with_name("tinyshakespeare.txt")
 VAL_FRACTION = 0.1  # the last 10% of the text, as nanoGPT's shakespeare prepare.py holds out
@@ -31,8 +32,10 @@ def tinyshakespeare(tokenizer: Tokenizer) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             prepare([CORPUS], folder, tokenizer, VAL_FRACTION, workers=1, progress=False)
         except OSError as e:
-            raise LabError(f"cannot write the token cache {folder} ({e.strerror}); set LAB_CACHE to a "
-                           "folder you can write") from None
+            raise LabError(
+                f"cannot write the token cache {folder} ({e.strerror}); set LAB_CACHE to a "
+                "folder you can write"
+            ) from None
     return folder
 
 

@@ -4,6 +4,7 @@ A window's start is a function of (seed, split, step, row) and nothing else, so 
 the same whenever it is asked for (exact resume needs no saved state) and whoever asks for it (a
 process of a distributed run takes its rows of the same global batch).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab.data.prepare import SPLITS
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource
-from lab.data.prepare import SPLITS
 from lab_memmap.embedded import tinyshakespeare
 
 SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
@@ -52,10 +53,14 @@ class MemmapData(DataSource):
         windows = np.empty((len(rows), T + 1), dtype=np.int64)
         for i, start in enumerate(self.window_starts(split, step, rows)):
             windows[i] = tokens[start : start + T + 1]
-        if windows.max(initial=0) >= self.vocab_size:  # meta.json's max_token_id was trusted: check what is read
-            raise LabError(f"{self.paths[split]} holds token id {windows.max()}, beyond the model's vocabulary of "
-                           f"{self.vocab_size} tokens, though its meta.json says otherwise: the file was changed "
-                           f"after lab prepare wrote it. Run lab prepare again into {self.paths[split].parent}")
+        if (
+            windows.max(initial=0) >= self.vocab_size
+        ):  # meta.json's max_token_id was trusted: check what is read
+            raise LabError(
+                f"{self.paths[split]} holds token id {windows.max()}, beyond the model's vocabulary of "
+                f"{self.vocab_size} tokens, though its meta.json says otherwise: the file was changed "
+                f"after lab prepare wrote it. Run lab prepare again into {self.paths[split].parent}"
+            )
         x, y = windows[:, :-1].copy(), windows[:, 1:].copy()  # y is x one token later
         return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -75,7 +80,9 @@ def check_folder(folder: Path) -> None:
         raise LabError(f"data folder {folder} ([data] path) {what}; {make_it}")
     for split in SPLITS:
         if not (folder / f"{split}.bin").is_file():
-            raise LabError(f"{folder / split}.bin not found: a data folder holds train.bin and val.bin; {make_it}")
+            raise LabError(
+                f"{folder / split}.bin not found: a data folder holds train.bin and val.bin; {make_it}"
+            )
 
 
 def read_meta(folder: Path) -> dict | None:
@@ -98,7 +105,10 @@ def read_meta(folder: Path) -> dict | None:
 def check_meta_matches(meta: dict, folder: Path, context: DataContext) -> None:
     tokenizer = context.tokenizer
     fingerprint = meta.get("tokenizer_fingerprint")  # written by lab prepare since tokenizers can be trained
-    if fingerprint is not None and (meta["tokenizer"], fingerprint) == (tokenizer.name, tokenizer.fingerprint()):
+    if fingerprint is not None and (meta["tokenizer"], fingerprint) == (
+        tokenizer.name,
+        tokenizer.fingerprint(),
+    ):
         return
     if fingerprint is not None and meta["tokenizer"] == tokenizer.name:
         made_by = describe(meta["tokenizer"], fingerprint, meta.get("tokenizer_files") or {})
@@ -106,14 +116,17 @@ def check_meta_matches(meta: dict, folder: Path, context: DataContext) -> None:
         raise LabError(
             f"{folder}/meta.json: the tokens were made by another tokenizer {made_by} than the recipe's "
             f"[tokenizer] {recipe_has}; point [tokenizer] at the tokenizer the data was made with, or re-run "
-            f"lab prepare YOUR_TEXT --out {folder} --recipe RECIPE")
+            f"lab prepare YOUR_TEXT --out {folder} --recipe RECIPE"
+        )
     if (meta["tokenizer"], meta["vocab_size"]) != (tokenizer.name, tokenizer.vocab_size):
         raise LabError(
             f"{folder}/meta.json: the tokens were made by tokenizer '{meta['tokenizer']}' ({meta['vocab_size']} "
             f"tokens) but the recipe's [tokenizer] is '{tokenizer.name}' ({tokenizer.vocab_size} tokens); "
-            f"set [tokenizer] name = \"{meta['tokenizer']}\", or re-run: "
+            f'set [tokenizer] name = "{meta["tokenizer"]}", or re-run: '
             f"lab prepare YOUR_TEXT --out {folder} "
-            + ("--recipe RECIPE" if tokenizer.files() else f"--tokenizer {tokenizer.name}")  # settings come from a recipe
+            + (
+                "--recipe RECIPE" if tokenizer.files() else f"--tokenizer {tokenizer.name}"
+            )  # settings come from a recipe
         )
 
 
@@ -150,7 +163,7 @@ def largest_id(tokens: np.ndarray) -> int:
 def check_ids_fit(max_id: int, folder: Path, context: DataContext, have_meta: bool) -> None:
     if max_id < context.vocab_size:
         return
-    hint = "" if have_meta else " If the files hold uint32 tokens, set [data] dtype = \"uint32\"."
+    hint = "" if have_meta else ' If the files hold uint32 tokens, set [data] dtype = "uint32".'
     raise LabError(
         f"the token files in {folder} hold ids up to {max_id}, but the model's vocabulary has "
         f"{context.vocab_size} tokens: set [model] vocab_size to at least {max_id + 1}, or prepare the "

@@ -9,6 +9,7 @@ routed slots that went to expert e, P_e: mean router probability of e), which is
 and optionally ST-MoE's router z-loss, mean(logsumexp(router logits)^2), both added to the training
 loss through lab.extras.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,11 @@ class MoEConfig(BaseModel):
     ]
     n_experts: PositiveInt = Field(8, description="experts per layer")
     top_k: PositiveInt = Field(2, description="experts each token is sent to")
-    expansion: PositiveFloat = Field(2.0, description="each expert's hidden width as a multiple of n_embd "
-                                     "(2 with top_k 2: the active parameters of a 4x dense MLP)")
+    expansion: PositiveFloat = Field(
+        2.0,
+        description="each expert's hidden width as a multiple of n_embd "
+        "(2 with top_k 2: the active parameters of a 4x dense MLP)",
+    )
     activation: Literal["gelu", "relu2"] = Field("gelu", description="the experts' nonlinearity")
     balance_coef: float = Field(0.01, ge=0.0, description="weight of the load-balancing loss (Switch: 0.01)")
     z_loss_coef: float = Field(0.0, ge=0.0, description="weight of the router z-loss (ST-MoE: 0.001); 0: off")
@@ -44,8 +48,10 @@ class MoEConfig(BaseModel):
     @model_validator(mode="after")
     def _k_within_experts(self):
         if self.top_k > self.n_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be at most n_experts ({self.n_experts}): a token "
-                             f"cannot go to more experts than there are; set top_k <= {self.n_experts}")
+            raise ValueError(
+                f"top_k ({self.top_k}) must be at most n_experts ({self.n_experts}): a token "
+                f"cannot go to more experts than there are; set top_k <= {self.n_experts}"
+            )
         return self
 
 
@@ -103,7 +109,9 @@ class MoE(nn.Module):
         order = slots.argsort(stable=True)
         counts = torch.bincount(slots, minlength=self.n_experts)
         out = torch.zeros_like(flat)
-        for e, routed in enumerate(order.split(counts.tolist())):  # each expert takes all its tokens in one matmul
+        for e, routed in enumerate(
+            order.split(counts.tolist())
+        ):  # each expert takes all its tokens in one matmul
             if routed.numel():
                 token = routed // self.top_k
                 y = self.expert(e, flat[token]) * weights.flatten()[routed, None].to(flat.dtype)
@@ -122,7 +130,8 @@ class MoE(nn.Module):
     def balance_loss(self, probs, experts):
         """Switch's: E * sum_e (share of routed slots to e) * (mean probability of e). 1 when uniform."""
         counts = torch.zeros(self.n_experts, device=probs.device).scatter_add_(
-            0, experts.flatten(), torch.ones(experts.numel(), device=probs.device))
+            0, experts.flatten(), torch.ones(experts.numel(), device=probs.device)
+        )
         share = counts / experts.numel()
         return self.n_experts * (share * probs.mean(dim=0)).sum()
 

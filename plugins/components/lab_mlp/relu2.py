@@ -1,5 +1,6 @@
 """Squared ReLU (So et al. 2021, Primer), the MLP of the modded-nanogpt speedrun and nanochat:
 proj(relu(fc(x))^2). As cheap as ReLU, and it learned faster than GELU in Primer's search."""
+
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, PositiveInt
 from torch import nn

@@ -1,4 +1,5 @@
 """SwiGLU (Shazeer 2020), LLaMA's feed-forward block: down(silu(gate(x)) * up(x))."""
+
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
@@ -7,8 +8,12 @@ from lab.interfaces import dropout, mark_residual
 
 
 class SwiGLUConfig(BaseModel):
-    hidden: NonNegativeInt = Field(0, description="hidden width; 0: LLaMA's rule from expansion and multiple_of")
-    expansion: PositiveFloat = Field(4.0, description="the GELU MLP's width multiple that SwiGLU matches in parameters")
+    hidden: NonNegativeInt = Field(
+        0, description="hidden width; 0: LLaMA's rule from expansion and multiple_of"
+    )
+    expansion: PositiveFloat = Field(
+        4.0, description="the GELU MLP's width multiple that SwiGLU matches in parameters"
+    )
     multiple_of: PositiveInt = Field(256, description="round the hidden width up to this, for fast matmuls")
 
 

@@ -1,4 +1,5 @@
 """RMSNorm (Zhang & Sennrich 2019), as in LLaMA: scale by the root mean square, no centring, no bias."""
+
 import torch
 from pydantic import BaseModel, Field, PositiveFloat
 from torch import nn

@@ -1,4 +1,5 @@
 """AdamW, its weight-decay groups made from the parameters' roles (lab/roles.py); Muon."""
+
 from typing import Annotated, Literal
 
 import torch
@@ -6,7 +7,6 @@ from pydantic import BaseModel, Field, PositiveFloat
 
 from lab import hookimpl
 from lab_optim.muon import MuonConfig, muon
-
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -29,22 +29,39 @@ def adamw(config: AdamWConfig, params, model) -> torch.optim.AdamW:
     # only fights the normalisation. On GPT-2 these are the groups of nanoGPT's rank rule.
     no_decay = set(config.no_decay_roles)
     groups = [
-        {"name": "decay", "params": [p.param for p in params if p.role not in no_decay],
-         "weight_decay": config.weight_decay},
+        {
+            "name": "decay",
+            "params": [p.param for p in params if p.role not in no_decay],
+            "weight_decay": config.weight_decay,
+        },
         {"name": "no_decay", "params": [p.param for p in params if p.role in no_decay], "weight_decay": 0.0},
     ]
     impl = config.implementation
     if impl == "auto":
         impl = "fused" if params and params[0].param.is_cuda else "foreach"
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=config.betas, eps=config.eps,
-        fused=True if impl == "fused" else None, foreach=impl == "foreach",
+        groups,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        fused=True if impl == "fused" else None,
+        foreach=impl == "foreach",
     )
 
 
 @hookimpl
 def lab_components(register):
-    register("optimizer", "adamw", adamw, AdamWConfig,
-             "AdamW; weight decay for every parameter role but vectors, gains and biases")
-    register("optimizer", "muon", muon, MuonConfig,
-             "Muon (orthogonalised momentum) for hidden matrices, AdamW for embedding, head and vectors")
+    register(
+        "optimizer",
+        "adamw",
+        adamw,
+        AdamWConfig,
+        "AdamW; weight decay for every parameter role but vectors, gains and biases",
+    )
+    register(
+        "optimizer",
+        "muon",
+        muon,
+        MuonConfig,
+        "Muon (orthogonalised momentum) for hidden matrices, AdamW for embedding, head and vectors",
+    )

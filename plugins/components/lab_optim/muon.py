@@ -7,6 +7,7 @@ The math follows the published algorithm (github.com/KellerJordan/Muon): quintic
 coefficients (3.4445, -4.7750, 2.0315), 5 steps, after scaling the update to Frobenius norm 1;
 Nesterov momentum 0.95; the update scaled by sqrt(max(1, rows / cols)); decoupled weight decay.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
@@ -70,8 +71,14 @@ class Muon(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p)
-        direction = muon_direction(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
-                                   group["ns_steps"], self.ns_dtype)
+        direction = muon_direction(
+            p.grad,
+            state["momentum_buffer"],
+            group["momentum"],
+            group["nesterov"],
+            group["ns_steps"],
+            self.ns_dtype,
+        )
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction, alpha=-group["lr"])
 
@@ -88,29 +95,40 @@ class Muon(torch.optim.Optimizer):
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t) ** 0.5).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
 
 
 class MuonConfig(BaseModel):
     works_on_shards: ClassVar[bool] = False  # orthogonalises whole matrices: FSDP2's shards will not do
-    lr: PositiveFloat = Field(0.02, description="Muon's lr for hidden matrices, in units of spectral norm per step")
+    lr: PositiveFloat = Field(
+        0.02, description="Muon's lr for hidden matrices, in units of spectral norm per step"
+    )
     momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon's momentum")
     nesterov: bool = Field(True, description="Nesterov momentum, as published")
     ns_steps: PositiveInt = Field(5, description="Newton-Schulz iterations")
     weight_decay: float = Field(0.0, ge=0.0, description="decoupled decay of the Muon matrices")
-    muon_roles: list[str] = Field(["matrix"], description="parameter roles Muon steps (rank >= 2 only); "
-                                  "every other parameter gets AdamW")
-    embedding_lr: PositiveFloat = Field(0.01, description="AdamW lr of the token embedding (and the head when tied)")
+    muon_roles: list[str] = Field(
+        ["matrix"],
+        description="parameter roles Muon steps (rank >= 2 only); every other parameter gets AdamW",
+    )
+    embedding_lr: PositiveFloat = Field(
+        0.01, description="AdamW lr of the token embedding (and the head when tied)"
+    )
     head_lr: PositiveFloat = Field(0.004, description="AdamW lr of an untied LM head")
-    adamw_lr: PositiveFloat = Field(0.004, description="AdamW lr of the other parameters: gains, biases, "
-                                    "positions, routers...")
-    adamw_betas: tuple[Beta, Beta] = Field((0.8, 0.95), description="AdamW's moment decay rates (modded-nanogpt's)")
+    adamw_lr: PositiveFloat = Field(
+        0.004, description="AdamW lr of the other parameters: gains, biases, positions, routers..."
+    )
+    adamw_betas: tuple[Beta, Beta] = Field(
+        (0.8, 0.95), description="AdamW's moment decay rates (modded-nanogpt's)"
+    )
     adamw_eps: PositiveFloat = Field(1e-10, description="AdamW's denominator floor")
     adamw_weight_decay: float = Field(0.0, ge=0.0, description="decoupled decay of the AdamW groups")
     ns_dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="precision of Newton-Schulz; auto: bf16 on CUDA (as published), fp32 elsewhere "
-        "(CPUs without bf16 matmul units run it slower than fp32)")
+        "auto",
+        description="precision of Newton-Schulz; auto: bf16 on CUDA (as published), fp32 elsewhere "
+        "(CPUs without bf16 matmul units run it slower than fp32)",
+    )
 
 
 def muon(config: MuonConfig, params, model) -> Muon:
@@ -122,15 +140,31 @@ def muon(config: MuonConfig, params, model) -> Muon:
             groups["muon"].append(p.param)
         else:
             groups[p.role if p.role in ("embedding", "head") else "adamw"].append(p.param)
-    adamw = {"use_muon": False, "betas": config.adamw_betas, "eps": config.adamw_eps,
-             "weight_decay": config.adamw_weight_decay}
+    adamw = {
+        "use_muon": False,
+        "betas": config.adamw_betas,
+        "eps": config.adamw_eps,
+        "weight_decay": config.adamw_weight_decay,
+    }
     settings = {
-        "muon": {"use_muon": True, "lr": config.lr, "momentum": config.momentum, "nesterov": config.nesterov,
-                 "ns_steps": config.ns_steps, "weight_decay": config.weight_decay},
+        "muon": {
+            "use_muon": True,
+            "lr": config.lr,
+            "momentum": config.momentum,
+            "nesterov": config.nesterov,
+            "ns_steps": config.ns_steps,
+            "weight_decay": config.weight_decay,
+        },
         "embedding": {**adamw, "lr": config.embedding_lr},
         "head": {**adamw, "lr": config.head_lr},
         "adamw": {**adamw, "lr": config.adamw_lr},
     }
     on_cuda = any(p.param.is_cuda for p in params)
-    dtype = torch.bfloat16 if config.ns_dtype == "bf16" or (config.ns_dtype == "auto" and on_cuda) else torch.float32
-    return Muon([{"name": name, "params": ps, **settings[name]} for name, ps in groups.items() if ps], ns_dtype=dtype)
+    dtype = (
+        torch.bfloat16
+        if config.ns_dtype == "bf16" or (config.ns_dtype == "auto" and on_cuda)
+        else torch.float32
+    )
+    return Muon(
+        [{"name": name, "params": ps, **settings[name]} for name, ps in groups.items() if ps], ns_dtype=dtype
+    )

@@ -1,5 +1,6 @@
 """ALiBi (Press et al. 2022): no position in the embeddings; each head adds -slope * distance to
 its scores, so farther keys count less, at a rate that differs per head. No limit on length."""
+
 import math
 
 import torch
@@ -15,6 +16,7 @@ class AlibiConfig(BaseModel):
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """The paper's slopes: for 2^m heads, 2^(-8/2^m * i) for i = 1..n. Otherwise those of the power
     of two below n, then every other slope of the next power of two up."""
+
     def geometric(n):
         return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
 

@@ -1,6 +1,7 @@
 """Rotary positions (Su et al. 2021, RoFormer): q and k are rotated by an angle proportional to
 their position, so the score q_i . k_j depends only on i - j. Nothing is added to the embeddings
 and there are no parameters, so any length works."""
+
 import torch
 from pydantic import BaseModel, Field, PositiveFloat
 
@@ -10,7 +11,9 @@ from lab.interfaces import Position
 
 class RopeConfig(BaseModel):
     theta: PositiveFloat = Field(10000.0, description="base of the angle frequencies; larger reaches farther")
-    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that rotate (GPT-NeoX rotates 0.25)")
+    fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of each head's dims that rotate (GPT-NeoX rotates 0.25)"
+    )
 
 
 class RotaryPosition(Position):
@@ -19,8 +22,10 @@ class RotaryPosition(Position):
         self.theta = config.theta
         self.dims = int(model.head_dim * config.fraction) // 2 * 2  # rotated in pairs
         if self.dims == 0:
-            raise LabError(f"[model.position] fraction = {config.fraction} of head_dim {model.head_dim} "
-                           "rotates no dims; raise fraction or head_dim (n_embd / n_head)")
+            raise LabError(
+                f"[model.position] fraction = {config.fraction} of head_dim {model.head_dim} "
+                "rotates no dims; raise fraction or head_dim (n_embd / n_head)"
+            )
         # Not a learned weight and not saved: recomputed from theta, on whatever device the model is.
         self.register_buffer("inv_freq", torch.empty(self.dims // 2), persistent=False)
         self.init_weights()

@@ -1,6 +1,7 @@
 """Warmup-stable-decay (Hu et al. 2024, MiniCPM; Hägele et al. 2024): warm up, hold the peak, and
 decay only over the last fraction of the run. The stable phase needs no end in sight, so a run can
 be extended, and a checkpoint from it cooled down, at any point."""
+
 import math
 from typing import Literal
 
@@ -12,7 +13,9 @@ from lab_schedule.long_warmup import warn_if_longer_than_the_run
 
 class WSDConfig(BaseModel):
     warmup_steps: NonNegativeInt = Field(100, description="steps of linear warmup from ~0")
-    decay_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of max_steps spent decaying, at the end")
+    decay_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="share of max_steps spent decaying, at the end"
+    )
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="floor, as a fraction of the peak lr")
     shape: Literal["linear", "sqrt", "cosine"] = Field(
         "sqrt", description="decay curve; 1 - sqrt did best in Hägele et al. 2024"

@@ -1,5 +1,6 @@
 """The `bpe` tokenizer: a byte-level BPE read from a tokenizer.json, Hugging Face tokenizers' format
 (what `lab tokenizer train` writes, and what transformers' PreTrainedTokenizerFast loads)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,15 +18,20 @@ TRAIN_ONE = "train one with: lab tokenizer train YOUR_TEXT --vocab-size 4096 --o
 
 
 class BPEConfig(BaseModel):
-    path: str = Field(description="a tokenizer.json (or a folder holding one) written by `lab tokenizer train`, "
-                      "relative to the current folder", examples=[str(SHAKESPEARE)])
+    path: str = Field(
+        description="a tokenizer.json (or a folder holding one) written by `lab tokenizer train`, "
+        "relative to the current folder",
+        examples=[str(SHAKESPEARE)],
+    )
 
 
 def tokenizers_library():
     try:
         import tokenizers
     except ImportError:
-        raise LabError("the bpe tokenizer needs Hugging Face tokenizers: pip install 'lab[tokenizers]'") from None
+        raise LabError(
+            "the bpe tokenizer needs Hugging Face tokenizers: pip install 'lab[tokenizers]'"
+        ) from None
     return tokenizers
 
 
@@ -34,14 +40,17 @@ def read_tokenizer_json(path: Path):
     if path.is_dir() and (path / "tokenizer.json").is_file():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise LabError(f"[tokenizer] path = '{path}': no such file. Fix the path in the recipe, or {TRAIN_ONE} "
-                       "and set path = \"DIR/tokenizer.json\"")
+        raise LabError(
+            f"[tokenizer] path = '{path}': no such file. Fix the path in the recipe, or {TRAIN_ONE} "
+            'and set path = "DIR/tokenizer.json"'
+        )
     try:
         return path, tokenizers_library().Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for any malformed file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LabError(f"{path} is not a tokenizer.json that Hugging Face tokenizers can read ({reason}); "
-                       f"{TRAIN_ONE}") from None
+        raise LabError(
+            f"{path} is not a tokenizer.json that Hugging Face tokenizers can read ({reason}); {TRAIN_ONE}"
+        ) from None
 
 
 class BPETokenizer(Tokenizer):

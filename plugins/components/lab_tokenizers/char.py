@@ -3,6 +3,7 @@ those of the training text, listed in a vocab.json that `lab tokenizer train --c
 
     {"chars": ["\\n", " ", "!", ...]}     token i is chars[i]
 """
+
 from __future__ import annotations
 
 import json
@@ -19,23 +20,34 @@ MAKE_ONE = "make one with: lab tokenizer train YOUR_TEXT --char --out DIR"
 
 
 class CharConfig(BaseModel):
-    vocab: str = Field(description="a vocab.json of characters (or a folder holding one) written by "
-                       "`lab tokenizer train --char`, relative to the current folder", examples=[str(SHAKESPEARE)])
+    vocab: str = Field(
+        description="a vocab.json of characters (or a folder holding one) written by "
+        "`lab tokenizer train --char`, relative to the current folder",
+        examples=[str(SHAKESPEARE)],
+    )
 
 
 def read_vocab(path: Path) -> tuple[Path, list[str]]:
     if path.is_dir() and (path / "vocab.json").is_file():
         path = path / "vocab.json"
     if not path.is_file():
-        raise LabError(f"[tokenizer] vocab = '{path}': no such file. Fix the path in the recipe, or {MAKE_ONE} "
-                       "and set vocab = \"DIR/vocab.json\"")
+        raise LabError(
+            f"[tokenizer] vocab = '{path}': no such file. Fix the path in the recipe, or {MAKE_ONE} "
+            'and set vocab = "DIR/vocab.json"'
+        )
     try:
         chars = json.loads(path.read_text())["chars"]
-        if not chars or not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) < len(chars):
-            raise ValueError("\"chars\" must be a list of distinct single characters")
+        if (
+            not chars
+            or not all(isinstance(c, str) and len(c) == 1 for c in chars)
+            or len(set(chars)) < len(chars)
+        ):
+            raise ValueError('"chars" must be a list of distinct single characters')
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise LabError(f"{path} is not a char vocabulary ({e}); it should be JSON like {{\"chars\": [\"a\", \"b\"]}}; "
-                       f"{MAKE_ONE}") from None
+        raise LabError(
+            f'{path} is not a char vocabulary ({e}); it should be JSON like {{"chars": ["a", "b"]}}; '
+            f"{MAKE_ONE}"
+        ) from None
     return path, chars
 
 
@@ -53,10 +65,12 @@ class CharTokenizer(Tokenizer):
             return [self.ids[c] for c in text]
         except KeyError as e:
             c = e.args[0]
-            raise LabError(f"the character {c!r} (U+{ord(c):04X}) is not in the char vocabulary {self.path} "
-                           f"({self.vocab_size} characters of the text it was made from). Make the vocabulary "
-                           f"from text that has it (lab tokenizer train YOUR_TEXT --char --out DIR), or remove "
-                           f"it from the text") from None
+            raise LabError(
+                f"the character {c!r} (U+{ord(c):04X}) is not in the char vocabulary {self.path} "
+                f"({self.vocab_size} characters of the text it was made from). Make the vocabulary "
+                f"from text that has it (lab tokenizer train YOUR_TEXT --char --out DIR), or remove "
+                f"it from the text"
+            ) from None
 
     def decode(self, ids) -> str:
         # An id past the characters is one of the padding rows of a vocab_multiple-padded model,

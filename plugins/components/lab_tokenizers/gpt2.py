@@ -1,5 +1,6 @@
 """GPT-2's byte-level BPE through tiktoken, built from the vocab.bpe and encoder.json that ship in
 this package: tiktoken.get_encoding("gpt2") would download them at run time."""
+
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,8 +26,11 @@ def gpt2_encoding() -> tiktoken.Encoding:
         vocab_bpe_file=str(HERE / "vocab.bpe"), encoder_json_file=str(HERE / "encoder.json")
     )
     return tiktoken.Encoding(
-        name="gpt2", pat_str=PATTERN, mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: len(ranks)}, explicit_n_vocab=len(ranks) + 1,
+        name="gpt2",
+        pat_str=PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: len(ranks)},
+        explicit_n_vocab=len(ranks) + 1,
     )
 
 
