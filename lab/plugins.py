@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -13,7 +14,7 @@ from pydantic import BaseModel
 
 from lab import hookspecs
 from lab.errors import LabError, did_you_mean
-from lab.interfaces import SLOTS
+from lab.slots import SLOTS, ComponentConfig
 
 GROUP = "lab.plugins"
 
@@ -54,6 +55,8 @@ class Registry:
                 f"package '{component.package}' registers {component.slot} '{component.name}' "
                 "with a Config that is not a pydantic BaseModel subclass"
             )
+        if not issubclass(component.Config, ComponentConfig):  # written before ComponentConfig: give it
+            component = dataclasses.replace(component, Config=_with_hook_defaults(component.Config))
         taken = self.components[component.slot].get(component.name)
         if taken is not None:
             raise LabError(
@@ -62,6 +65,12 @@ class Registry:
                 "(pip uninstall NAME), or rename the component in one."
             )
         self.components[component.slot][component.name] = component
+
+
+def _with_hook_defaults(config: type[BaseModel]) -> type[ComponentConfig]:
+    """A plain pydantic Config as a ComponentConfig: the same fields, the optional hooks' defaults."""
+    return type(config.__name__, (config, ComponentConfig), {"__module__": config.__module__,
+                                                             "__doc__": config.__doc__})  # fmt: skip
 
 
 def _distribution_name(ep) -> str:
