@@ -21,7 +21,8 @@ from lab import files
 from lab.commands.cli import main
 from lab.errors import LabError
 from lab.runs import checkpoint
-from lab.runs.lock import LOCK, RunLock
+from lab.runs.layout import LOCK
+from lab.runs.lock import RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -53,6 +53,7 @@ from lab.errors import LabError
 from lab.files import fsync, remove_stale_temporaries, temporary, usual_mode, write_text_atomically
 from lab.interfaces import Tokenizer
 from lab.runs import tokenizer_files
+from lab.runs.layout import TOKENIZER
 
 SPLITS = ("train", "val")
 PARALLEL_BYTES = 8 << 20  # inputs at least this big are tokenized by one process per core
@@ -146,7 +147,7 @@ def prepare(
         if output.tokens == 0:
             raise LabError(f"no text in {', '.join(inputs)}: the inputs are empty. {INPUT_HELP}")
         output.keep_both_splits()
-        tokenizer_files.keep(tokenizer, out / tokenizer_files.FOLDER)  # the vocabulary travels with the data
+        tokenizer_files.keep(tokenizer, out / TOKENIZER)  # the vocabulary travels with the data
         meta = output.meta(inputs=inputs, input_bytes=total_bytes)
         output.finish(meta)
     finally:

@@ -30,9 +30,10 @@ from pathlib import Path
 from lab.data.prepare import cpu_count
 from lab.errors import LabError
 from lab.recipe import load_recipe
+from lab.runs import is_run
 from lab_compare import stats
 from lab_compare.compare import MEASURED, markdown, plot_curves, run_table
-from lab_compare.runs import Run, flatten, is_run
+from lab_compare.runs import Run, flatten
 
 GRID = "sweep.json"
 RESERVED = {"train.seed": "use --seeds N", "train.out_dir": "each run's folder is the sweep's: use --out DIR"}
