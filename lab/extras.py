@@ -20,7 +20,7 @@ nothing, unless the component is inside `collecting(module)`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -111,3 +111,14 @@ def collecting(module: nn.Module):
     finally:
         for sub in module.modules():
             sub.__dict__.pop("_lab_extras", None)
+
+
+def micro_backward(forward, model, x, y, accum: int, autocast=None) -> dict:
+    """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
+    components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
+    the processes: the mean over the global batch). Returns the detached loss and extras."""
+    with autocast or nullcontext():
+        _, loss = forward(x, y)
+    extras = model.extras  # what the components added during this forward
+    ((loss + extras.loss()) / accum).backward()
+    return {"loss": loss.detach(), **extras.values()}

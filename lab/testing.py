@@ -504,7 +504,7 @@ def extra_loss_gradients(component):
     """A component that adds loss terms, in its slot of a tiny GPT: each term is a finite scalar, its
     gradient reaches the component's own parameters, and two micro-batches through the trainer's
     step give (sum of the micro-batches' cross-entropy + weight * term gradients) / 2."""
-    from lab.engine.trainer import micro_backward
+    from lab.extras import micro_backward
 
     slot = component.slot
     model = tiny_gpt(swap=component)

@@ -8,7 +8,6 @@ import socket
 
 import pytest
 import torch
-from test_hf import hf_model  # noqa: F401  (a fixture: transformers' GPT-2, shrunk to block 48)
 from tiny import tiny_recipe
 
 import lab.runs

@@ -35,6 +35,7 @@ from lab.engine import distributed
 from lab.engine.peak import device_peak
 from lab.engine.precision import pick_dtype
 from lab.errors import LabError
+from lab.extras import micro_backward
 from lab.files import writing
 from lab.inference.sampling import check_sampling, generate
 from lab.inference.scoring import Evaluator, bits_per_byte, describe, utf8_bytes
@@ -138,17 +139,6 @@ def micro_rows(micro: int, batch_size: int, rank: int = 0, world_size: int = 1) 
     global batch."""
     start = (micro * world_size + rank) * batch_size
     return range(start, start + batch_size)
-
-
-def micro_backward(forward, model, x, y, accum: int, autocast=None) -> dict:
-    """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
-    components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
-    the processes: the mean over the global batch). Returns the detached loss and extras."""
-    with autocast or nullcontext():
-        _, loss = forward(x, y)
-    extras = model.extras  # what the components added during this forward (lab/extras.py)
-    ((loss + extras.loss()) / accum).backward()
-    return {"loss": loss.detach(), **extras.values()}
 
 
 def total_steps(recipe: Recipe, world_size: int) -> int:
