@@ -394,6 +394,7 @@ def test_lm_eval_not_installed(gpt2_run, capsys, monkeypatch):
     assert_one_message(status, err, "pip install 'lab[eval]'")
 
 
+@pytest.mark.slow  # imports lm-eval's task registry
 def test_an_unknown_harness_task(gpt2_run, capsys, no_network):
     pytest.importorskip("lm_eval")
     assert_one_message(

@@ -18,6 +18,10 @@ from tiny import tiny_recipe
 
 from lab.runs import checkpoint
 
+# runs stopped by signals, one and two processes; test_jsonl and the data_resume conformance check are the
+# fast tier's
+pytestmark = pytest.mark.slow
+
 # Dropout on, so a resume that forgot the RNG state would show; the data crosses the end of the
 # files (an epoch) during the run, so a resume also has to know the pass it is in.
 RECIPE = tiny_recipe(
