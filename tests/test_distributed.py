@@ -164,7 +164,7 @@ def test_a_global_batch_that_does_not_split_is_one_message_from_rank_0(folder):
     done = torchrun(folder, "bad", "train.global_batch_size=6")
     assert done.returncode != 0
     # One message, rank 0's, and no traceback of lab's (torchrun then reports the failure its own way).
-    assert done.stderr.count("error: ") == 1 and "lab/train.py" not in done.stderr
+    assert done.stderr.count("error: ") == 1 and "lab/engine/trainer.py" not in done.stderr
     assert (
         "tiny.toml [train] global batch 6 cannot be split into micro-batches of 4 over 2 process(es); "
         "set global_batch_size to a multiple of 8 (e.g. 8), or batch_size to a divisor of 3 (e.g. 3)"

@@ -150,6 +150,6 @@ def test_another_number_of_processes_is_refused_and_the_checkpoint_kept(straight
         "another number of processes"
     )
     assert message in err and err.count("error: ") == 1, err  # rank 0's message alone
-    assert "lab/train.py" not in err and "lab/checkpoint.py" not in err  # no traceback of lab's
+    assert "lab/engine/trainer.py" not in err and "lab/runs/checkpoint.py" not in err  # no traceback of lab's
     assert processes == 1 or "Traceback" not in err
     assert {str(p): p.stat().st_mtime_ns for p in (folder / "straight" / "checkpoints").rglob("*")} == files

@@ -8,7 +8,7 @@ checkpoint_interval steps and at the end.
 
 With torchrun (`torchrun --nproc_per_node=N -m lab run RECIPE`) N processes train together: the
 global batch is batch_size x grad_accum x N sequences, each process computes its rows of it
-(micro_rows), DDP or FSDP2 averages the gradients (lab/distributed.py), the logged losses and grad
+(micro_rows), DDP or FSDP2 averages the gradients (lab/engine/distributed.py), the logged losses and grad
 norm are those of the whole global batch, and rank 0 alone prints and writes the run folder. The
 same recipe logs the same losses on any layout with the same global batch (up to float rounding).
 

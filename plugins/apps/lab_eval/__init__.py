@@ -1,6 +1,6 @@
 """`lab eval`: perplexity and bits per byte of a run on text, multiple-choice tasks from local
 files, and lm-evaluation-harness tasks. An application on top of the core's scoring
-(lab/evaluate.py), added through the `lab_commands` hook; lm-eval is the optional extra `eval`."""
+(lab/inference/scoring.py), added through the `lab_commands` hook; lm-eval is the optional extra `eval`."""
 
 from lab import hookimpl
 from lab.plugins import lazy_command
