@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from tiny import HF_SHAPE
+from tiny import HF_SHAPE, TRAIN, tiny_recipe, write_tiny_run
 
 # Two cores: more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -60,3 +60,15 @@ def hf_model():
             if p.dim() >= 2 and "wte" not in name and "lm_head" not in name:
                 p.normal_(0, 0.3)
     return model
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """write(rest=TRAIN, model_extra="", out="run") -> the path of a tiny recipe (tests/tiny.py: two
+    layers, 32 wide) on counting tokens, training 4 steps into tmp_path/out: the recipe a test that
+    needs a run writes, instead of a copy of its own."""
+
+    def write(rest: str = TRAIN, model_extra: str = "", out: str = "run") -> str:
+        return write_tiny_run(tmp_path, tiny_recipe("tiny", rest, model_extra=model_extra), out=out)
+
+    return write

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
-from tiny import counting_tokens, tiny_recipe
+from tiny import TRAIN
 from torch import nn
 
 from lab import hookimpl
@@ -185,40 +185,9 @@ def plugins():
 
 
 @pytest.fixture
-def run_recipe(tmp_path):
-    """write(extra TOML, model_extra) -> the path of a tiny recipe on counting data."""
-    data = tmp_path / "data"
-    counting_tokens(data)
-
-    def write(rest="", **fmt):
-        path = tmp_path / "moe.toml"
-        path.write_text(
-            tiny_recipe(
-                "moe",
-                """
-[schedule]
-name = "cosine"
-warmup_steps = 1
-[train]
-batch_size = 4
-precision = "fp32"
-max_steps = 4
-eval_interval = 2
-eval_batches = 2
-log_interval = 2
-checkpoint_interval = 4
-out_dir = "{out}"
-device = "cpu"
-[generate]
-num_samples = 1
-max_new_tokens = 2
-"""
-                + rest,
-            ).format(data=data, out=tmp_path / "run")
-        )
-        return str(path)
-
-    return write
+def run_recipe(tiny_run):
+    """write(extra TOML) -> the path of a tiny recipe on counting data, 4 steps (conftest's tiny_run)."""
+    return lambda rest="": tiny_run(TRAIN + rest)
 
 
 def edit(path, old, new):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import counting_tokens, tiny_recipe
+from tiny import tiny_recipe, write_tiny_run
 
 from lab import files
 from lab.commands.cli import main
@@ -52,11 +52,7 @@ max_new_tokens = 4
 
 
 def write_recipe(folder, out="run") -> str:
-    data = folder / "data"
-    counting_tokens(data)
-    path = folder / "tiny.toml"
-    path.write_text(TINY.format(data=data, out=folder / out))
-    return str(path)
+    return write_tiny_run(folder, TINY, out=out)
 
 
 def run_lab(capsys, *args):
