@@ -14,7 +14,7 @@ import pluggy
 from pydantic import BaseModel
 
 from lab import hookspecs
-from lab.errors import LabError, did_you_mean
+from lab.errors import LabError, did_you_mean, plugin_error
 from lab.slots import SLOTS, ComponentConfig
 
 GROUP = "lab.plugins"
@@ -35,9 +35,24 @@ class Registry:
     components: dict[str, dict[str, Component]] = field(default_factory=lambda: {slot: {} for slot in SLOTS})
     failures: list[tuple[str, str]] = field(default_factory=list)  # (package, error) that failed
     hook: object = None  # pluggy's hook relay, for hooks other than lab_components
+    package_of: dict[str, str] = field(default_factory=dict)  # pluggy's plugin name -> its package
+
+    def call_each(self, hook: str, what: str, **kwargs) -> None:
+        """Call a hook's implementations one by one, so an error in one is said with its package's
+        name (lab.errors.PluginError) instead of a traceback through pluggy."""
+        for impl in getattr(self.hook, hook).get_hookimpls():
+            package = self.package_of.get(impl.plugin_name, impl.plugin_name)
+            try:
+                impl.function(**kwargs)
+            except Exception as e:
+                raise plugin_error(package, what, e) from e
 
     def get(self, slot: str, name: str, where: str = "") -> Component:
         """The component, or a LabError naming what exists and the closest match."""
+        if slot not in self.components:
+            raise LabError(
+                f"unknown slot '{slot}'; slots are: {', '.join(SLOTS)}.{did_you_mean(slot, SLOTS)}"
+            )
         found = self.components[slot]
         if name in found:
             return found[name]
@@ -136,8 +151,11 @@ def build_registry(extra_plugins: dict[str, object] | None = None, warn=True) ->
         def register(slot, name, factory, Config, description="", _package=package):
             registry.add(Component(slot, name, factory, Config, description, _package))
 
-        impl.function(register=register)
-    registry.hook = pm.hook
+        try:
+            impl.function(register=register)
+        except Exception as e:
+            raise plugin_error(package, "its lab_components hook", e) from e
+    registry.hook, registry.package_of = pm.hook, package_of
     return registry
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -26,7 +27,7 @@ from pydantic import (
 )
 from torch import nn
 
-from lab.errors import LabError, did_you_mean
+from lab.errors import LabError, PluginError, did_you_mean
 from lab.plugins import Component, Registry, registry
 from lab.slots import SLOTS
 
@@ -41,6 +42,44 @@ TABLES: dict[str, tuple[str, ...]] = {s.name: s.table for s in SLOTS.values() if
 MANY: dict[str, str] = {s.name: s.table[0] for s in SLOTS.values() if s.many}
 # The slots a recipe may set per layer, in [model.layers.N.SLOT] (N: 3, "0-2", "1,3", -1 for the last).
 LAYER_SLOTS = tuple(s.name for s in SLOTS.values() if s.per_layer)
+
+
+# Settings that name files or folders a run reads. A component marks one with
+# `Field(..., json_schema_extra=PATH)` (a str, or a list of them). Written in a recipe file, a relative
+# path is resolved against the recipe's folder (so a recipe works from any folder, and beside the data it
+# names); given with --set, against the current folder. "pkg:PACKAGE/PATH" names a file that ships inside
+# an installed package (e.g. "pkg:lab_tokenizers/shakespeare/char/vocab.json"), found from anywhere.
+# The component gets the resolved path.
+PATH = {"lab_path": True}
+PACKAGE_FILE = "pkg:"
+_overridden: ContextVar[frozenset] = ContextVar("overridden", default=frozenset())  # keys set by --set
+
+
+def resolve_path(value: str, recipe_file: str | None, where: str) -> str:
+    """A path setting as a component gets it (see PATH). recipe_file: None for a --set value."""
+    if value.startswith(PACKAGE_FILE):
+        return str(package_file(value, where))
+    if not value or recipe_file is None or Path(value).expanduser().is_absolute():
+        return value
+    beside = Path(recipe_file).resolve().parent / value
+    if not beside.exists() and Path(value).exists():
+        return value  # a recipe written before paths were the recipe's: relative to the current folder
+    return str(beside)
+
+
+def package_file(value: str, where: str) -> Path:
+    """ "pkg:PACKAGE/PATH" -> the file PATH inside the installed package PACKAGE."""
+    from importlib.resources import files
+
+    package, _, inside = value[len(PACKAGE_FILE) :].partition("/")
+    try:
+        root = files(package)
+    except (ImportError, ValueError, TypeError):
+        raise LabError(
+            f"{where} = '{value}': no installed package '{package}' (the form is "
+            f'"{PACKAGE_FILE}PACKAGE/PATH/IN/IT")'
+        ) from None
+    return Path(str(root)) / inside
 
 
 # What torch.manual_seed takes.
@@ -230,11 +269,13 @@ class EvalConfig(Section):
 
     text: list[str] = Field(
         [],
+        json_schema_extra=PATH,
         description='text files, .jsonl files (a "text" field per line) or data '
         "folders from lab prepare: loss, perplexity and bits per byte of each",
     )
     tasks: list[str] = Field(
         [],
+        json_schema_extra=PATH,
         description="multiple-choice .jsonl files ({context, choices, label} or "
         "HellaSwag's format): acc and acc_norm of each",
     )
@@ -275,10 +316,14 @@ class Part:
             args = (parameters(args[0]), args[0])
         try:
             built = self.component.factory(self.config, *args)
+        except PluginError:
+            raise
         except LabError as e:
             if str(e).startswith(self.label):
                 raise
             raise LabError(f"{self.label}: {e}") from None
+        except Exception as e:  # a bug in the plugin: said with its package, the traceback kept
+            raise PluginError(self.component.package, f"building {self.label}", e) from e
         expected = SLOTS[self.component.slot].interface
         if not isinstance(built, expected) and not (self.component.slot == "schedule" and callable(built)):
             raise TypeError(
@@ -418,6 +463,14 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
     plugins = plugins or registry()
     notes: list[str] = []
     raw = apply_overrides(_copy(raw), overrides, notes)
+    token = _overridden.set(frozenset(".".join(parse_override(o)[0]) for o in overrides))
+    try:
+        return _resolve(raw, source, plugins, notes)
+    finally:
+        _overridden.reset(token)
+
+
+def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Recipe:
     name = raw.pop("name", None) or Path(source).stem
     base_tables = {slot: _copy(_get(raw, list(TABLES[slot])) or {}) for slot in LAYER_SLOTS}
     parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
@@ -537,8 +590,10 @@ def check_parts(recipe: Recipe) -> None:
         where = f"{recipe.source} {table} ({part.label})"
         try:
             part.config.check_recipe(recipe)
-        except ValueError as e:
+        except (ValueError, LabError) as e:
             raise LabError(f"{where}: {e}") from None
+        except Exception as e:  # a bug in the plugin: said with its package, the traceback kept
+            raise PluginError(part.component.package, f"check_recipe of {part.label}", e) from e
     optimizer = recipe.parts["optimizer"]
     if recipe.train.parallel == "fsdp" and not optimizer.config.works_on_shards:
         raise LabError(
@@ -594,9 +649,26 @@ def _validate(cls: type[BaseModel], table: Any, source: str, where: str, compone
                 f"Fix it in the file or with --set {where}.{key}=..."
             )
     try:
-        return cls.model_validate(table)
+        config = cls.model_validate(table)
     except ValidationError as err:
         raise LabError(_explain(err, source, where)) from None
+    _resolve_paths(config, source, where)
+    return config
+
+
+def _resolve_paths(config: BaseModel, source: str, where: str) -> None:
+    """Each PATH setting of config as its component gets it (see resolve_path)."""
+    for key, info in type(config).model_fields.items():
+        value = getattr(config, key)
+        if not (isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("lab_path")):
+            continue
+        recipe_file = None if f"{where}.{key}" in _overridden.get() else source
+        label = f"{source} [{where}] {key}"
+        if isinstance(value, str):
+            object.__setattr__(config, key, resolve_path(value, recipe_file, label))
+        elif isinstance(value, list):
+            resolved = [resolve_path(v, recipe_file, label) if isinstance(v, str) else v for v in value]
+            object.__setattr__(config, key, resolved)
 
 
 def _finite(value) -> bool:
@@ -615,6 +687,9 @@ def _explain(err: ValidationError, source: str, where: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "string_type" and isinstance(e["input"], (int, float)) and key:
+            # TOML (and --set, which reads its value as TOML) takes a bare 2024 or inf as a number
+            msg += f'; to give text that looks like a number, quote it: {key} = "{e["input"]}"'
         if key:
             lines.append(
                 f"{source} [{where}] {key} = {e['input']!r}: {msg}. "

@@ -7,6 +7,8 @@ import math
 import statistics
 from pathlib import Path
 
+from lab.errors import LabError
+from lab.files import replacing
 from lab_compare.runs import Run, differences, extra_keys, flatten
 
 
@@ -123,9 +125,14 @@ def plot_curves(groups: dict[str, list[Run]], path: Path, axis: str = "tokens") 
         ax.grid(alpha=0.3)
     val_ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path, "wb") as f:  # a folder given as -o is one message; never half a picture
+            fig.savefig(f, format="png", dpi=100)
+    except OSError as e:
+        raise LabError(f"cannot write the figure {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
 
 
 def points(run: Run, records: list[dict], key: str, axis: str) -> list[tuple[float, float]]:

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from lab.errors import LabError
 from lab.recipe import parse_override
+from lab_compare.child import lab_argv
 
 
 def run_cell(argv: list[str], cwd: str, log: str) -> int:
     """One array task: `lab run ...` in the folder the sweep was started from, its output in the log."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
-        code = subprocess.call(
-            [sys.executable, "-m", "lab", *argv[1:]], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-        )
+        code = subprocess.call(lab_argv(*argv[1:]), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     if code:
         raise RuntimeError(f"{' '.join(argv)} exited with status {code}; see {log}")
     return code

@@ -32,6 +32,7 @@ from lab.errors import LabError
 from lab.recipe import load_recipe
 from lab.runs import is_run
 from lab_compare import slurm, stats
+from lab_compare.child import lab_argv
 from lab_compare.compare import MEASURED, markdown, plot_curves, run_table
 from lab_compare.runs import Run, flatten
 
@@ -188,7 +189,7 @@ def remember(grid: Grid) -> None:
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError, OSError):  # not JSON, not UTF-8, unreadable
             raise LabError(f"{path} is not valid JSON; move it away or choose another --out") from None
         if old != grid.remembered():
             raise LabError(
@@ -324,7 +325,7 @@ class Pool:
     def start(self, grid: Grid, cell: Cell) -> None:
         slot = min(set(range(len(self.envs))) - {s for _, s, _ in self.running.values()})
         cell.log.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "lab", *cell.argv(grid)[1:]]
+        argv = lab_argv(*cell.argv(grid)[1:])  # the installed lab, never ./lab
         with open(cell.log, "a") as log:  # the child holds its own handle
             proc = subprocess.Popen(
                 argv,
@@ -386,7 +387,7 @@ def read_grid(folder: Path) -> Grid:
             str(folder),
             saved["resolved"],
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError, OSError):  # damaged, or not lab's grid
         raise LabError(
             f"{folder / GRID} is not a grid lab sweep wrote; compare its runs by name instead"
         ) from None

@@ -85,8 +85,10 @@ def read_results(run_dir: Path) -> dict:
         return {}
     try:
         saved = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past json's limit
         saved = e
+    except OSError as e:  # a folder named eval.json, a file it cannot read
+        raise LabError(f"cannot read {path}: {e.strerror}; move it away and run lab eval again") from None
     if not isinstance(saved, dict):
         raise LabError(f"{path} is not the JSON object lab eval writes; move it away and run lab eval again")
     return saved

@@ -12,6 +12,7 @@ processes and how a run resumes exactly where it stopped.
 from pydantic import Field
 
 from lab import hookimpl
+from lab.recipe import PATH
 from lab.slots import ComponentConfig
 from lab_jsonl.stream import JsonlData
 
@@ -21,11 +22,13 @@ class JsonlConfig(ComponentConfig):
         "",
         description='.jsonl files (one JSON object with a "text" field per line), text files, or '
         "folders searched for *.jsonl and *.txt; empty: the sample that ships with lab",
+        json_schema_extra=PATH,
     )
     val_path: str | list[str] = Field(
         "",
         description="files or folders to validate on, in the same forms; empty: hold out "
         "val_fraction of the documents of path",
+        json_schema_extra=PATH,
     )
     val_fraction: float = Field(
         0.05,

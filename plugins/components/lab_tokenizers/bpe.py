@@ -9,6 +9,7 @@ from pydantic import Field
 
 from lab.errors import LabError
 from lab.interfaces import Tokenizer
+from lab.recipe import PATH
 from lab.slots import ComponentConfig
 
 ENDOFTEXT = "<|endoftext|>"
@@ -21,8 +22,9 @@ TRAIN_ONE = "train one with: lab tokenizer train YOUR_TEXT --vocab-size 4096 --o
 class BPEConfig(ComponentConfig):
     path: str = Field(
         description="a tokenizer.json (or a folder holding one) written by `lab tokenizer train`, "
-        "relative to the current folder",
+        "relative to the recipe file",
         examples=[str(SHAKESPEARE)],
+        json_schema_extra=PATH,
     )
 
 

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from lab.errors import LabError
 from lab.interfaces import Tokenizer
+from lab.recipe import PATH
 from lab.slots import ComponentConfig
 
 # The 65 characters of the shipped tinyshakespeare: recipes/shakespeare_char.toml's vocabulary.
@@ -23,8 +24,9 @@ MAKE_ONE = "make one with: lab tokenizer train YOUR_TEXT --char --out DIR"
 class CharConfig(ComponentConfig):
     vocab: str = Field(
         description="a vocab.json of characters (or a folder holding one) written by "
-        "`lab tokenizer train --char`, relative to the current folder",
+        "`lab tokenizer train --char`, relative to the recipe file",
         examples=[str(SHAKESPEARE)],
+        json_schema_extra=PATH,
     )
 
 
