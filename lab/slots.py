@@ -42,6 +42,9 @@ class ComponentConfig(BaseModel):
     extra_settings: ClassVar[list[dict]] = []
     # optimizer: False when it needs whole parameters, which FSDP2's shards are not.
     works_on_shards: ClassVar[bool] = True
+    # attention, mlp, norm: the quantities a recipe's [schedule.QUANTITY] tables may drive in this
+    # component (e.g. ("window",)); its module then has set_scheduled(quantity, share).
+    scheduled: ClassVar[tuple[str, ...]] = ()
 
     def check_recipe(self, recipe) -> None:
         """Check these settings against the rest of the recipe (recipe.model, recipe.train,
