@@ -16,8 +16,9 @@ class RampConfig(BaseModel):
     steps: NonNegativeInt = Field(0, description="step where the ramp reaches 1; 0: max_steps")
     stages: NonNegativeInt = Field(
         0,
-        description="0: a smooth ramp; N: N equal jumps instead (few distinct values: each new window "
-        "or shape costs a recompile under torch.compile)",
+        description="0: a smooth ramp; N: N jumps instead, the steps cut into N + 1 equal parts with the "
+        "share constant in each, start in the first, 1 in the last (few distinct values: under "
+        "torch.compile each new window or shape costs a recompile)",
     )
     shape: Literal["linear", "cosine"] = Field("linear", description="how the share grows from start to 1")
 
@@ -29,8 +30,8 @@ class Ramp(Schedule):
 
     def __call__(self, step: int) -> float:
         progress = min(1.0, step / max(1, self.steps))
-        if self.stages:
-            progress = math.floor(progress * self.stages) / self.stages
+        if self.stages:  # part k of N + 1 (k = 0 .. N) holds progress k / N
+            progress = min(self.stages, math.floor(progress * (self.stages + 1))) / self.stages
         if self.shape == "cosine":
             progress = 0.5 * (1 - math.cos(math.pi * progress))
         return self.start + (1.0 - self.start) * progress
