@@ -161,3 +161,9 @@ def test_schedule_tables_survive_a_new_lr_schedule_and_the_resolved_recipe(folde
     }
     (folder / "again.toml").write_text(recipe.to_toml())
     assert load_recipe(folder / "again.toml").to_dict() == recipe.to_dict()
+
+
+def test_lab_plugins_marks_the_schedule_components_a_recipe_uses(folder, capsys):
+    write(folder, RAMPS)
+    assert main(["plugins", str(folder / "tiny.toml")]) == 0
+    assert "  * ramp " in capsys.readouterr().out
