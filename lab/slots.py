@@ -71,6 +71,7 @@ _TOKEN_MAP = (
     "token_map_per_token",
     "token_map_gradients",
     "extra_loss_gradients",
+    "scheduled_quantities",
 )
 
 SLOTS: dict[str, Slot] = _slots(
@@ -88,6 +89,7 @@ SLOTS: dict[str, Slot] = _slots(
             "attention_cached_decoding",
             "attention_grouped_query",
             "extra_loss_gradients",
+            "scheduled_quantities",
         ),
     ),  # fmt: skip
     Slot("mlp", nn.Module, ("model", "mlp"), "factory(config, model)", per_layer=True, checks=_TOKEN_MAP),

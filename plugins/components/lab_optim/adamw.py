@@ -9,7 +9,7 @@ decay would pull against the step the optimizer chose.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat
@@ -76,6 +76,7 @@ class LoopAdamW(torch.optim.Optimizer):
 
 
 class AdamWConfig(ComponentConfig):
+    extra_settings: ClassVar[list[dict]] = [{"cautious_weight_decay": True}]  # lab.testing checks these too
     lr: PositiveFloat = Field(6e-4, description="peak learning rate (the schedule scales it)")
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="Adam's moment decay rates")
     eps: PositiveFloat = Field(1e-8, description="added to the denominator")

@@ -132,6 +132,9 @@ class Muon(torch.optim.Optimizer):
 
 class MuonConfig(ComponentConfig):
     works_on_shards: ClassVar[bool] = False  # orthogonalises whole matrices: FSDP2's shards will not do
+    extra_settings: ClassVar[list[dict]] = [  # lab.testing's conformance checks run these too
+        {"orthogonalization": "polar_express", "weight_decay": 0.1, "cautious_weight_decay": True}
+    ]
     lr: PositiveFloat = Field(
         0.02, description="Muon's lr for hidden matrices, in units of spectral norm per step"
     )
@@ -169,6 +172,9 @@ class MuonConfig(ComponentConfig):
 
 
 class NorMuonConfig(MuonConfig):
+    extra_settings: ClassVar[list[dict]] = [
+        {"orthogonalization": "newton_schulz", "weight_decay": 0.1, "adamw_weight_decay": 0.1}
+    ]
     orthogonalization: Orthogonalization = Field(
         "polar_express", description=MuonConfig.model_fields["orthogonalization"].description
     )
