@@ -53,7 +53,7 @@ def write(folder, extra: str, name: str = "tiny.toml") -> None:
     (folder / name).write_text(LOCAL_GLOBAL.format(data=folder / "data") + extra)
 
 
-def test_all_three_resume_bit_for_bit_and_ddp_logs_one_process_losses(folder):
+def test_all_three_resume_bit_for_bit(folder):
     write(folder, RAMPS)
     lab_run(folder, "one")
     lab_run(folder, "resumed", "train.max_steps=3")
@@ -68,6 +68,12 @@ def test_all_three_resume_bit_for_bit_and_ddp_logs_one_process_losses(folder):
     tokens = [steps[s]["tokens"] for s in range(1, 7)]
     assert tokens == [128, 320, 512, 768, 1024, 1280]  # 2 micro-batches x rows x 32 tokens, summed
     assert [resumed[s]["tokens"] for s in range(1, 7)] == tokens
+
+
+@pytest.mark.slow  # torchrun, two processes; the batch test shows the rows are a smaller batch's
+def test_all_three_on_two_ddp_processes_log_one_process_losses(folder):
+    write(folder, RAMPS)
+    lab_run(folder, "one")
     done = torchrun(folder, "ddp")
     assert done.returncode == 0, done.stderr
     assert "scheduled: batch_size (ramp), seq_len (ramp), window (ramp)" in done.stdout
