@@ -40,6 +40,15 @@ else:  # pragma: no cover
 # one sub-table per component, named by it: [logger.tensorboard] (the table holds its settings).
 TABLES: dict[str, tuple[str, ...]] = {s.name: s.table for s in SLOTS.values() if not s.many}
 MANY: dict[str, str] = {s.name: s.table[0] for s in SLOTS.values() if s.many}
+# Quantities besides the learning rate that a schedule component can drive, one sub-table of [schedule]
+# each ([schedule.batch_size] name = "ramp" ...): at step s the run uses the share schedule(s) of the
+# recipe's value (capped at 1: the recipe's value is the most). The trainer applies these two; a
+# component takes others (a sliding window) by naming them in its Config's `scheduled` ClassVar.
+TRAINER_QUANTITIES: dict[str, str] = {
+    "batch_size": "sequences per micro-batch (train.batch_size the most): a batch-size warmup",
+    "seq_len": "tokens per training sequence (model.block_size the most; each window is cut into "
+    "sequences of a divisor of it, so the tokens per step stay the same): a sequence-length schedule",
+}
 # The slots a recipe may set per layer, in [model.layers.N.SLOT] (N: 3, "0-2", "1,3", -1 for the last).
 LAYER_SLOTS = tuple(s.name for s in SLOTS.values() if s.per_layer)
 
@@ -346,6 +355,7 @@ class Recipe:
     layer_parts: dict[int, dict[str, Part]] = field(default_factory=dict)  # layer -> slot -> its own Part
     notes: list[str] = field(default_factory=list)  # what reading it changed that the user should know
     loggers: list[Part] = field(default_factory=list)  # [logger.NAME] tables, in the file's order
+    schedules: dict[str, Part] = field(default_factory=dict)  # [schedule.QUANTITY] tables: quantity -> Part
 
     def layer(self, index: int) -> dict[str, Part]:
         """The parts of block `index`: the recipe's, with that layer's own where [model.layers] sets them."""
@@ -371,6 +381,8 @@ class Recipe:
                     "name": part.name,
                     **part.config.model_dump(mode="json"),
                 }
+        for quantity, part in self.schedules.items():
+            out["schedule"][quantity] = {"name": part.name, **part.config.model_dump(mode="json")}
         if self.loggers:
             out["logger"] = {part.name: part.config.model_dump(mode="json") for part in self.loggers}
         return _drop_none(out)
@@ -428,13 +440,15 @@ def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
         if keys[-1] == "name" and _is_component_table(keys[:-1]):
             old = _get(raw, keys[:-1])
             if isinstance(old, dict) and old.get("name") != value:
-                dropped = [k for k in old if k != "name"]
+                kept = {k: v for k, v in old.items() if keys[:-1] == ["schedule"] and isinstance(v, dict)}
+                dropped = [k for k in old if k != "name" and k not in kept]
                 if dropped and notes is not None:
                     notes.append(
                         f"--set {text}: [{'.'.join(keys[:-1])}] starts from {value}'s defaults; "
                         f"dropped {old.get('name')}'s {', '.join(dropped)}"
                     )
                 old.clear()
+                old.update(kept)  # [schedule.QUANTITY] tables are their own components: they stay
     for text, keys, value in parsed:
         table = raw
         for i, k in enumerate(keys[:-1]):
@@ -473,6 +487,7 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
 def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Recipe:
     name = raw.pop("name", None) or Path(source).stem
     base_tables = {slot: _copy(_get(raw, list(TABLES[slot])) or {}) for slot in LAYER_SLOTS}
+    schedules = _resolve_schedules(raw, source, plugins)
     parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
     layers = raw.get("model", {}).pop("layers", {}) if isinstance(raw.get("model"), dict) else {}
     loggers = _resolve_many(raw, "logger", source, plugins)
@@ -494,9 +509,11 @@ def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Rec
         layer_parts=layer_parts,
         notes=notes,
         loggers=loggers,
+        schedules=schedules,
         **sections,
     )
     check_parts(recipe)
+    check_schedules(recipe)
     return recipe
 
 
@@ -514,6 +531,46 @@ def _resolve_many(raw: dict, slot: str, source: str, plugins: Registry) -> list[
         component = plugins.get(slot, name, where=f"{source} [{key}.{name}]")
         parts.append(Part(component, _validate(component.Config, table, source, f"{key}.{name}", component)))
     return parts
+
+
+def _resolve_schedules(raw: dict, source: str, plugins: Registry) -> dict[str, Part]:
+    """The sub-tables of [schedule], taken out of it: {quantity: the schedule component that drives it}."""
+    table = raw.get("schedule")
+    if not isinstance(table, dict):
+        return {}
+    out = {}
+    for quantity in [k for k, v in table.items() if isinstance(v, dict)]:
+        sub, where = dict(table.pop(quantity)), f"schedule.{quantity}"
+        if "name" not in sub:
+            available = ", ".join(sorted(plugins.components["schedule"]))
+            raise LabError(
+                f"{source} [{where}] needs a name: the schedule component that drives {quantity}, e.g.\n"
+                f'  [{where}]\n  name = "ramp"\navailable: {available}'
+            )
+        component = plugins.get("schedule", str(sub.pop("name")), where=f"{source} [{where}]")
+        out[quantity] = Part(component, _validate(component.Config, sub, source, where, component))
+    return out
+
+
+def schedulable(recipe: Recipe) -> dict[str, str]:
+    """{quantity: who takes it}: the trainer's quantities and those the recipe's components declare."""
+    out = dict(TRAINER_QUANTITIES)
+    parts = list(recipe.parts.values()) + [p for layer in recipe.layer_parts.values() for p in layer.values()]
+    for part in parts:
+        for quantity in part.config.scheduled:
+            out.setdefault(quantity, f"{part.component.slot} '{part.name}'")
+    return out
+
+
+def check_schedules(recipe: Recipe) -> None:
+    known = schedulable(recipe)
+    for quantity in recipe.schedules:
+        if quantity not in known:
+            raise LabError(
+                f"{recipe.source} [schedule.{quantity}]: nothing in this recipe takes a scheduled "
+                f"'{quantity}'.{did_you_mean(quantity, known)} Schedulable here: "
+                + "; ".join(f"{q} ({who})" for q, who in known.items())
+            )
 
 
 def _resolve_layers(layers, base_tables: dict, n_layer: int, source: str, plugins: Registry) -> dict:

@@ -42,6 +42,9 @@ class ComponentConfig(BaseModel):
     extra_settings: ClassVar[list[dict]] = []
     # optimizer: False when it needs whole parameters, which FSDP2's shards are not.
     works_on_shards: ClassVar[bool] = True
+    # attention, mlp, norm: the quantities a recipe's [schedule.QUANTITY] tables may drive in this
+    # component (e.g. ("window",)); its module then has set_scheduled(quantity, share).
+    scheduled: ClassVar[tuple[str, ...]] = ()
 
     def check_recipe(self, recipe) -> None:
         """Check these settings against the rest of the recipe (recipe.model, recipe.train,
@@ -68,6 +71,7 @@ _TOKEN_MAP = (
     "token_map_per_token",
     "token_map_gradients",
     "extra_loss_gradients",
+    "scheduled_quantities",
 )
 
 SLOTS: dict[str, Slot] = _slots(
@@ -85,6 +89,7 @@ SLOTS: dict[str, Slot] = _slots(
             "attention_cached_decoding",
             "attention_grouped_query",
             "extra_loss_gradients",
+            "scheduled_quantities",
         ),
     ),  # fmt: skip
     Slot("mlp", nn.Module, ("model", "mlp"), "factory(config, model)", per_layer=True, checks=_TOKEN_MAP),

@@ -496,6 +496,56 @@ def optimizer_state_round_trip(component):
         assert torch.equal(a, b), f"after loading the state, parameter {name} took a different step"
 
 
+# --- scheduled quantities ([schedule.QUANTITY] tables), for attention, mlp and norm ----------------
+
+
+@_seeded
+def scheduled_quantities(component):
+    """A component whose Config names quantities in its `scheduled` ClassVar gets them through its
+    module's set_scheduled(quantity, share), before each step: at a small share it still gives a finite
+    output of the right shape (an attention stays causal), and share 1 gives back the component as built."""
+    quantities = component.Config.scheduled
+    if not quantities:
+        raise unittest.SkipTest(f"{component.slot} '{component.name}' takes no scheduled quantity")
+    module = build(component, MODEL).eval()
+    assert hasattr(module, "set_scheduled"), (
+        f"its Config names the scheduled quantities {quantities}, but the module it builds has no "
+        "set_scheduled(quantity, share) method"
+    )
+    x, pos = _attention_input()
+    attention = component.slot == "attention"
+
+    def run(inputs):
+        return (
+            _run_attention(module, inputs, pos, Position(), component.name) if attention else module(inputs)
+        )
+
+    full = run(x)
+    for quantity in quantities:
+        module.set_scheduled(quantity, 1 / 64)
+        small = run(x)
+        assert small.shape == full.shape and torch.isfinite(small).all(), (
+            f"at a share of 1/64 of '{quantity}' the output is {tuple(small.shape)} or not finite"
+        )
+        if attention:
+            x2 = x.clone()
+            x2[:, T // 2] = torch.randn(B, MODEL.n_embd)
+            later = run(x2)[:, : T // 2]
+            assert_close_to_scale(
+                later,
+                small[:, : T // 2],
+                1e-5,
+                f"at a small '{quantity}' a future token changed an earlier output",
+            )
+        module.set_scheduled(quantity, 1.0)
+        assert_close_to_scale(
+            run(x),
+            full,
+            1e-6,
+            f"after set_scheduled('{quantity}', 1.0) the output is not the component's as built",
+        )
+
+
 # --- extra loss terms (lab/extras.py), for mlp, norm and attention -------------------------------
 
 

@@ -34,6 +34,7 @@ from lab.engine import device as devices
 from lab.engine import distributed
 from lab.engine.peak import device_peak
 from lab.engine.precision import pick_dtype
+from lab.engine.scheduled import Scheduled, split_sequences
 from lab.errors import LabError
 from lab.extras import micro_backward
 from lab.files import writing
@@ -229,11 +230,13 @@ class Trainer:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
         self.schedule = recipe.parts["schedule"].build(self.max_steps)
+        self.scheduled = Scheduled(recipe, self.max_steps)  # [schedule.QUANTITY]: batch, seq_len, window...
         use_compile = self.device.type == "cuda" if self.cfg.compile == "auto" else self.cfg.compile
         self.forward = torch.compile(self.wrapped) if use_compile else self.wrapped
         self.tokens_per_step = (
             self.cfg.batch_size * recipe.model.block_size * self.grad_accum * layout.world_size
-        )
+        )  # at the full batch; a batch_size schedule trains on fewer at first
+        self.step_tokens, self.tokens_seen = self.tokens_per_step, 0
         self.peak = device_peak(self.device, self.dtype) if self.main else None
         self.resumed_rng = None
         self.val_bytes = None  # UTF-8 bytes the val batches' targets spell, per process (see evaluate)
@@ -262,6 +265,13 @@ class Trainer:
             f"compile {'on' if use_compile else 'off'}; batch {c.batch_size} x {r.model.block_size} tokens "
             f"x {self.grad_accum} accum x {processes} = {self.tokens_per_step:,} tokens per step"
         )
+        if self.scheduled:
+            print(
+                "scheduled: "
+                + ", ".join(f"{q} ({p.name})" for q, p in r.schedules.items())
+                + f"; at step {self.step}: "
+                + ", ".join(f"{q} x{v:.3g}" for q, v in self.scheduled.shares(self.step).items())
+            )
         print(f"MFU is measured against the {self.peak.source}" + (" (per process)" if world > 1 else ""))
 
     def resume(self, ckpt: Path) -> None:
@@ -285,6 +295,7 @@ class Trainer:
         self.data.load_state_dict(distributed.scatter(state.get("data") if self.main else None))
         state = distributed.share({key: state[key] for key in ("step", "rng")} if self.main else None)
         self.step = self.saved_step = state["step"]
+        self.tokens_seen = self.scheduled.tokens_before(self.step, self.grad_accum * self.layout.world_size)
         self.resumed_rng = state["rng"]  # restored just before the first step, after everything that draws
         if self.main:
             print(f"resuming from step {self.step} ({ckpt})")
@@ -387,10 +398,14 @@ class Trainer:
         lr_scale = self.schedule(self.step)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * lr_scale
+        shares = self.scheduled.apply(self.model, self.step)  # the step's window... (schedule.NAME)
+        batch_size, seq_len = self.scheduled.rows(self.step), self.scheduled.seq_len(self.step)
+        self.step_tokens = self.scheduled.tokens(self.step, accum * self.layout.world_size)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            rows = micro_rows(micro, self.cfg.batch_size, self.layout.rank, self.layout.world_size)
+            rows = micro_rows(micro, batch_size, self.layout.rank, self.layout.world_size)
             x, y = self.batch("train", self.step, rows)
+            x, y = split_sequences(x, seq_len), split_sequences(y, seq_len)
             with distributed.gradient_sync(self.wrapped, sync=micro == accum - 1):
                 values = micro_backward(self.forward, self.model, x, y, accum, self.autocast())
             for name, value in values.items():
@@ -406,8 +421,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.tokens_seen += self.step_tokens
         lrs = {name: base_lr * lr_scale for name, base_lr in zip(self.group_names, self.base_lrs)}
-        return loss, grad_norm, lrs, time.perf_counter() - started, means
+        return loss, grad_norm, lrs, time.perf_counter() - started, {**means, **shares}
 
     def check_extras(self, means: dict) -> None:
         for name, value in means.items():
@@ -433,7 +449,7 @@ class Trainer:
         """The step's line in metrics.jsonl, the progress bar, and every log_interval a log line."""
         if not self.main:
             return
-        tokens_per_s = self.tokens_per_step / seconds
+        tokens_per_s = self.step_tokens / seconds
         # MFU against one device's peak, so per process: every process runs its share of the tokens.
         mfu = self.peak.mfu(self.flops_per_token, tokens_per_s / self.layout.world_size)
         lr = next(iter(lrs.values()))
@@ -448,7 +464,7 @@ class Trainer:
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu,
-                "tokens": self.step * self.tokens_per_step,
+                "tokens": self.tokens_seen,
                 **extras,
             }
         )
@@ -478,6 +494,7 @@ class Trainer:
         Every process runs as many (FSDP2 needs them all in every forward), so eval_batches is rounded
         up to a multiple of the processes."""
         self.model.eval()
+        self.scheduled.apply(self.model, self.step)  # the model as it trains now (its window...)
         losses, targets = [], []
         world = self.layout.world_size
         for step in range(self.layout.rank, math.ceil(self.cfg.eval_batches / world) * world, world):
@@ -508,7 +525,7 @@ class Trainer:
                     "val_bpb": val_bpb,
                     **terms,
                     **scores,
-                    "tokens": self.step * self.tokens_per_step,
+                    "tokens": self.tokens_seen,
                 }
             )
             self.log.plot()

@@ -6,7 +6,8 @@ metrics.jsonl holds one JSON object per line: {"step", "loss", "lr", "grad_norm"
 compares runs whose tokenizers differ). Step k is the k-th optimizer update; the evaluation at step k
 sees the model after it (step 0: before any training). tokens: the tokens trained on up to step k (all
 processes together); elapsed: wall-clock seconds of training so far, summed over the run's sessions,
-so a resumed run's seconds axis continues where it stopped. A resumed run first drops the lines after
+so a resumed run's seconds axis continues where it stopped. A recipe's [schedule.QUANTITY] tables add
+"schedule.QUANTITY" to each step: the share of the quantity used (lab.engine.scheduled). A resumed run first drops the lines after
 its checkpoint's step, so the file holds each step once.
 """
 
@@ -28,7 +29,8 @@ from lab.runs.layout import METRICS, PLOT
 STEP_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "elapsed")
 EVAL_FIELDS = ("step", "val_loss", "val_bpb", "tokens", "elapsed")
 FIELDS = frozenset(STEP_FIELDS + EVAL_FIELDS)
-PREFIXES = ("loss.", "lr.", "val_")  # loss terms, each optimizer group's lr, what validation reports
+# loss terms, each optimizer group's lr, what validation reports, the scheduled quantities' shares
+PREFIXES = ("loss.", "lr.", "val_", "schedule.")
 
 
 def is_lab_field(name: str) -> bool:
