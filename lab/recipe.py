@@ -48,7 +48,7 @@ TABLES: dict[str, tuple[str, ...]] = {
 }
 # Slots a recipe fills with any number of components, one table each under this one, named by the
 # component: [logger.tensorboard], [logger.wandb] (the table holds its settings, and may be empty).
-MANY: dict[str, str] = {"logger": "logger"}
+MANY: dict[str, str] = {"logger": "logger", "extension": "extension"}
 assert set(TABLES) | set(MANY) == set(SLOTS)
 # The slots a recipe may set per layer, in [model.layers.N.SLOT] (N: 3, "0-2", "1,3", -1 for the last).
 LAYER_SLOTS = ("attention", "mlp", "norm")
@@ -312,6 +312,7 @@ class Recipe:
     layer_parts: dict[int, dict[str, Part]] = field(default_factory=dict)  # layer -> slot -> its own Part
     notes: list[str] = field(default_factory=list)  # what reading it changed that the user should know
     loggers: list[Part] = field(default_factory=list)  # [logger.NAME] tables, in the file's order
+    extensions: list[Part] = field(default_factory=list)  # [extension.NAME] tables, in the file's order
 
     def layer(self, index: int) -> dict[str, Part]:
         """The parts of block `index`: the recipe's, with that layer's own where [model.layers] sets them."""
@@ -339,6 +340,8 @@ class Recipe:
                 }
         if self.loggers:
             out["logger"] = {part.name: part.config.model_dump(mode="json") for part in self.loggers}
+        if self.extensions:
+            out["extension"] = {part.name: part.config.model_dump(mode="json") for part in self.extensions}
         return _drop_none(out)
 
     def to_toml(self) -> str:
@@ -434,6 +437,7 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
     parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
     layers = raw.get("model", {}).pop("layers", {}) if isinstance(raw.get("model"), dict) else {}
     loggers = _resolve_many(raw, "logger", source, plugins)
+    extensions = _resolve_many(raw, "extension", source, plugins)
     allowed = set(SECTIONS) | {t[0] for t in TABLES.values()} | set(MANY.values())
     for key in raw:
         if key not in allowed:
@@ -452,6 +456,7 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
         layer_parts=layer_parts,
         notes=notes,
         loggers=loggers,
+        extensions=extensions,
         **sections,
     )
     check_parts(recipe)
@@ -544,6 +549,7 @@ def check_parts(recipe: Recipe) -> None:
         for i, parts in recipe.layer_parts.items()
         for slot, part in parts.items()
     ]
+    every += [(f"[extension.{part.name}]", part) for part in recipe.extensions]
     for table, part in every:
         where = f"{recipe.source} {table} ({part.label})"
         check = getattr(part.config, "check_recipe", None)

@@ -143,12 +143,13 @@ def micro_rows(micro: int, batch_size: int, rank: int = 0, world_size: int = 1) 
     return range(start, start + batch_size)
 
 
-def micro_backward(forward, model, x, y, accum: int, autocast=None) -> dict:
+def micro_backward(forward, model, x, y, accum: int, autocast=None, meta=None) -> dict:
     """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
     components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
-    the processes: the mean over the global batch). Returns the detached loss and extras."""
+    the processes: the mean over the global batch). meta: the data source's per-row metadata.
+    Returns the detached loss and extras."""
     with autocast or nullcontext():
-        _, loss = forward(x, y)
+        _, loss = forward(x, y, meta=meta) if meta else forward(x, y)
     extras = model.extras  # what the components added during this forward (lab/extras.py)
     ((loss + extras.loss()) / accum).backward()
     return {"loss": loss.detach(), **extras.values()}
@@ -403,9 +404,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             rows = micro_rows(micro, self.cfg.batch_size, self.layout.rank, self.layout.world_size)
-            x, y = self.batch("train", self.step, rows)
+            x, y, meta = self.batch("train", self.step, rows)
             with distributed.gradient_sync(self.wrapped, sync=micro == accum - 1):
-                values = micro_backward(self.forward, self.model, x, y, accum, self.autocast())
+                values = micro_backward(self.forward, self.model, x, y, accum, self.autocast(), meta)
             for name, value in values.items():
                 sums[name] = sums[name] + value if name in sums else value
         # The norm of the whole gradient, the same on every process: DDP's gradients are already
@@ -470,8 +471,10 @@ class Trainer:
             )
 
     def batch(self, split: str, step: int, rows: range):
-        x, y = self.data.batch(split, step, rows)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        """(x, y, meta) on the device: meta the source's per-row metadata ({} when it gives none)."""
+        x, y, *rest = self.data.batch(split, step, rows)
+        meta = {k: v.to(self.device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), meta
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -488,9 +491,9 @@ class Trainer:
         losses, targets = [], []
         world = self.layout.world_size
         for step in range(self.layout.rank, math.ceil(self.cfg.eval_batches / world) * world, world):
-            x, y = self.batch("val", step, range(self.cfg.batch_size))
+            x, y, meta = self.batch("val", step, range(self.cfg.batch_size))
             with self.autocast():
-                loss = self.forward(x, y)[1]
+                loss = (self.forward(x, y, meta=meta) if meta else self.forward(x, y))[1]
             terms = {n: v for n, v in self.model.extras.values().items() if n.startswith("loss.")}
             losses.append(torch.stack([loss.float(), *terms.values()]))
             targets.append(y)
