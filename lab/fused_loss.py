@@ -41,7 +41,9 @@ class Chunk:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, ignore_index: int, softcap, hooks=(), named=None):
+    def forward(
+        ctx, x, weight, targets, vocab_size: int, chunk: int, ignore_index: int, softcap, hooks=(), named=None
+    ):
         # x (N, C), weight (V_padded, C), targets (N,). Columns past vocab_size are padding: never a target.
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -86,7 +88,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += (lse - target_logit).masked_fill(ignored, 0).sum()
             coefs = None
             if hooks:
-                coefs = chunk_terms(hooks, lse, target_logit, tc, ignored, kept, term_sums, term_owners, need_grad)
+                coefs = chunk_terms(
+                    hooks, lse, target_logit, tc, ignored, kept, term_sums, term_owners, need_grad
+                )
             if need_grad:
                 chunk_grads(
                     probs,
@@ -128,7 +132,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def chunk_terms(hooks, lse, target_logit, targets, ignored, logits, sums: dict, owners: dict, need_grad: bool):
+def chunk_terms(
+    hooks, lse, target_logit, targets, ignored, logits, sums: dict, owners: dict, need_grad: bool
+):
     """The hooks' terms on one chunk: their values summed into `sums` (over the scored rows), and
     d (sum of weight x values) / d logits as (a, b, G): a per-row factor on the softmax (from lse),
     one on the target's onehot (from target_logit), and G (n, V) from the logits (or None)."""

@@ -98,9 +98,7 @@ class GPT(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()  # a component with an initialisation of its own
 
-    def forward(
-        self, idx, targets=None, caches=None, start_pos: int = 0, last_only: bool = False, meta=None
-    ):
+    def forward(self, idx, targets=None, caches=None, start_pos: int = 0, last_only: bool = False, meta=None):
         """idx (B, T) token ids -> (logits, loss). logits are (B, T, vocab), or (B, 1, vocab) with
         last_only. With caches (from new_caches), idx holds only the new tokens, which sit at
         positions start_pos.. ; loss is None without targets. With targets and model.loss_chunk > 0

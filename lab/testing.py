@@ -405,9 +405,7 @@ def schedule_finite_non_negative(component):
 # --- optimizer ----------------------------------------------------------------------------------
 
 
-def tiny_gpt(
-    plugins: Registry | None = None, swap: Component | None = None, extensions=(), **model_settings
-):
+def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None, extensions=(), **model_settings):
     """A 2-layer GPT of the first installed component of every model slot (lab's own first, which
     are known to work together), or `swap` in its slot: the core's roles and the components'.
     extensions: Parts (or Components, with their defaults) for [extension.NAME]; model_settings
@@ -427,7 +425,9 @@ def tiny_gpt(
         parts[swap.slot] = Part(swap, swap.Config())
     # Every section at its defaults (a section added to recipes needs no change here), but the model's.
     sections = {key: section() for key, section in SECTIONS.items()}
-    shape = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False, loss_chunk=0)
+    shape = dict(
+        vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False, loss_chunk=0
+    )
     sections["model"] = ModelConfig(**{**shape, **model_settings})
     extensions = [e if isinstance(e, Part) else Part(e, e.Config()) for e in extensions]
     return GPT(Recipe(name="tiny", source="lab.testing", parts=parts, extensions=extensions, **sections))
@@ -742,7 +742,9 @@ def extension_context_metadata(component):
     assert not missing, f"the forward never reached the hook points {sorted(missing)}"
     for point, calls in recorder.seen.items():
         for ids, targets, docs in calls:
-            assert ids is x and targets is y, f"at {point}: the context's ids or targets are not the forward's"
+            assert ids is x and targets is y, (
+                f"at {point}: the context's ids or targets are not the forward's"
+            )
             assert docs is doc_ids, f"at {point}: meta['doc_ids'] is not the data source's"
 
 

@@ -22,11 +22,36 @@ from lab_speedrun.wiring import (
 )
 
 EXTENSIONS = [
-    ("value_embeddings", ValueEmbeddings, ValueEmbeddingsConfig, "token embeddings added to attention's values, tables shared by layers (speedrun)"),
-    ("unet", UNetSkips, UNetConfig, "U-net skips: block i's output into block n-1-i, learned weights (speedrun)"),
-    ("smear", Smear, SmearConfig, "each token's embedding takes in a gated share of the previous one's (speedrun)"),
-    ("attention_gate", AttentionGate, GateConfig, "per-head sigmoid gate on attention's output (speedrun, gated attention)"),
-    ("mtp", MultiTokenPrediction, MTPConfig, "multi-token prediction: extra heads for tokens further ahead, an extra loss"),
+    (
+        "value_embeddings",
+        ValueEmbeddings,
+        ValueEmbeddingsConfig,
+        "token embeddings added to attention's values, tables shared by layers (speedrun)",
+    ),
+    (
+        "unet",
+        UNetSkips,
+        UNetConfig,
+        "U-net skips: block i's output into block n-1-i, learned weights (speedrun)",
+    ),
+    (
+        "smear",
+        Smear,
+        SmearConfig,
+        "each token's embedding takes in a gated share of the previous one's (speedrun)",
+    ),
+    (
+        "attention_gate",
+        AttentionGate,
+        GateConfig,
+        "per-head sigmoid gate on attention's output (speedrun, gated attention)",
+    ),
+    (
+        "mtp",
+        MultiTokenPrediction,
+        MTPConfig,
+        "multi-token prediction: extra heads for tokens further ahead, an extra loss",
+    ),
     ("z_loss", ZLoss, ZLossConfig, "z-loss, weight * mean(log Z ^ 2), inside the fused loss (PaLM)"),
 ]
 

@@ -40,7 +40,9 @@ class DocumentsConfig(BaseModel):
                 )
             self.eot_id = tokenizer.eot_id  # resolved once, and written to the run's recipe.toml
         if not 0 <= self.eot_id < recipe.model.vocab_size:
-            raise ValueError(f"eot_id = {self.eot_id} is outside the vocabulary (0 .. {recipe.model.vocab_size - 1})")
+            raise ValueError(
+                f"eot_id = {self.eot_id} is outside the vocabulary (0 .. {recipe.model.vocab_size - 1})"
+            )
 
 
 class DocumentKVCache(KVCache):

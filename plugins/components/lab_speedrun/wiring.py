@@ -54,7 +54,9 @@ class ValueEmbeddings(Extension):
         self.pattern = table_pattern(config, model.n_layer)
         self.n_kv_head, self.head_dim = model.kv_heads, model.head_dim
         dim = self.n_kv_head * self.head_dim
-        self.tables = set_role(nn.ModuleList(nn.Embedding(model.vocab_size, dim) for _ in range(config.tables)), "embedding")
+        self.tables = set_role(
+            nn.ModuleList(nn.Embedding(model.vocab_size, dim) for _ in range(config.tables)), "embedding"
+        )
         self.mix = nn.Parameter(torch.full((model.n_layer, 2), 0.5))
         set_role(self, "vector", "mix")
 
@@ -152,7 +154,10 @@ class AttentionGate(Extension):
         super().__init__()
         self.dims = config.gate_dims or model.n_embd
         self.gates = set_role(
-            nn.ModuleList(nn.Linear(min(self.dims, model.n_embd), model.n_head, bias=False) for _ in range(model.n_layer)),
+            nn.ModuleList(
+                nn.Linear(min(self.dims, model.n_embd), model.n_head, bias=False)
+                for _ in range(model.n_layer)
+            ),
             "vector",
         )
 
