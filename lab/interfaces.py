@@ -241,8 +241,8 @@ class DataSource:
     `batch(split, step, rows)` returns (x, y) int64 tensors of shape (len(rows), block_size), y being
     x shifted by one, or (x, y, meta): meta a dict of per-row metadata, each a tensor (len(rows),
     block_size) aligned with x (e.g. meta["doc_ids"], from `document_ids`), which reaches the model's
-    components as ForwardContext.meta. `rows` are this caller's rows of the step's global batch; a source that makes
-    each row a pure function of (seed, split, step, row) resumes exactly and splits across
+    components as ForwardContext.meta. `rows` are this caller's rows of the step's global batch; a
+    source that makes each row a pure function of (seed, split, step, row) resumes exactly and splits across
     processes for free, and its state_dict is empty. A source that truly streams keeps its
     position in state_dict(): every process's is saved in a checkpoint and handed back to the same
     rank on resume (see docs/writing-plugins.md, "Data sources").

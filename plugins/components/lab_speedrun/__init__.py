@@ -65,5 +65,5 @@ def lab_components(register):
         "per_document",
         DocumentAttention,
         DocumentsConfig,
-        "causal attention within each document (FlexAttention document block mask on CUDA, masked SDPA elsewhere)",
+        "causal attention within each document (Flex document block mask on CUDA, masked SDPA elsewhere)",
     )
