@@ -9,7 +9,7 @@ tinyshakespeare, one per line). See stream.py for how the documents are shared o
 processes and how a run resumes exactly where it stopped.
 """
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, NonNegativeInt, model_validator
 
 from lab import hookimpl
 from lab_jsonl.stream import JsonlData
@@ -34,6 +34,21 @@ class JsonlConfig(BaseModel):
         "a text file) held out for validation when val_path is empty, "
         "chosen by a hash of each one's bytes",
     )
+    documents: bool = Field(
+        False,
+        description="rows start at a document's start (its end-of-text token; the rest of a document "
+        "that did not fit a row is dropped), and each batch carries its document ids "
+        "(meta['doc_ids']) for document masking",
+    )
+    max_document_tokens: NonNegativeInt = Field(
+        0, description="with documents: a longer document is cut into pieces of this many tokens; 0: no cap"
+    )
+
+    @model_validator(mode="after")
+    def _cap_needs_documents(self):
+        if self.max_document_tokens and not self.documents:
+            raise ValueError("max_document_tokens needs documents = true")
+        return self
 
 
 @hookimpl
