@@ -196,6 +196,25 @@ def test_gate_value_embeddings_and_document_masking_stack_in_one_layer():
     assert_close_to_scale(got, want, 1e-10, "gated, value-embedded, per-document attention")
 
 
+def test_the_flex_document_block_mask_gives_the_masked_sdpa_output():
+    """The CUDA path's mask (FlexAttention, here uncompiled on CPU, forward only) against masked SDPA,
+    with grouped heads and a window."""
+    for window in (None, 5):
+        model = MODEL.for_layer(0)
+        torch.manual_seed(0)
+        flex = build(component("attention", "per_document"), model, backend="flex", window=window).eval()
+        sdpa = build(component("attention", "per_document"), model, backend="sdpa", window=window).eval()
+        sdpa.load_state_dict(flex.state_dict())
+        x, ids = torch.randn(2, 20, 32), torch.randint(0, 64, (2, 20))
+        docs = torch.tensor([[0] * 7 + [1] * 13, [0] * 3 + [1] * 9 + [2] * 8])
+        with torch.no_grad():
+            got, want = (
+                a(x, torch.arange(20), Position(), ctx=context(ids, meta={"doc_ids": docs}))
+                for a in (flex, sdpa)
+            )
+        assert_close_to_scale(got, want, 1e-5, f"flex against masked SDPA, window {window}")
+
+
 def test_document_masking_decodes_from_end_of_text_tokens_with_the_cache_as_without():
     model = gpt("per_document", position="rope", vocab_size=EOT + 1, n_layer=2)
     ids = torch.randint(0, 64, (2, 14))

@@ -27,8 +27,10 @@ class DocumentsConfig(BaseModel):
         "document ids (decoding); unset: the recipe's tokenizer's",
     )
     window: PositiveInt | None = Field(None, description="keys each token sees, itself included; unset: all")
-    backend: Literal["auto", "sdpa"] = Field(
-        "auto", description="auto: FlexAttention's document block mask on CUDA, masked SDPA elsewhere"
+    backend: Literal["auto", "sdpa", "flex"] = Field(
+        "auto",
+        description="auto: FlexAttention's document block mask on CUDA, masked SDPA elsewhere; flex: "
+        "FlexAttention everywhere (on CPU without a backward in torch 2.13: for checking, in eval)",
     )
 
     def check_recipe(self, recipe):
@@ -87,8 +89,8 @@ class DocumentAttention(SelfAttention):
             start = int(q_pos[0])
             cache.docs[:, start : start + q.size(2)] = q_docs
             k_docs = cache.docs[:, : k.size(2)]
-        flex = self.backend == "auto" and q.is_cuda and q.size(2) == k.size(2) and dropout == 0.0
-        if flex and bias is None and q_docs is not None:
+        flex = (self.backend == "flex" or (self.backend == "auto" and q.is_cuda)) and q.size(2) == k.size(2)
+        if flex and dropout == 0.0 and bias is None and q_docs is not None:
             block_mask = shared_block_mask(ctx, q_docs, self.window)
             return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         seen = causal_mask(q_pos, k_pos, self.window)  # (Tq, Tk)
