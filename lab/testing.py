@@ -839,7 +839,11 @@ def data_batches(component, plugins: Registry):
     context = _data_context(plugins)
     source = _data_source(component, context)
     for split in ("train", "val"):
-        x, y = source.batch(split, 0, range(2))
+        x, y, *meta = source.batch(split, 0, range(2))
+        for name, value in (meta[0] if meta else {}).items():  # per-row metadata: aligned with x
+            assert isinstance(value, torch.Tensor) and value.shape == x.shape, (
+                f"{split}: meta[{name!r}] must be a tensor of x's shape {tuple(x.shape)}"
+            )
         assert x.shape == y.shape == (2, 8), (
             f"{split} batch shapes {tuple(x.shape)}, {tuple(y.shape)}; expected (2, 8)"
         )
@@ -862,10 +866,17 @@ def data_resume(component, plugins: Registry):
         resumed.load_state_dict(state)
         for step, want in zip((3, 4), expected):
             got = resumed.batch("train", step, rows)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), (
+            assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want)), (
                 f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another batch "
                 f"at step {step} than the source it was taken from (is the stream's position in state_dict()?)"
             )
+
+
+def _same(a, b) -> bool:
+    """Equal tensors, or equal dicts of tensors (a batch's meta)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
 
 
 def data_processes_share(component, plugins: Registry):

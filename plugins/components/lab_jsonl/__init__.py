@@ -9,6 +9,8 @@ tinyshakespeare, one per line). See stream.py for how the documents are shared o
 processes and how a run resumes exactly where it stopped.
 """
 
+from typing import ClassVar
+
 from pydantic import BaseModel, Field, NonNegativeInt, model_validator
 
 from lab import hookimpl
@@ -16,6 +18,8 @@ from lab_jsonl.stream import JsonlData
 
 
 class JsonlConfig(BaseModel):
+    # The conformance checks also run with document-aligned rows.
+    extra_settings: ClassVar[list[dict]] = [{"documents": True, "max_document_tokens": 16}]
     path: str | list[str] = Field(
         "",
         description='.jsonl files (one JSON object with a "text" field per line), text files, or '
