@@ -34,6 +34,10 @@ class DocumentsConfig(BaseModel):
     )
 
     def check_recipe(self, recipe):
+        if self.eot_id is not None and not 0 <= self.eot_id < recipe.model.vocab_size:
+            raise ValueError(
+                f"eot_id = {self.eot_id} is outside the vocabulary (0 .. {recipe.model.vocab_size - 1})"
+            )
         if self.eot_id is None:
             tokenizer = recipe.parts["tokenizer"].build()
             if tokenizer.eot_id is None:
@@ -41,10 +45,6 @@ class DocumentsConfig(BaseModel):
                     f"tokenizer '{tokenizer.name}' has no end-of-text token to find documents by: set eot_id"
                 )
             self.eot_id = tokenizer.eot_id  # resolved once, and written to the run's recipe.toml
-        if not 0 <= self.eot_id < recipe.model.vocab_size:
-            raise ValueError(
-                f"eot_id = {self.eot_id} is outside the vocabulary (0 .. {recipe.model.vocab_size - 1})"
-            )
 
 
 class DocumentKVCache(KVCache):
