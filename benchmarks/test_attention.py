@@ -4,7 +4,9 @@ Each attention is built by its plugin's factory with its default Config, and aga
 its Config's `extra_settings`, and called through the interface: attn(x, pos, position, cache=None),
 with a plain Position (no positional effect). Every softmax attention (a lab.attention.SelfAttention)
 is checked against "manual" given the same weights (its q/k/v and output projections, QK-norm gains);
-any other is timed unchecked, and the note says so.
+any other is timed unchecked, and the note says so. An attention declares another reference with a
+class attribute `reference_attention = "NAME"` (a registered attention checked the same way), or that
+it computes another function on purpose with `different_function = "why"` (timed, noted, unchecked).
 Forward runs under no_grad (inference); fwd+bwd is one training call. On CUDA, attentions that
 call torch SDPA are also timed with each SDPA backend forced.
 
@@ -91,7 +93,7 @@ def test_attention(timed, benchmark, device, mode, shape, name, backend):
 
     benchmark.group = f"attention {mode} B={B} H={H} T={T} D={D} {machine.label(device, dt)}"
     benchmark.extra_info.update(
-        variant=name if backend == "default" else f"{name}[{backend}]", reference=REFERENCE
+        variant=name if backend == "default" else f"{name}[{backend}]", reference=reference_name(attn)
     )
     with sdpa_backend(backend):
         if backend != "default":
@@ -143,13 +145,19 @@ def build_pair(name: str, shape, device, model_settings: dict | None = None):
     components = registry().components["attention"]
     torch.manual_seed(0)
     attn = build(component_of(name), model).to(device)
-    if REFERENCE not in components or not isinstance(attn, SelfAttention):
+    wanted = reference_name(attn)
+    if wanted not in components or not isinstance(attn, SelfAttention):
         return attn, None
-    reference = build(components[REFERENCE], model).to(device).eval()
+    reference = build(components[wanted], model).to(device).eval()
     # The reference takes the attention's own weights: the softmax attention's projections and gains.
     shared = {k: v for k, v in attn.state_dict().items() if k in reference.state_dict()}
     reference.load_state_dict(shared)
     return attn, reference
+
+
+def reference_name(attn) -> str:
+    """The attention this one is checked against: its own `reference_attention`, or manual."""
+    return getattr(attn, "reference_attention", None) or REFERENCE
 
 
 def build(component, model):
@@ -165,9 +173,14 @@ def check(attn, reference, x, pos, position, mode) -> str:
 
     Output and input gradient must match manual's. An attention that computes a different function
     on purpose (a sliding window, a linear approximation) matches only on its first tokens: that is
-    noted, not failed; one that differs from the very first token has a bug."""
+    noted, not failed; one that differs from the very first token has a bug, unless it declares
+    `different_function` (or another `reference_attention`)."""
+    declared = getattr(attn, "different_function", None)
+    if declared:
+        return f"unchecked: computes another function than {REFERENCE} on purpose ({declared})"
     if reference is None:
         return f"unchecked: not a softmax attention (lab.attention.SelfAttention) like {REFERENCE}"
+    ref = reference_name(attn)
     T = min(x.size(1), CHECK_TOKENS)
     x, pos = x[:2, :T].detach(), pos[:T]
     grad = torch.randn_like(x)
@@ -179,15 +192,15 @@ def check(attn, reference, x, pos, position, mode) -> str:
     atol = tol * want[0].abs().max().item()
     assert all(t.isfinite().all() for t in got), "output or gradient is not finite"
     agree = leading_agreement(got[0], want[0], atol, rtol)
-    assert agree > 0, f"output differs from {REFERENCE}'s from the first token on"
+    assert agree > 0, f"output differs from {ref}'s from the first token on"
     if agree < T:
-        return f"matches {REFERENCE} on the first {agree} of {T} tokens only"
+        return f"matches {ref} on the first {agree} of {T} tokens only"
     for g, w, what in zip(got, want, ("output", "input gradient")):
         torch.testing.assert_close(
-            g, w, atol=tol * w.abs().max().item(), rtol=rtol, msg=lambda m: f"{what} vs {REFERENCE}: {m}"
+            g, w, atol=tol * w.abs().max().item(), rtol=rtol, msg=lambda m: f"{what} vs {ref}: {m}"
         )
     error = max((g - w).abs().max().item() for g, w in zip(got, want))
-    return f"matches {REFERENCE}, max |err| {error:.1e}"
+    return f"matches {ref}, max |err| {error:.1e}"
 
 
 def leading_agreement(got, want, atol, rtol) -> int:

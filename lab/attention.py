@@ -62,13 +62,23 @@ class SelfAttention(Attention):
 
     Subclasses implement attend(q, k, v, q_pos, k_pos, bias) -> (B, nh, Tq, hs). k and v come with
     n_head heads, each repeated for its group, unless the subclass sets `grouped_kv = True`: then
-    they come with n_kv_head heads (SDPA's enable_gqa takes them so, without the copies)."""
+    they come with n_kv_head heads (SDPA's enable_gqa takes them so, without the copies). A subclass
+    that sets `attend_with_context = True` gets the forward's context and this layer's cache too:
+    attend(..., bias, ctx=ctx, cache=cache) (ctx None when called outside a model, e.g. alone in a test).
+
+    The forward's context (lab.interfaces.ForwardContext) reaches two points, for the recipe's
+    extensions: `attention_qkv(layer, x, q, k, v, ctx)` after the projections, QK-norm and rotation
+    and before the cache (a V changed there is what is cached), and `attention_heads(layer, x, y, ctx)`
+    on the heads' outputs before the output projection (a gate). x is the attention's input."""
 
     grouped_kv = False
+    wants_context = True  # forward takes ctx (the model passes it); its extension points use it
+    attend_with_context = False
 
     def __init__(self, model):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = model.n_head, model.kv_heads, model.head_dim
+        self.layer = model.layer  # the block's index, which the extension points are handed
         self.kv_dim = self.n_kv_head * self.head_dim
         self.qkv = nn.Linear(model.n_embd, model.n_embd + 2 * self.kv_dim, bias=model.bias)
         self.proj = mark_residual(nn.Linear(model.n_embd, model.n_embd, bias=model.bias))
@@ -79,7 +89,7 @@ class SelfAttention(Attention):
         self.dropout = model.dropout
         self.resid_drop = dropout(model.dropout)
 
-    def forward(self, x, pos, position, cache=None):
+    def forward(self, x, pos, position, cache=None, ctx=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -88,13 +98,18 @@ class SelfAttention(Attention):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = position.rotate(q, k, pos)
+        if ctx is not None:  # the extensions' point between the projections and the cache
+            q, k, v = ctx.attention_qkv(self.layer, x, q, k, v)
         k_pos = pos
         if cache is not None:
             k, v = cache.update(k, v)
             k_pos = torch.arange(k.size(2), device=x.device)
         if not self.grouped_kv:
             k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
-        y = self.attend(q, k, v, pos, k_pos, position.bias(pos, k_pos))
+        more = {"ctx": ctx, "cache": cache} if self.attend_with_context else {}
+        y = self.attend(q, k, v, pos, k_pos, position.bias(pos, k_pos), **more)  # (B, nh, T, hs)
+        if ctx is not None:
+            y = ctx.run("attention_heads", self.layer, x, y)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_drop(self.proj(y))
 

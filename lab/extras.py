@@ -113,12 +113,13 @@ def collecting(module: nn.Module):
             sub.__dict__.pop("_lab_extras", None)
 
 
-def micro_backward(forward, model, x, y, accum: int, autocast=None) -> dict:
+def micro_backward(forward, model, x, y, accum: int, autocast=None, meta=None) -> dict:
     """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
     components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
-    the processes: the mean over the global batch). Returns the detached loss and extras."""
+    the processes: the mean over the global batch). meta: the data source's per-row metadata.
+    Returns the detached loss and extras."""
     with autocast or nullcontext():
-        _, loss = forward(x, y)
+        _, loss = forward(x, y, meta=meta) if meta else forward(x, y)
     extras = model.extras  # what the components added during this forward
     ((loss + extras.loss()) / accum).backward()
     return {"loss": loss.detach(), **extras.values()}

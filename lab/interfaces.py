@@ -6,9 +6,9 @@ mlp and norm are plain nn.Modules, (B, T, C) -> (B, T, C); the optimizer is a to
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -42,14 +42,112 @@ class Attention(nn.Module):
     With a cache (made by this attention's `new_cache` and owned by the caller, one per layer),
     forward takes only the new tokens, at positions `pos`, and attends to everything cached so far.
     The attention decides what its cache holds: K and V for softmax attention, a running sum for
-    linear attention.
+    linear attention. An attention that sets `wants_context = True` is called with the forward's
+    context as well, `forward(x, pos, position, cache, ctx=ctx)` (a ForwardContext).
     """
+
+    wants_context = False
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, position: Position, cache: Any = None):
         raise NotImplementedError
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> Any:
         raise NotImplementedError
+
+
+@dataclass(eq=False)
+class ForwardContext:
+    """What one forward of the GPT knows beyond the residual stream. The model makes one per forward
+    and hands it to every extension hook, and to each attention, MLP or norm whose class sets
+    `wants_context = True` (called as `module(..., ctx=ctx)`); the others never see it.
+
+    ids        (B, T) the token ids in flight (with caches: only the new ones)
+    pos        (T,) their absolute positions, start_pos .. start_pos + T - 1
+    start_pos  tokens already in the caches (0 without caches)
+    targets    (B, T) the next tokens when the forward has them (training, validation), else None
+    meta       per-row metadata from the data source (DataSource.batch's third value), each a (B, T)
+               tensor aligned with ids, e.g. meta["doc_ids"]; {} when decoding
+    scratch    a dict that lives for this forward only: work shared between layers (a block mask
+               made once, a table lookup) or between hooks (U-net skips kept by early blocks)
+    states     extension name -> the per-sequence decoding state its `new_state` made, passed back
+               every step beside the KV caches; None when the forward has no caches
+    """
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    start_pos: int = 0
+    targets: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)
+    states: dict | None = None
+    extensions: dict = field(default_factory=dict)  # name -> Extension, in the recipe's order
+    head: Callable | None = None  # h (..., C) -> logits (..., vocab), soft-cap included
+    loss: Callable | None = None  # (h, targets) -> mean cross-entropy through the fused head
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's LM head on hidden states (..., C) -> (..., vocab), soft-capped if the model is."""
+        return self.head(h)
+
+    def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the LM head on h (B, T, C) against targets (B, T) (-1: ignored),
+        through the model's fused chunked loss when it has one: a second head's loss (multi-token
+        prediction) without the full logits."""
+        return self.loss(h, targets)
+
+    def state(self, extension: nn.Module) -> Any:
+        """This extension's per-sequence state for this forward, or None when decoding without
+        caches or training (the state lives beside the caches, never on the module)."""
+        if self.states is None:
+            return None
+        for name, ext in self.extensions.items():
+            if ext is extension:
+                return self.states.get(name)
+        return None
+
+    # The hook points, called by the model (embed, block_input, block_output, head) and by
+    # lab.attention.SelfAttention (attention_qkv, attention_heads): each extension that has the
+    # method, in the recipe's order, gets what the previous one returned.
+    def run(self, hook: str, *args):
+        """Each extension's `hook(*args, ctx)` in turn, the last argument being the value passed on."""
+        *fixed, value = args
+        for ext in self.extensions.values():
+            method = getattr(ext, hook, None)
+            if method is not None:
+                value = method(*fixed, value, self)
+        return value
+
+    def attention_qkv(self, layer: int, x, q, k, v):
+        for ext in self.extensions.values():
+            method = getattr(ext, "attention_qkv", None)
+            if method is not None:
+                q, k, v = method(layer, x, q, k, v, self)
+        return q, k, v
+
+
+class Extension(nn.Module):
+    """A change to how the model is wired: any number per recipe ([extension.NAME] tables), each an
+    nn.Module built by `factory(config, model)` (model: the [model] table) whose parameters train
+    with the model and are saved in its checkpoints. Every method is optional; the model calls
+    those an extension has, at fixed points, in the recipe's order, each returning what it was given
+    (changed or not):
+
+    embed(x, ctx) -> x                        the token embedding (B, T, C), before the position's
+    block_input(i, x, ctx) -> x               the residual stream entering block i
+    block_output(i, x, ctx) -> x              the residual stream leaving block i
+    head(h, ctx) -> h                         the final norm's output, what the LM head reads; may
+                                              add loss terms (lab.extras.add_loss)
+    attention_qkv(layer, x, q, k, v, ctx)     inside lab.attention.SelfAttention, between the
+        -> (q, k, v)                          projections (q, k normed and rotated) and the cache:
+                                              v changed here is what the cache keeps. x: the
+                                              attention's input. q (B, nh, T, hs), k, v (B, n_kv, T, hs)
+    attention_heads(layer, x, y, ctx) -> y    the heads' outputs (B, nh, T, hs), before the output
+                                              projection (a gate); x: the attention's input
+    chunk_loss(chunk, ctx) -> {name: (values, weight)}
+                                              a loss on the logits, computed chunk by chunk inside
+                                              the fused loss (lab.fused_loss.Chunk): values per row
+    new_state(batch, max_len, device, dtype)  per-sequence decoding state, made with the caches and
+        -> state                              handed back each step as ctx.state(self)
+    """
 
 
 @dataclass(frozen=True)
@@ -130,8 +228,10 @@ class DataSource:
     """Batches of token windows.
 
     `batch(split, step, rows)` returns (x, y) int64 tensors of shape (len(rows), block_size), y being
-    x shifted by one. `rows` are this caller's rows of the step's global batch; a source that makes
-    each row a pure function of (seed, split, step, row) resumes exactly and splits across
+    x shifted by one, or (x, y, meta): meta a dict of per-row metadata, each a tensor (len(rows),
+    block_size) aligned with x (e.g. meta["doc_ids"], from `document_ids`), which reaches the model's
+    components as ForwardContext.meta. `rows` are this caller's rows of the step's global batch; a
+    source that makes each row a pure function of (seed, split, step, row) resumes exactly and splits across
     processes for free, and its state_dict is empty. A source that truly streams keeps its
     position in state_dict(): every process's is saved in a checkpoint and handed back to the same
     rank on resume (see docs/writing-plugins.md, "Data sources").
@@ -193,3 +293,20 @@ def mark_residual(linear: nn.Module) -> nn.Module:
     stream's variance does not grow with depth."""
     linear.residual_projection = True
     return linear
+
+
+def document_ids(x: torch.Tensor, eot_id: int, max_len: int | None = None) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) document ids, for document masking: a new document starts at each
+    end-of-text token (which opens the document after it, so the first token of a document is
+    predicted from the end-of-text alone), and, with max_len, every max_len tokens into a document
+    (a long document is cut into pieces that attend only within themselves). Ids count up from 0 in
+    each row."""
+    starts = x == eot_id
+    if max_len:
+        doc = starts.long().cumsum(dim=1)
+        # Index of each token within its document: distance to the latest start (or the row's start).
+        index = torch.arange(x.size(1), device=x.device).expand_as(x)
+        last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        offset = index - last_start
+        return doc * (x.size(1) + 1) + offset // max_len  # unique per (document, piece), increasing
+    return starts.long().cumsum(dim=1)

@@ -13,8 +13,8 @@ from torch import nn
 
 from lab.errors import LabError
 from lab.extras import Extras, attach
-from lab.fused_loss import chunked_cross_entropy, soft_cap
-from lab.interfaces import dropout
+from lab.fused_loss import chunked_cross_entropy, head_loss_terms, soft_cap
+from lab.interfaces import ForwardContext, dropout
 from lab.recipe import ModelConfig, Part, Recipe
 from lab.roles import set_role
 
@@ -27,10 +27,27 @@ class Block(nn.Module):
         self.norm_2 = parts["norm"].build(config)
         self.mlp = parts["mlp"].build(config)
 
-    def forward(self, x, pos, position, cache=None):
-        x = x + self.attn(self.norm_1(x), pos, position, cache)
-        x = x + self.mlp(self.norm_2(x))
+    def forward(self, x, pos, position, cache=None, ctx: ForwardContext | None = None):
+        x = x + call(self.attn, ctx, call(self.norm_1, ctx, x), pos, position, cache)
+        x = x + call(self.mlp, ctx, call(self.norm_2, ctx, x))
         return x
+
+
+class Caches(list):
+    """One cache per block (made by its attention), and beside them `states`: each extension's
+    per-sequence decoding state. Whoever decodes owns it and passes it back every step, so two
+    batches decoded in turn never share anything."""
+
+    def __init__(self, caches, states: dict):
+        super().__init__(caches)
+        self.states = states
+
+
+def call(module, ctx, *args):
+    """module(*args), with ctx=ctx for a component that asks for the forward's context."""
+    if ctx is not None and getattr(module, "wants_context", False):
+        return module(*args, ctx=ctx)
+    return module(*args)
 
 
 class GPT(nn.Module):
@@ -47,6 +64,8 @@ class GPT(nn.Module):
         )
         self.norm_f = parts["norm"].build(config)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Extensions ([extension.NAME]): what changes the wiring, called at the fixed points in hidden().
+        self.extensions = nn.ModuleDict({part.name: part.build(config) for part in recipe.extensions})
         if config.tie_embeddings:
             # One matrix reads tokens in and writes them out: fewer parameters, and it trains better
             # at small scale (Press & Wolf 2017), as in GPT-2.
@@ -79,26 +98,40 @@ class GPT(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()  # a component with an initialisation of its own
 
-    def forward(self, idx, targets=None, caches=None, start_pos: int = 0, last_only: bool = False):
+    def forward(self, idx, targets=None, caches=None, start_pos: int = 0, last_only: bool = False, meta=None):
         """idx (B, T) token ids -> (logits, loss). logits are (B, T, vocab), or (B, 1, vocab) with
-        last_only. With caches (one per block, from new_caches), idx holds only the new tokens,
-        which sit at positions start_pos.. ; loss is None without targets. With targets and
-        model.loss_chunk > 0 the loss is computed chunk by chunk and logits is None: the full
-        logits are never made (see lab/fused_loss.py)."""
-        x = self.hidden(idx, caches, start_pos)
+        last_only. With caches (from new_caches), idx holds only the new tokens, which sit at
+        positions start_pos.. ; loss is None without targets. With targets and model.loss_chunk > 0
+        the loss is computed chunk by chunk and logits is None: the full logits are never made (see
+        lab/fused_loss.py). meta: the data source's per-row metadata (ForwardContext.meta)."""
+        ctx = self.context(idx, targets, caches, start_pos, meta)
+        x = self.hidden(idx, caches, start_pos, ctx=ctx)
         if last_only:
             x = x[:, -1:, :]
         if targets is not None and self.config.loss_chunk:
-            return None, chunked_cross_entropy(
-                x, self.head.weight, targets, chunk=self.config.loss_chunk, softcap=self.config.logit_softcap
-            )
+            return None, self.fused_loss(x, targets, ctx)
         logits = self.logits(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            head_loss_terms(logits, targets, self.chunk_hooks(ctx))  # what fused_loss computes per chunk
         return logits, loss
 
-    def hidden(self, idx, caches=None, start_pos: int = 0) -> torch.Tensor:
+    def context(self, idx, targets=None, caches=None, start_pos: int = 0, meta=None) -> ForwardContext:
+        T = idx.size(1)
+        return ForwardContext(
+            ids=idx,
+            pos=torch.arange(start_pos, start_pos + T, device=idx.device),
+            start_pos=start_pos,
+            targets=targets,
+            meta=dict(meta or {}),
+            states=getattr(caches, "states", None),
+            extensions=dict(self.extensions.items()),
+            head=self.logits,
+            loss=self.cross_entropy,
+        )
+
+    def hidden(self, idx, caches=None, start_pos: int = 0, ctx: ForwardContext | None = None) -> torch.Tensor:
         """idx (B, T) -> the final norm's output (B, T, C), what the LM head reads. Scoring
         (lab/inference/scoring.py) applies the head (`logits`) only at the positions it scores."""
         T = idx.size(1)
@@ -108,21 +141,61 @@ class GPT(nn.Module):
                 f"sequence of {start_pos + T} tokens is longer than this model's positions allow "
                 f"({limit}); shorten the prompt or generate fewer tokens"
             )
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        ctx = ctx or self.context(idx, None, caches, start_pos)
+        pos = ctx.pos
         self.extras.begin()
-        x = self.drop(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
+        x = ctx.run("embed", self.tok_emb(idx))  # (B, T, C); extensions: after the token embedding
+        x = self.drop(self.position.embed(x, pos))
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, self.position, None if caches is None else caches[i])
-        return self.norm_f(x)
+            x = ctx.run("block_input", i, x)
+            x = block(x, pos, self.position, None if caches is None else caches[i], ctx)
+            x = ctx.run("block_output", i, x)
+        return ctx.run("head", self.norm_f(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states (..., C) -> (..., vocab), soft-capped when the model is."""
         return soft_cap(self.head(x), self.config.logit_softcap)
 
-    def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list:
-        """One cache per block, made by that block's attention, for cached decoding."""
+    def cross_entropy(self, x, targets) -> torch.Tensor:
+        """Mean cross-entropy of the head on x (..., C) against targets (...), fused when the model is."""
+        if self.config.loss_chunk:
+            return chunked_cross_entropy(
+                x, self.head.weight, targets, chunk=self.config.loss_chunk, softcap=self.config.logit_softcap
+            )
+        return F.cross_entropy(self.logits(x).flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
+
+    def fused_loss(self, x, targets, ctx: ForwardContext) -> torch.Tensor:
+        """The cross-entropy through the chunked head, with the extensions' chunk_loss terms computed
+        on each chunk's logits (their gradients ride on the loss's backward: lab/fused_loss.py)."""
+        return chunked_cross_entropy(
+            x,
+            self.head.weight,
+            targets,
+            chunk=self.config.loss_chunk,
+            softcap=self.config.logit_softcap,
+            hooks=self.chunk_hooks(ctx),
+        )
+
+    def chunk_hooks(self, ctx: ForwardContext) -> list:
+        """The extensions' chunk_loss methods, each bound to the context and to the model's extras."""
+        return [
+            (ext, lambda chunk, ext=ext: ext.chunk_loss(chunk, ctx))
+            for ext in self.extensions.values()
+            if hasattr(ext, "chunk_loss")
+        ]
+
+    def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> Caches:
+        """One cache per block, made by that block's attention, for cached decoding; and each
+        extension's per-sequence state (its new_state), kept beside them."""
         p = self.tok_emb.weight
-        return [b.attn.new_cache(batch, max_len, device or p.device, dtype or p.dtype) for b in self.blocks]
+        device, dtype = device or p.device, dtype or p.dtype
+        caches = [b.attn.new_cache(batch, max_len, device, dtype) for b in self.blocks]
+        states = {
+            name: ext.new_state(batch, max_len, device, dtype)
+            for name, ext in self.extensions.items()
+            if hasattr(ext, "new_state")
+        }
+        return Caches(caches, states)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, counted once when shared. non_embedding (as GPT-2 and Kaplan et al. count):

@@ -356,6 +356,7 @@ class Recipe:
     notes: list[str] = field(default_factory=list)  # what reading it changed that the user should know
     loggers: list[Part] = field(default_factory=list)  # [logger.NAME] tables, in the file's order
     schedules: dict[str, Part] = field(default_factory=dict)  # [schedule.QUANTITY] tables: quantity -> Part
+    extensions: list[Part] = field(default_factory=list)  # [extension.NAME] tables, in the file's order
 
     def layer(self, index: int) -> dict[str, Part]:
         """The parts of block `index`: the recipe's, with that layer's own where [model.layers] sets them."""
@@ -385,6 +386,8 @@ class Recipe:
             out["schedule"][quantity] = {"name": part.name, **part.config.model_dump(mode="json")}
         if self.loggers:
             out["logger"] = {part.name: part.config.model_dump(mode="json") for part in self.loggers}
+        if self.extensions:
+            out["extension"] = {part.name: part.config.model_dump(mode="json") for part in self.extensions}
         return _drop_none(out)
 
     def to_toml(self) -> str:
@@ -491,6 +494,7 @@ def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Rec
     parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
     layers = raw.get("model", {}).pop("layers", {}) if isinstance(raw.get("model"), dict) else {}
     loggers = _resolve_many(raw, "logger", source, plugins)
+    extensions = _resolve_many(raw, "extension", source, plugins)
     allowed = set(SECTIONS) | {t[0] for t in TABLES.values()} | set(MANY.values())
     for key in raw:
         if key not in allowed:
@@ -510,6 +514,7 @@ def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Rec
         notes=notes,
         loggers=loggers,
         schedules=schedules,
+        extensions=extensions,
         **sections,
     )
     check_parts(recipe)
@@ -643,6 +648,7 @@ def check_parts(recipe: Recipe) -> None:
         for i, parts in recipe.layer_parts.items()
         for slot, part in parts.items()
     ]
+    every += [(f"[extension.{part.name}]", part) for part in recipe.extensions]
     for table, part in every:
         where = f"{recipe.source} {table} ({part.label})"
         try:

@@ -15,6 +15,7 @@ Config subclasses ComponentConfig, which gives every optional hook its default.
     optimizer   factory(config, params, model)   [optimizer]           torch.optim.Optimizer
     schedule    factory(config, max_steps)       [schedule]            lab.interfaces.Schedule
     logger      factory(config)                  [logger.NAME], any    lab.interfaces.Logger
+    extension   factory(config, model)           [extension.NAME], any lab.interfaces.Extension
 
 model: lab.recipe.ModelConfig (with .layer, .n_layer: the layer being built); context:
 lab.interfaces.DataContext; params: [lab.roles.Param(name, param, role)].
@@ -29,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from lab.interfaces import Attention, DataSource, Logger, Position, Schedule, Tokenizer
+from lab.interfaces import Attention, DataSource, Extension, Logger, Position, Schedule, Tokenizer
 
 
 class ComponentConfig(BaseModel):
@@ -131,4 +132,18 @@ SLOTS: dict[str, Slot] = _slots(
     ),  # fmt: skip
     Slot("tokenizer", Tokenizer, ("tokenizer",), "factory(config)", checks=("tokenizer_round_trip",)),
     Slot("logger", Logger, ("logger",), "factory(config)", many=True, checks=("logger_records_a_run",)),
+    Slot(
+        "extension",
+        Extension,
+        ("extension",),
+        "factory(config, model)",
+        many=True,
+        checks=(
+            "extension_cached_decoding",
+            "extension_interleaved_batches",
+            "extension_gradients",
+            "extension_resume",
+            "extension_context_metadata",
+        ),
+    ),
 )

@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from pydantic import BaseModel
 
+from lab.attention import SelfAttention
 from lab.errors import LabError
-from lab.interfaces import DataContext, Position
+from lab.extras import collecting
+from lab.interfaces import DataContext, Extension, Position
 from lab.plugins import Component, Registry, registry
 from lab.recipe import ModelConfig, Part
 from lab.slots import SLOTS
@@ -96,6 +99,15 @@ def build(component: Component, *args, **settings):
     return Part(component, component.Config(**{**examples, **settings})).build(*args)
 
 
+def made(component: Component, *args, **settings):
+    """build(), for a check: a factory that refuses these settings with a LabError (an attention
+    without grouped heads, a pairing that cannot work) makes the check a skip with its reason."""
+    try:
+        return build(component, *args, **settings)
+    except LabError as e:
+        raise unittest.SkipTest(f"{component.slot} '{component.name}' refuses these settings: {e}") from None
+
+
 def _seeded(check):
     """Each check starts from seed 0 and leaves the caller's random state as it was."""
 
@@ -136,7 +148,7 @@ def _run_attention(attn, x, pos, position, what):
 
 @_seeded
 def attention_shapes(component, position: Position | None = None, model: ModelConfig = MODEL):
-    attn, x_pos = build(component, model), _attention_input()
+    attn, x_pos = made(component, model), _attention_input()
     y = _run_attention(attn, *x_pos, position or Position(), component.name)
     assert y.shape == (B, T, MODEL.n_embd), f"output shape {tuple(y.shape)}, expected {(B, T, MODEL.n_embd)}"
     assert torch.isfinite(y).all(), "output has inf or nan"
@@ -146,7 +158,7 @@ def attention_shapes(component, position: Position | None = None, model: ModelCo
 def attention_causality(component, position: Position | None = None, model: ModelConfig = MODEL):
     """Changing token t changes no output before t, and does change the output at t."""
     position = position or Position()
-    attn, (x, pos) = build(component, model).eval(), _attention_input()
+    attn, (x, pos) = made(component, model).eval(), _attention_input()
     y = _run_attention(attn, x, pos, position, component.name)
     t = T // 2
     x2 = x.clone()
@@ -158,9 +170,13 @@ def attention_causality(component, position: Position | None = None, model: Mode
 
 @_seeded
 def attention_gradients(component):
-    attn, (x, pos) = build(component, MODEL).train(), _attention_input()
+    """Every parameter gets a gradient from the output, or from a loss term the attention adds
+    (lab.extras): a parameter only an extra loss reaches (a router's balance) counts too."""
+    attn, (x, pos) = made(component, MODEL).train(), _attention_input()
     x.requires_grad_(True)
-    attn(x, pos, Position()).square().sum().backward()
+    with collecting(attn) as extras:
+        y = attn(x, pos, Position())
+    (y.square().sum() + extras.loss()).backward()
     _all_gradients(attn, component.name)
     assert x.grad is not None and x.grad.abs().sum() > 0, "no gradient reached the input"
 
@@ -168,7 +184,7 @@ def attention_gradients(component):
 @_seeded
 def attention_dtypes(component):
     """float32 and bfloat16 run on CPU, return their own dtype, and roughly agree."""
-    attn, (x, pos) = build(component, MODEL).eval(), _attention_input()
+    attn, (x, pos) = made(component, MODEL).eval(), _attention_input()
     reference = attn(x, pos, Position())
     for dtype in (torch.float32, torch.bfloat16):
         y = copy.deepcopy(attn).to(dtype)(x.to(dtype), pos, Position())
@@ -182,7 +198,7 @@ def attention_dtypes(component):
 def attention_cached_decoding(component, position: Position | None = None, model: ModelConfig = MODEL):
     """A prefill, then one token at a time through new_cache, gives the full forward's outputs."""
     position = position or Position()
-    attn, (x, pos) = build(component, model).eval(), _attention_input()
+    attn, (x, pos) = made(component, model).eval(), _attention_input()
     full = _run_attention(attn, x, pos, position, component.name)
     cache = attn.new_cache(B, T, x.device, x.dtype)
     prefill = 5
@@ -205,17 +221,10 @@ def attention_with_position(component, position_component, model: ModelConfig = 
     return with_position
 
 
-def _attention_build(component, model):
-    try:
-        return build(component, model)
-    except LabError as e:  # e.g. an attention without grouped heads says so
-        raise unittest.SkipTest(f"{component.name} refuses these settings: {e}") from None
-
-
 @_seeded
 def attention_grouped_query(component):
     """[model] n_kv_head = 2 of n_head = 4, with qk_norm: shapes, causality and cached decoding."""
-    _attention_build(component, GQA)
+    made(component, GQA)  # an attention without grouped heads refuses: a skip with its reason
     attention_shapes(component, model=GQA)
     attention_causality(component, model=GQA)
     attention_cached_decoding(component, model=GQA)
@@ -231,7 +240,7 @@ def _qk(dtype=torch.float32):
 
 @_seeded
 def position_shapes(component):
-    p, pos = build(component, MODEL), torch.arange(T)
+    p, pos = made(component, MODEL), torch.arange(T)
     x = torch.randn(B, T, MODEL.n_embd)
     assert p.embed(x, pos).shape == x.shape, "embed changed the shape"
     for dtype in (torch.float32, torch.bfloat16):
@@ -253,7 +262,7 @@ def position_shapes(component):
 def position_grouped_heads(component):
     """Grouped-query attention hands rotate q with n_head heads and k with fewer (here 4 and 2):
     each is rotated as it would be alone."""
-    p, pos = build(component, MODEL).eval(), torch.arange(T)
+    p, pos = made(component, MODEL).eval(), torch.arange(T)
     q, k = _qk()
     k_few = k[:, :2]
     q2, k2 = p.rotate(q, k_few, pos)
@@ -271,7 +280,7 @@ def position_grouped_heads(component):
 
 @_seeded
 def position_rotate_preserves_norms(component):
-    p, pos = build(component, MODEL), torch.arange(T)
+    p, pos = made(component, MODEL), torch.arange(T)
     q, k = _qk()
     q2, k2 = p.rotate(q, k, pos)
     assert_close_to_scale(q2.norm(dim=-1), q.norm(dim=-1), 1e-5, "the norm of q after rotate")
@@ -282,7 +291,7 @@ def position_rotate_preserves_norms(component):
 def position_token_by_token(component):
     """What cached decoding relies on: the tokens at positions pos[t:t+1] are treated exactly as
     the t-th token of the whole sequence is."""
-    p, pos = build(component, MODEL).eval(), torch.arange(T)
+    p, pos = made(component, MODEL).eval(), torch.arange(T)
     x = torch.randn(B, T, MODEL.n_embd)
     q, k = _qk()
     whole_x, (whole_q, whole_k), whole_bias = p.embed(x, pos), p.rotate(q, k, pos), p.bias(pos, pos)
@@ -303,7 +312,7 @@ def position_token_by_token(component):
 @_seeded
 def position_max_len(component):
     """max_len is None (any length: far positions must work) or the positions it can place."""
-    p = build(component, MODEL)
+    p = made(component, MODEL)
     limit = p.max_len
     assert limit is None or (isinstance(limit, int) and limit > 0), (
         f"max_len must be None or a positive int, got {limit!r}"
@@ -319,7 +328,7 @@ def position_max_len(component):
 
 @_seeded
 def position_gradients(component):
-    p, pos = build(component, MODEL).train(), torch.arange(T)
+    p, pos = made(component, MODEL).train(), torch.arange(T)
     if not any(param.requires_grad for param in p.parameters()):
         raise unittest.SkipTest(f"position '{component.name}' has no parameters")
     q, k = _qk()
@@ -335,7 +344,7 @@ def position_gradients(component):
 
 @_seeded
 def token_map_shapes_and_dtypes(component):
-    module, x = build(component, MODEL).eval(), torch.randn(B, T, MODEL.n_embd)
+    module, x = made(component, MODEL).eval(), torch.randn(B, T, MODEL.n_embd)
     reference = module(x)
     for dtype in (torch.float32, torch.bfloat16):
         y = copy.deepcopy(module).to(dtype)(x.to(dtype))
@@ -349,7 +358,7 @@ def token_map_shapes_and_dtypes(component):
 @_seeded
 def token_map_per_token(component):
     """Changing token t changes output t only: a block that mixed tokens would break causality."""
-    module, x = build(component, MODEL).eval(), torch.randn(B, T, MODEL.n_embd)
+    module, x = made(component, MODEL).eval(), torch.randn(B, T, MODEL.n_embd)
     t = T // 2
     x2 = x.clone()
     x2[:, t] = torch.randn(B, MODEL.n_embd)
@@ -363,9 +372,11 @@ def token_map_per_token(component):
 
 @_seeded
 def token_map_gradients(component):
-    module, x = build(component, MODEL).train(), torch.randn(B, T, MODEL.n_embd, requires_grad=True)
+    module, x = made(component, MODEL).train(), torch.randn(B, T, MODEL.n_embd, requires_grad=True)
+    with collecting(module) as extras:  # a parameter only an extra loss term reaches gets its gradient
+        y = module(x)
     # A weighted sum: the plain sum of a norm's output has zero gradient for x by construction.
-    (module(x) * torch.randn(B, T, MODEL.n_embd)).sum().backward()
+    ((y * torch.randn(B, T, MODEL.n_embd)).sum() + extras.loss()).backward()
     _all_gradients(module, component.name)
     assert x.grad is not None and x.grad.abs().sum() > 0, "no gradient reached the input"
 
@@ -376,15 +387,15 @@ def token_map_gradients(component):
 def schedule_pure(component):
     """lr(step) depends on the step only: any order of calls, any fresh instance, same values."""
     steps = list(range(SCHEDULE_STEPS + 10))
-    forward = [build(component, SCHEDULE_STEPS)(s) for s in steps]
-    schedule = build(component, SCHEDULE_STEPS)
+    forward = [made(component, SCHEDULE_STEPS)(s) for s in steps]
+    schedule = made(component, SCHEDULE_STEPS)
     backward = [schedule(s) for s in reversed(steps)][::-1]
     assert forward == backward, "the schedule's value depends on the order of calls (hidden state?)"
     assert [schedule(s) for s in steps] == forward, "a second pass over the steps gave other values"
 
 
 def schedule_finite_non_negative(component):
-    schedule = build(component, SCHEDULE_STEPS)
+    schedule = made(component, SCHEDULE_STEPS)
     for step in range(SCHEDULE_STEPS + 10):
         value = schedule(step)
         assert isinstance(value, (int, float)), f"step {step}: a {type(value).__name__}, expected a float"
@@ -395,9 +406,11 @@ def schedule_finite_non_negative(component):
 # --- optimizer ----------------------------------------------------------------------------------
 
 
-def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
+def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None, extensions=(), **model_settings):
     """A 2-layer GPT of the first installed component of every model slot (lab's own first, which
-    are known to work together), or `swap` in its slot: the core's roles and the components'."""
+    are known to work together), or `swap` in its slot: the core's roles and the components'.
+    extensions: Parts (or Components, with their defaults) for [extension.NAME]; model_settings
+    change the [model] table."""
     from lab.model import GPT
     from lab.recipe import SECTIONS, Recipe
 
@@ -413,10 +426,12 @@ def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None):
         parts[swap.slot] = Part(swap, swap.Config())
     # Every section at its defaults (a section added to recipes needs no change here), but the model's.
     sections = {key: section() for key, section in SECTIONS.items()}
-    sections["model"] = ModelConfig(
+    shape = dict(
         vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False, loss_chunk=0
     )
-    return GPT(Recipe(name="tiny", source="lab.testing", parts=parts, **sections))
+    sections["model"] = ModelConfig(**{**shape, **model_settings})
+    extensions = [e if isinstance(e, Part) else Part(e, e.Config()) for e in extensions]
+    return GPT(Recipe(name="tiny", source="lab.testing", parts=parts, extensions=extensions, **sections))
 
 
 def _gpt_batch():
@@ -437,7 +452,7 @@ def _build_optimizer(component, model):
     from lab.roles import parameters
 
     params = parameters(model)
-    return build(component, params, model), params
+    return made(component, params, model), params
 
 
 @_seeded
@@ -602,6 +617,189 @@ def extra_loss_gradients(component):
         )
 
 
+# --- extension ---------------------------------------------------------------------------------
+# An extension is checked in a tiny GPT of 4 layers (so a U-net has halves), its parameters moved off
+# their initial values first: a weight that starts at 0 (smear's) would hide what the extension does.
+
+
+def _extension_gpt(component, *more, train: bool = False, **model_settings):
+    try:
+        parts = [Part(component, component.Config()), *more]
+        model = tiny_gpt(extensions=parts, n_layer=4, **model_settings)
+    except LabError as e:
+        raise unittest.SkipTest(f"extension '{component.name}' refuses the tiny GPT: {e}") from None
+    with torch.no_grad():
+        for p in model.extensions.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.train(train)
+
+
+def _decode(model, idx, prefill: int, caches=None):
+    """Logits (B, T, vocab) of idx fed through caches: a prefill, then one token a step. A generator:
+    each step yields, so two decodings can be interleaved."""
+    caches = caches if caches is not None else model.new_caches(idx.size(0), idx.size(1))
+    steps = [model(idx[:, :prefill], caches=caches)[0]]
+    yield
+    for t in range(prefill, idx.size(1)):
+        steps.append(model(idx[:, t : t + 1], caches=caches, start_pos=t)[0])
+        yield
+    yield torch.cat(steps, dim=1)
+
+
+def _finish(decoding):
+    out = None
+    for out in decoding:
+        pass
+    return out
+
+
+@_seeded
+def extension_cached_decoding(component):
+    """A prefill and then one token at a time through the caches, with the extension's per-sequence
+    state (new_state, kept beside the caches), gives the logits of the whole forward."""
+    model = _extension_gpt(component)
+    idx = torch.randint(0, 64, (B, T))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cached = _finish(_decode(model, idx, prefill=5))
+    assert_close_to_scale(cached, full, 1e-5, "cached decoding's logits against the whole forward's")
+
+
+@_seeded
+def extension_interleaved_batches(component):
+    """Two batches decoded in turn, a step of one then a step of the other (as `lab serve` does),
+    give what each gives alone: per-sequence state lives beside each batch's caches, never on the
+    module."""
+    model = _extension_gpt(component)
+    # Of one size: state kept on the module, even keyed by the batch size, would be shared.
+    first, second = torch.randint(0, 64, (2, T)), torch.randint(0, 64, (2, T))
+    with torch.no_grad():
+        alone = [_finish(_decode(model, idx, prefill=4)) for idx in (first, second)]
+        a, b = _decode(model, first, prefill=4), _decode(model, second, prefill=4)
+        for _ in range(T - 4 + 1):  # prefill and every step, taking turns
+            next(a), next(b)
+        together = [next(a), next(b)]
+    for i, (got, want) in enumerate(zip(together, alone)):
+        assert_close_to_scale(got, want, 1e-6, f"batch {i} decoded in turn with another, against alone")
+
+
+def _train_steps(model, optimizer, x, y, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        (loss + model.extras.loss()).backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@_seeded
+def extension_gradients(component):
+    """Training with targets: every parameter of the extension gets a finite, non-zero gradient from
+    the loss and the loss terms it adds (a parameter only an extra loss reaches, a second head's,
+    counts); each term it adds is a finite scalar. Through the fused loss (model.loss_chunk)."""
+    model = _extension_gpt(component, train=True, loss_chunk=8)
+    x, y = _gpt_batch()
+    _, loss = model(x, y)
+    for name, term in model.extras.terms.items():
+        assert torch.isfinite(term).all(), f"extra loss '{name}' is {term}"
+    (loss + model.extras.loss()).backward()
+    params = list(model.extensions.named_parameters())
+    if not params:
+        raise unittest.SkipTest(f"extension '{component.name}' has no parameters")
+    for name, p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, (
+            f"extension parameter {name} got no (or a zero or non-finite) gradient"
+        )
+
+
+@_seeded
+def extension_resume(component):
+    """What exact resume relies on: a model and optimizer loaded from state_dict() take the same next
+    steps as the ones they were saved from, bit for bit: the extension keeps no state outside them."""
+    model = _extension_gpt(component, train=True, loss_chunk=8)
+    x, y = _gpt_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train_steps(model, optimizer, x, y, 2)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    expected = _train_steps(model, optimizer, x, y, 2)
+    twin = _extension_gpt(component, train=True, loss_chunk=8)
+    twin.load_state_dict(saved[0])
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    twin_optimizer.load_state_dict(saved[1])
+    got = _train_steps(twin, twin_optimizer, x, y, 2)
+    assert got == expected, f"losses after loading the state: {got}, expected {expected}"
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), f"after loading the state, parameter {name} took a different step"
+
+
+class NoSettings(BaseModel):
+    pass
+
+
+class ContextProbe(Extension):
+    """Records what the forward's context holds at every hook point it has."""
+
+    def __init__(self, config=None, model=None):
+        super().__init__()
+        self.seen: dict[str, list] = {}
+
+    def note(self, point, ctx):
+        self.seen.setdefault(point, []).append((ctx.ids, ctx.targets, ctx.meta.get("doc_ids")))
+
+    def embed(self, x, ctx):
+        self.note("embed", ctx)
+        return x
+
+    def block_input(self, i, x, ctx):
+        self.note("block_input", ctx)
+        return x
+
+    def block_output(self, i, x, ctx):
+        self.note("block_output", ctx)
+        return x
+
+    def attention_qkv(self, layer, x, q, k, v, ctx):
+        self.note("attention_qkv", ctx)
+        return q, k, v
+
+    def attention_heads(self, layer, x, y, ctx):
+        self.note("attention_heads", ctx)
+        return y
+
+    def head(self, h, ctx):
+        self.note("head", ctx)
+        return h
+
+    def chunk_loss(self, chunk, ctx):
+        self.note("chunk_loss", ctx)
+        return {}
+
+
+@_seeded
+def extension_context_metadata(component):
+    """With the extension in the model, the data source's per-row metadata (meta["doc_ids"]), the ids
+    and the targets reach every hook point of an extension listed after it."""
+    probe = Part(Component("extension", "probe", ContextProbe, NoSettings, "", "lab.testing"), NoSettings())
+    model = _extension_gpt(component, probe, loss_chunk=8)
+    recorder = model.extensions["probe"]
+    x, y = _gpt_batch()
+    doc_ids = torch.arange(x.numel()).view_as(x) // 5
+    model(x, y, meta={"doc_ids": doc_ids})
+    points = {"embed", "block_input", "block_output", "head", "chunk_loss"}
+    if isinstance(model.blocks[0].attn, SelfAttention):
+        points |= {"attention_qkv", "attention_heads"}
+    missing = points - set(recorder.seen)
+    assert not missing, f"the forward never reached the hook points {sorted(missing)}"
+    for point, calls in recorder.seen.items():
+        for ids, targets, docs in calls:
+            assert ids is x and targets is y, (
+                f"at {point}: the context's ids or targets are not the forward's"
+            )
+            assert docs is doc_ids, f"at {point}: meta['doc_ids'] is not the data source's"
+
+
 # --- logger -----------------------------------------------------------------------------------
 
 
@@ -640,7 +838,7 @@ def logger_records_a_run(component):
 
 
 def tokenizer_round_trip(component):
-    tokenizer = build(component)
+    tokenizer = made(component)
     assert tokenizer.vocab_size > 0, "vocab_size must be positive"
     assert tokenizer.eot_id is None or 0 <= tokenizer.eot_id < tokenizer.vocab_size, (
         "eot_id outside the vocabulary"
@@ -692,7 +890,11 @@ def data_batches(component, plugins: Registry):
     context = _data_context(plugins)
     source = _data_source(component, context)
     for split in ("train", "val"):
-        x, y = source.batch(split, 0, range(2))
+        x, y, *meta = source.batch(split, 0, range(2))
+        for name, value in (meta[0] if meta else {}).items():  # per-row metadata: aligned with x
+            assert isinstance(value, torch.Tensor) and value.shape == x.shape, (
+                f"{split}: meta[{name!r}] must be a tensor of x's shape {tuple(x.shape)}"
+            )
         assert x.shape == y.shape == (2, 8), (
             f"{split} batch shapes {tuple(x.shape)}, {tuple(y.shape)}; expected (2, 8)"
         )
@@ -715,10 +917,17 @@ def data_resume(component, plugins: Registry):
         resumed.load_state_dict(state)
         for step, want in zip((3, 4), expected):
             got = resumed.batch("train", step, rows)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), (
+            assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want)), (
                 f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another batch "
                 f"at step {step} than the source it was taken from (is the stream's position in state_dict()?)"
             )
+
+
+def _same(a, b) -> bool:
+    """Equal tensors, or equal dicts of tensors (a batch's meta)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
 
 
 def data_processes_share(component, plugins: Registry):

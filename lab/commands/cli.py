@@ -110,7 +110,7 @@ def cmd_plugins(args) -> int:
     used: dict[tuple[str, str], list[int] | None] = {}  # (slot, name) -> the layers it is on; None: all
     if args.recipe:
         recipe = load_recipe(args.recipe, plugins=plugins)
-        for part in [*recipe.parts.values(), *recipe.loggers, *recipe.schedules.values()]:
+        for part in [*recipe.parts.values(), *recipe.loggers, *recipe.schedules.values(), *recipe.extensions]:
             used[part.component.slot, part.name] = None
         for layer in range(recipe.model.n_layer):
             for slot, part in recipe.layer_parts.get(layer, {}).items():

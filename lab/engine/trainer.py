@@ -404,10 +404,13 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             rows = micro_rows(micro, batch_size, self.layout.rank, self.layout.world_size)
-            x, y = self.batch("train", self.step, rows)
+            x, y, meta = self.batch("train", self.step, rows)
             x, y = split_sequences(x, seq_len), split_sequences(y, seq_len)
+            if meta:  # per-row metadata (doc_ids, (B, T)) is cut as the rows are
+                meta = {k: split_sequences(v, seq_len) if torch.is_tensor(v) and v.dim() == 2 else v
+                        for k, v in meta.items()}  # fmt: skip
             with distributed.gradient_sync(self.wrapped, sync=micro == accum - 1):
-                values = micro_backward(self.forward, self.model, x, y, accum, self.autocast())
+                values = micro_backward(self.forward, self.model, x, y, accum, self.autocast(), meta)
             for name, value in values.items():
                 sums[name] = sums[name] + value if name in sums else value
         # The norm of the whole gradient, the same on every process: DDP's gradients are already
@@ -479,8 +482,10 @@ class Trainer:
             )
 
     def batch(self, split: str, step: int, rows: range):
-        x, y = self.data.batch(split, step, rows)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        """(x, y, meta) on the device: meta the source's per-row metadata ({} when it gives none)."""
+        x, y, *rest = self.data.batch(split, step, rows)
+        meta = {k: v.to(self.device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), meta
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -498,9 +503,9 @@ class Trainer:
         losses, targets = [], []
         world = self.layout.world_size
         for step in range(self.layout.rank, math.ceil(self.cfg.eval_batches / world) * world, world):
-            x, y = self.batch("val", step, range(self.cfg.batch_size))
+            x, y, meta = self.batch("val", step, range(self.cfg.batch_size))
             with self.autocast():
-                loss = self.forward(x, y)[1]
+                loss = (self.forward(x, y, meta=meta) if meta else self.forward(x, y))[1]
             terms = {n: v for n, v in self.model.extras.values().items() if n.startswith("loss.")}
             losses.append(torch.stack([loss.float(), *terms.values()]))
             targets.append(y)

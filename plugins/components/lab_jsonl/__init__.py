@@ -9,7 +9,9 @@ tinyshakespeare, one per line). See stream.py for how the documents are shared o
 processes and how a run resumes exactly where it stopped.
 """
 
-from pydantic import Field
+from typing import ClassVar
+
+from pydantic import Field, NonNegativeInt, model_validator
 
 from lab import hookimpl
 from lab.recipe import PATH
@@ -18,6 +20,8 @@ from lab_jsonl.stream import JsonlData
 
 
 class JsonlConfig(ComponentConfig):
+    # The conformance checks also run with document-aligned rows.
+    extra_settings: ClassVar[list[dict]] = [{"documents": True, "max_document_tokens": 16}]
     path: str | list[str] = Field(
         "",
         description='.jsonl files (one JSON object with a "text" field per line), text files, or '
@@ -38,6 +42,21 @@ class JsonlConfig(ComponentConfig):
         "a text file) held out for validation when val_path is empty, "
         "chosen by a hash of each one's bytes",
     )
+    documents: bool = Field(
+        False,
+        description="rows start at a document's start (its end-of-text token; the rest of a document "
+        "that did not fit a row is dropped), and each batch carries its document ids "
+        "(meta['doc_ids']) for document masking",
+    )
+    max_document_tokens: NonNegativeInt = Field(
+        0, description="with documents: a longer document is cut into pieces of this many tokens; 0: no cap"
+    )
+
+    @model_validator(mode="after")
+    def _cap_needs_documents(self):
+        if self.max_document_tokens and not self.documents:
+            raise ValueError("max_document_tokens needs documents = true")
+        return self
 
 
 @hookimpl

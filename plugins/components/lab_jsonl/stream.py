@@ -34,7 +34,7 @@ import torch
 
 from lab.data.text import decode, find_input_files, jsonl_text, last_seam
 from lab.errors import LabError
-from lab.interfaces import DataContext, DataSource
+from lab.interfaces import DataContext, DataSource, document_ids
 
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
@@ -143,6 +143,7 @@ class Stream:
         rank: int = 0,
         world: int = 1,
         repeat: bool = True,
+        documents: bool = False,
     ):
         self.files, self.in_split, self.tokenizer = files, in_split, context.tokenizer
         self.block_size, self.rank, self.world, self.repeat = context.block_size, rank, world, repeat
@@ -154,10 +155,11 @@ class Stream:
             None  # [file, end] of the last unit taken: one starting there continues it
         )
         self.buffer = np.zeros(0, dtype=np.int64)  # tokens read and not yet used
+        self.documents = documents  # every window starts at an end-of-text token
 
     def window(self) -> np.ndarray | None:
         """The next block_size + 1 tokens; None past the end of a split that does not repeat."""
-        while len(self.buffer) <= self.block_size:
+        while self.align() <= self.block_size:
             unit = self.reader.next()
             if unit is None:
                 if not self.repeat:
@@ -170,6 +172,14 @@ class Stream:
                     self.add(unit)
         window, self.buffer = self.buffer[: self.block_size + 1], self.buffer[self.block_size :]
         return window
+
+    def align(self) -> int:
+        """With documents, drop the buffer's tokens before its first end-of-text (the rest of a
+        document a row already started). Returns the tokens left."""
+        if self.documents and len(self.buffer) and self.buffer[0] != self.tokenizer.eot_id:
+            at = np.flatnonzero(self.buffer == self.tokenizer.eot_id)
+            self.buffer = self.buffer[at[0] :] if len(at) else self.buffer[:0]
+        return len(self.buffer)
 
     def add(self, unit: Unit) -> None:
         self.took = True
@@ -217,6 +227,13 @@ class JsonlData(DataSource):
     any_layout = False  # each process's position in its share of the documents is its own
 
     def __init__(self, config, context: DataContext):
+        self.documents, self.max_document_tokens = config.documents, config.max_document_tokens
+        self.eot_id = context.tokenizer.eot_id
+        if self.documents and self.eot_id is None:
+            raise LabError(
+                f"[data] documents = true, but tokenizer '{context.tokenizer.name}' has no end-of-text "
+                "token to mark where documents start; use a tokenizer with one, or set documents = false"
+            )
         self.files = find_input_files(as_list(config.path), "[data] path: ") if config.path else [SAMPLE]
         if config.val_path:
             val_files, in_val = (
@@ -231,8 +248,10 @@ class JsonlData(DataSource):
                 "text; set val_fraction (e.g. 0.05) or val_path to files to validate on"
             )
         in_train = (lambda unit: True) if config.val_path else (lambda unit: not in_val(unit))
-        self.train = Stream(self.files, in_train, context, context.rank, context.world_size)
-        self.val = Stream(val_files, in_val, context, repeat=False)
+        self.train = Stream(
+            self.files, in_train, context, context.rank, context.world_size, documents=self.documents
+        )
+        self.val = Stream(val_files, in_val, context, repeat=False, documents=self.documents)
         self.val_windows: list[np.ndarray] = []  # val's windows so far, from its start
         self.val_where = (
             "[data] val_path " if config.val_path else f"[data] val_fraction {config.val_fraction} of "
@@ -244,7 +263,10 @@ class JsonlData(DataSource):
         else:
             windows = [self.val_window(step * len(rows) + i) for i in range(len(rows))]
         tokens = torch.from_numpy(np.stack(windows))
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # y is x one token later
+        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # y is x one token later
+        if self.documents:
+            return x, y, {"doc_ids": document_ids(x, self.eot_id, self.max_document_tokens)}
+        return x, y
 
     def val_window(self, i: int) -> np.ndarray:
         while len(self.val_windows) <= i:

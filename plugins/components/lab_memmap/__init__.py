@@ -6,7 +6,7 @@ the user's cache (see embedded.py)."""
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, model_validator
 
 from lab import hookimpl
 from lab.recipe import PATH
@@ -24,6 +24,20 @@ class MemmapConfig(ComponentConfig):
     dtype: Literal["uint16", "uint32"] = Field(
         "uint16", description="token width of the .bin files when the folder has no meta.json"
     )
+    documents: bool = Field(
+        False,
+        description="rows start at an end-of-text token (a document's start), and each batch carries "
+        "its document ids (meta['doc_ids']) for document masking",
+    )
+    max_document_tokens: NonNegativeInt = Field(
+        0, description="with documents: a longer document is cut into pieces of this many tokens; 0: no cap"
+    )
+
+    @model_validator(mode="after")
+    def _cap_needs_documents(self):
+        if self.max_document_tokens and not self.documents:
+            raise ValueError("max_document_tokens needs documents = true")
+        return self
 
 
 @hookimpl

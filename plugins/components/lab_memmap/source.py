@@ -14,7 +14,7 @@ import torch
 
 from lab.data.tokens import SPLITS, check_meta_matches, read_meta
 from lab.errors import LabError
-from lab.interfaces import DataContext, DataSource
+from lab.interfaces import DataContext, DataSource, document_ids
 from lab_memmap.embedded import tinyshakespeare
 
 SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
@@ -41,6 +41,14 @@ class MemmapData(DataSource):
         check_ids_fit(max_id, folder, context, have_meta=meta is not None)
         for split, tokens in self.tokens.items():
             check_long_enough(tokens, folder / f"{split}.bin", context.block_size)
+        # Document-aligned rows: each window starts at an end-of-text token, drawn from their positions.
+        self.documents, self.max_document_tokens = config.documents, config.max_document_tokens
+        self.eot_id = context.tokenizer.eot_id
+        if self.documents:
+            self.doc_starts = {
+                split: document_starts(tokens, self.eot_id, self.paths[split], context)
+                for split, tokens in self.tokens.items()
+            }
 
     def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, T = self.tokens[split], self.block_size
@@ -60,15 +68,45 @@ class MemmapData(DataSource):
                 f"after lab prepare wrote it. Run lab prepare again into {self.paths[split].parent}"
             )
         x, y = windows[:, :-1].copy(), windows[:, 1:].copy()  # y is x one token later
-        return torch.from_numpy(x), torch.from_numpy(y)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.documents:
+            return x, y, {"doc_ids": document_ids(x, self.eot_id, self.max_document_tokens)}
+        return x, y
 
     def window_starts(self, split: str, step: int, rows) -> np.ndarray:
         """Where each row's window starts. One generator keyed by (seed, split, step) draws the starts
         of the step's global batch in row order, up to the last row asked for; so a row's start is the
         same whoever asks for it, and one generator per step (not per row) keeps this at ~10 us."""
         rng = np.random.default_rng([self.seed, SPLIT_IDS[split], step])
+        if self.documents:  # a document's start: an end-of-text token's position
+            starts = self.doc_starts[split]
+            return starts[rng.integers(len(starts), size=max(rows, default=-1) + 1)[list(rows)]]
         starts = rng.integers(len(self.tokens[split]) - self.block_size, size=max(rows, default=-1) + 1)
         return starts[list(rows)]
+
+
+def document_starts(tokens: np.ndarray, eot_id: int | None, path: Path, context: DataContext) -> np.ndarray:
+    """Positions of the end-of-text tokens a whole window (block_size + 1 tokens) can start at, read in
+    chunks so a file of any size takes bounded memory."""
+    if eot_id is None:
+        raise LabError(
+            f"[data] documents = true, but tokenizer '{context.tokenizer.name}' has no end-of-text token "
+            "to find documents by; use a tokenizer with one, or set documents = false"
+        )
+    last = len(tokens) - context.block_size - 1  # the last start with a whole window after it
+    found = [
+        i + np.flatnonzero(tokens[i : min(i + SCAN_CHUNK, last + 1)] == eot_id)
+        for i in range(0, max(last + 1, 0), SCAN_CHUNK)
+    ]
+    starts = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    if not len(starts):
+        raise LabError(
+            f"{path} has no end-of-text token ({eot_id}) with block_size + 1 = {context.block_size + 1} "
+            "tokens after it, so [data] documents = true finds no document to start a row at: prepare "
+            "the text as separate documents (lab prepare puts an end-of-text between them), or set "
+            "documents = false"
+        )
+    return starts
 
 
 def check_folder(folder: Path) -> None:
