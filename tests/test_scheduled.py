@@ -109,7 +109,7 @@ def test_shorter_sequences_train_on_the_loss_computed_by_hand(folder, tmp_path):
     expected = 0.0
     with torch.no_grad():
         for micro in range(2):  # grad_accum 2: rows 0-3, then 4-7
-            x, y = trainer.batch("train", 0, range(4 * micro, 4 * micro + 4))
+            x, y, _ = trainer.batch("train", 0, range(4 * micro, 4 * micro + 4))
             expected += trainer.model(x.reshape(8, 16), y.reshape(8, 16))[1].item() / 2
     loss, *_, extras = trainer.train_step()
     assert loss == pytest.approx(expected, rel=1e-6) and extras["schedule.seq_len"] == 0.5
