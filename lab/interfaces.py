@@ -28,7 +28,9 @@ class Position(nn.Module):
     """Where a token is. One instance per model, handed to every attention call.
 
     Each hook defaults to "nothing": learned positions override embed, rotary overrides rotate,
-    ALiBi overrides bias. `pos` is a 1-D LongTensor of absolute positions of the tokens in flight.
+    ALiBi overrides bias. `pos` is a LongTensor of absolute positions of the tokens in flight: 1-D
+    (T,), shared by every row, or per row (B, T) when the rows of a batch are at different places
+    (lab serve's running batch). Every hook takes both; per row, bias returns (B, nh, Tq, Tk).
     """
 
     max_len: int | None = None  # longest sequence it can place; None = no limit
@@ -52,7 +54,8 @@ class Attention(nn.Module):
     With a cache (made by this attention's `new_cache` and owned by the caller, one per layer),
     forward takes only the new tokens, at positions `pos`, and attends to everything cached so far.
     The attention decides what its cache holds: K and V for softmax attention, a running sum for
-    linear attention.
+    linear attention. `pos` may be per row, (B, T): each row then attends to its own cached tokens
+    up to its own position, as if decoded alone (docs/writing-plugins.md, "Per-row positions").
     """
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, position: Position, cache: Any = None):
