@@ -118,8 +118,8 @@ class Busy(Exception):
 
 
 class ModelPool:
-    def __init__(self, table: RunTable, device, max_models: int, max_batch: int):
-        self.table, self.device = table, device
+    def __init__(self, table: RunTable, device, max_models: int, max_batch: int, compile: bool = False):
+        self.table, self.device, self.compile = table, device, compile
         self.max_models, self.max_batch = max_models, max_batch
         self.loaded: OrderedDict[str, Served] = OrderedDict()  # least recently used first
         self.lock = threading.Lock()  # one load at a time: two first requests load a model once
@@ -154,7 +154,7 @@ class ModelPool:
             run_id,
             model,
             tokenizer,
-            Batcher(model, self.max_batch, eos, name=run_id),
+            Batcher(model, self.max_batch, eos, name=run_id, compile=self.compile),
             max_len,
             int(time.time()),
         )

@@ -1,0 +1,122 @@
+"""The cached decoding step, eager or through torch.compile.
+
+A step of a small model on CPU is ~120 small ops, and PyTorch's per-op dispatch, not the matmuls,
+is most of its time at batch 1. torch.compile (Inductor) turns the step into a few generated C++
+kernels. It compiles for fixed shapes (`dynamic=False`): the rows of the batch and the length of
+the caches, which callers keep to a few buckets (lab serve: powers of two), so each (model, bucket)
+compiles once. Compiled code is cached on disk by PyTorch's own caches (Inductor's FX graph cache
+and AOTAutograd's cache), in ~/.cache/lab/torch-compile unless TORCHINDUCTOR_CACHE_DIR says
+otherwise: a second process, or a restarted server, skips most of the compile.
+
+The step takes per-row positions, a LongTensor start (rows,), never a Python int: an int would be
+compiled in as a constant and recompile every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("lab")
+
+
+def compile_cache_dir() -> Path:
+    """Where PyTorch keeps compiled kernels across processes (set before the first compile)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "lab" / "torch-compile")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+class DecodeStep:
+    """step(tokens (rows, 1), start (rows,), caches) -> logits (rows, vocab) of each row's token,
+    each row at its own position. compile=True runs it through torch.compile, one compile per shape,
+    reported through `report` (stderr by default) with how long it took.
+
+    background=True (a server) never makes a caller wait for a compile: `prepare(rows, length)`
+    compiles that bucket in a thread of its own, on caches made for it, and until it is done the
+    bucket's steps run eagerly (the same tokens, a little slower)."""
+
+    def __init__(
+        self,
+        model,
+        compile: bool = False,
+        background: bool = False,
+        report: Callable[[str], None] | None = None,
+    ):
+        self.model, self.background = model, background
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.compiled = None
+        self.ready: set[tuple] = set()  # the shapes compiled so far
+        self.started: set[tuple] = set()  # and those being compiled (background)
+        self.lock = threading.Lock()
+        self.compile_seconds = 0.0
+        if compile:
+            compile_cache_dir()
+            # One entry per bucket: rows x cache lengths can pass dynamo's default of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled = torch.compile(self._eager, dynamic=False)
+
+    def _eager(self, tokens, start, caches):
+        return self.model(tokens, caches=caches, start_pos=start, last_only=True)[0][:, -1]
+
+    def __call__(self, tokens: torch.Tensor, start: torch.Tensor, caches: list) -> torch.Tensor:
+        shape = (tokens.size(0), *_cache_shape(caches))
+        if self.compiled is None or (self.background and shape not in self.ready):
+            return self._eager(tokens, start, caches)
+        if shape in self.ready:
+            return self.compiled(tokens, start, caches)
+        return self._compile(tokens, start, caches, shape)
+
+    def prepare(self, rows: int, length: int) -> None:
+        """Start compiling the step for `rows` rows of caches of `length` positions, in the
+        background; a no-op when eager, or when that bucket is compiled or compiling."""
+        if self.compiled is None or not self.background:
+            return
+        device = self.model.tok_emb.weight.device
+        with torch.inference_mode():
+            caches = self.model.new_caches(rows, length)
+        shape = (rows, *_cache_shape(caches))
+        with self.lock:
+            if shape in self.started:
+                return
+            self.started.add(shape)
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        start = torch.zeros(rows, dtype=torch.long, device=device)
+
+        def work():
+            try:
+                self._compile(tokens, start, caches, shape)
+            except Exception:  # the bucket stays eager; the server goes on
+                log.exception("compiling the decoding step failed; it runs eagerly")
+
+        threading.Thread(target=work, name=f"lab compile {rows}x{length}", daemon=True).start()
+
+    @torch.inference_mode()
+    def _compile(self, tokens, start, caches, shape) -> torch.Tensor:
+        began = time.perf_counter()
+        logits = self.compiled(tokens, start, caches)
+        seconds = time.perf_counter() - began
+        with self.lock:
+            self.ready.add(shape)
+            self.compile_seconds += seconds
+        self.report(
+            f"compiled the decoding step for {tokens.size(0)} row(s), caches {_cache_shape(caches)}, "
+            f"in {seconds:.1f} s (cached in {compile_cache_dir()})"
+        )
+        return logits
+
+
+def _cache_shape(caches: list) -> tuple:
+    """The shape of the first tensor of the first cache: what a bucket changes (rows, length)."""
+    for value in vars(caches[0]).values():
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return ()
