@@ -185,3 +185,27 @@ def test_an_idle_batcher_lets_its_caches_go(model):
         assert batcher.batch.caches is None and batcher.in_flight() == 0
     finally:
         batcher.close()
+
+
+def test_the_compiled_step_decodes_the_eager_tokens(model):
+    """lab serve's default: the bucket compiles in the background (eager meanwhile); once compiled,
+    a request decoded through it gets the eager tokens. One compile: one row, 64 positions."""
+    batcher = Batcher(model, max_batch=1, eos_id=None, compile=True)
+    rec = Recorder(batcher)
+    try:
+        batcher.submit([rec.job("while compiling", [1, 2, 3], 5)])
+        rec.wait("while compiling")
+        for _ in range(1200):
+            if batcher.step_fn.ready:
+                break
+            threading.Event().wait(0.1)
+        assert batcher.step_fn.ready, "the background compile did not finish in 120 s"
+        calls = []
+        compiled = batcher.step_fn.compiled
+        batcher.step_fn.compiled = lambda *a: calls.append(1) or compiled(*a)
+        batcher.submit([rec.job("compiled", [1, 2, 3], 5)])
+        rec.wait("compiled")
+    finally:
+        batcher.close()
+    assert len(calls) == 5
+    assert rec.tokens["compiled"] == rec.tokens["while compiling"] == alone(model, [1, 2, 3], 5)

@@ -5,8 +5,8 @@ is most of its time at batch 1. torch.compile (Inductor) turns the step into a f
 kernels. It compiles for fixed shapes (`dynamic=False`): the rows of the batch and the length of
 the caches, which callers keep to a few buckets (lab serve: powers of two), so each (model, bucket)
 compiles once. Compiled code is cached on disk by PyTorch's own caches (Inductor's FX graph cache
-and AOTAutograd's cache), in ~/.cache/lab/torch-compile unless TORCHINDUCTOR_CACHE_DIR says
-otherwise: a second process, or a restarted server, skips most of the compile.
+and AOTAutograd's cache, in $TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER): a second
+process, or a restarted server, skips most of the compile.
 
 The step takes per-row positions, a LongTensor start (rows,), never a Python int: an int would be
 compiled in as a constant and recompile every token.
@@ -15,11 +15,9 @@ compiled in as a constant and recompile every token.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,12 +25,12 @@ import torch
 log = logging.getLogger("lab")
 
 
-def compile_cache_dir() -> Path:
-    """Where PyTorch keeps compiled kernels across processes (set before the first compile)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "lab" / "torch-compile")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+def compile_cache_dir() -> str:
+    """Where PyTorch keeps compiled kernels across processes: $TORCHINDUCTOR_CACHE_DIR, by default
+    /tmp/torchinductor_$USER."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
 
 
 class DecodeStep:
@@ -57,9 +55,10 @@ class DecodeStep:
         self.ready: set[tuple] = set()  # the shapes compiled so far
         self.started: set[tuple] = set()  # and those being compiled (background)
         self.lock = threading.Lock()
+        self.queue: list[tuple] = []  # buckets waiting to compile (background)
+        self.worker: threading.Thread | None = None
         self.compile_seconds = 0.0
         if compile:
-            compile_cache_dir()
             # One entry per bucket: rows x cache lengths can pass dynamo's default of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled = torch.compile(self._eager, dynamic=False)
@@ -68,6 +67,7 @@ class DecodeStep:
         return self.model(tokens, caches=caches, start_pos=start, last_only=True)[0][:, -1]
 
     def __call__(self, tokens: torch.Tensor, start: torch.Tensor, caches: list) -> torch.Tensor:
+        tokens = tokens.contiguous()  # a column cut from a longer sequence: its stride would recompile
         shape = (tokens.size(0), *_cache_shape(caches))
         if self.compiled is None or (self.background and shape not in self.ready):
             return self._eager(tokens, start, caches)
@@ -90,14 +90,25 @@ class DecodeStep:
             self.started.add(shape)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         start = torch.zeros(rows, dtype=torch.long, device=device)
+        with self.lock:
+            self.queue.append((tokens, start, caches, shape))
+            if self.worker is None or not self.worker.is_alive():
+                self.worker = threading.Thread(target=self._compile_queued, name="lab compile", daemon=True)
+                self.worker.start()
 
-        def work():
+    def _compile_queued(self) -> None:
+        """One bucket at a time, the newest first (what the batch is now), in one thread: compiles
+        share the CPU with decoding, so never more than one runs."""
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.worker = None
+                    return
+                item = self.queue.pop()
             try:
-                self._compile(tokens, start, caches, shape)
+                self._compile(*item)
             except Exception:  # the bucket stays eager; the server goes on
                 log.exception("compiling the decoding step failed; it runs eagerly")
-
-        threading.Thread(target=work, name=f"lab compile {rows}x{length}", daemon=True).start()
 
     @torch.inference_mode()
     def _compile(self, tokens, start, caches, shape) -> torch.Tensor:
