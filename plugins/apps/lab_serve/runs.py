@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lab.runs
 from lab.errors import LabError
+from lab.inference.decode_layout import lay_out_for_decoding
 from lab.runs.checkpoint import latest, step_of
 from lab.runs.metrics import METRICS, read_metrics
 from lab_serve.batcher import Batcher
@@ -147,6 +148,7 @@ class ModelPool:
 
     def _load(self, run_id: str, folder: Path) -> Served:
         recipe, model, _ = lab.runs.load(folder, self.device)
+        lay_out_for_decoding(model, rows=self.max_batch)  # each step reads every weight for a few rows
         tokenizer = recipe.parts["tokenizer"].build()
         max_len = model.position.max_len or model.config.block_size
         eos = getattr(tokenizer, "eot_id", None)
