@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     cpu = processor_name()
     print(
         f"lab serve load test: {args.clients} streaming clients, {args.seconds:.0f} s, max_tokens "
-        f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} ({'given' if args.run else 'random init'}), "
+        f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} "
+        f"({'given' if args.run else 'random init'}), "
         f"prompts of {len(set(LENGTHS[: args.clients]))} lengths ({min(LENGTHS)}-{max(LENGTHS)} tokens), "
         f"{'eager (--no-compile)' if args.no_compile else 'compiled'}, after {args.warmup:.0f} s of warm-up"
     )

@@ -190,7 +190,7 @@ def test_an_idle_batcher_lets_its_caches_go(model):
 def test_the_compiled_step_decodes_the_eager_tokens(model):
     """lab serve's default: the bucket compiles in the background (eager meanwhile); once compiled,
     a request decoded through it gets the eager tokens. One compile: one row, 64 positions."""
-    batcher = Batcher(model, max_batch=1, eos_id=None, compile=True)
+    batcher = Batcher(model, max_batch=1, eos_id=None, compile=True, compile_after=3)
     rec = Recorder(batcher)
     try:
         batcher.submit([rec.job("while compiling", [1, 2, 3], 5)])

@@ -14,6 +14,7 @@ compiled in as a constant and recompile every token.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import threading
@@ -38,18 +39,21 @@ class DecodeStep:
     each row at its own position. compile=True runs it through torch.compile, one compile per shape,
     reported through `report` (stderr by default) with how long it took.
 
-    background=True (a server) never makes a caller wait for a compile: `prepare(rows, length)`
-    compiles that bucket in a thread of its own, on caches made for it, and until it is done the
-    bucket's steps run eagerly (the same tokens, a little slower)."""
+    background=True (a server) never makes a caller wait for a compile: a shape that has run
+    `compile_after` eager steps (so not one a batch only passes through while it grows) is compiled
+    in a thread of its own, on a copy of the caches, one shape at a time; until it is done its steps
+    run eagerly (the same tokens, a little slower). `prepare(rows, length)` starts one at once."""
 
     def __init__(
         self,
         model,
         compile: bool = False,
         background: bool = False,
+        compile_after: int = 32,
         report: Callable[[str], None] | None = None,
     ):
-        self.model, self.background = model, background
+        self.model, self.background, self.compile_after = model, background, compile_after
+        self.eager_steps: dict[tuple, int] = {}
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
         self.compiled = None
         self.ready: set[tuple] = set()  # the shapes compiled so far
@@ -69,7 +73,12 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, start: torch.Tensor, caches: list) -> torch.Tensor:
         tokens = tokens.contiguous()  # a column cut from a longer sequence: its stride would recompile
         shape = (tokens.size(0), *_cache_shape(caches))
-        if self.compiled is None or (self.background and shape not in self.ready):
+        if self.compiled is None:
+            return self._eager(tokens, start, caches)
+        if self.background and shape not in self.ready:
+            self.eager_steps[shape] = self.eager_steps.get(shape, 0) + 1
+            if self.eager_steps[shape] == self.compile_after:  # it lasts: worth compiling
+                self._enqueue(tokens.clone(), start.clone(), copy.deepcopy(caches), shape)
             return self._eager(tokens, start, caches)
         if shape in self.ready:
             return self.compiled(tokens, start, caches)
@@ -83,14 +92,15 @@ class DecodeStep:
         device = self.model.tok_emb.weight.device
         with torch.inference_mode():
             caches = self.model.new_caches(rows, length)
-        shape = (rows, *_cache_shape(caches))
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        start = torch.zeros(rows, dtype=torch.long, device=device)
+        self._enqueue(tokens, start, caches, (rows, *_cache_shape(caches)))
+
+    def _enqueue(self, tokens, start, caches, shape) -> None:
         with self.lock:
             if shape in self.started:
                 return
             self.started.add(shape)
-        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        start = torch.zeros(rows, dtype=torch.long, device=device)
-        with self.lock:
             self.queue.append((tokens, start, caches, shape))
             if self.worker is None or not self.worker.is_alive():
                 self.worker = threading.Thread(target=self._compile_queued, name="lab compile", daemon=True)

@@ -19,8 +19,9 @@ once per bucket, and the keys a row reads past its length cost less than a secon
 (benchmarks/test_decode_bound.py measures both; README, "Serving").
 
 The running batch's caches come in buckets, powers of two of rows (up to max_batch) and of positions
-(up to the model's): a request that needs more rows or positions grows them, and the batch shrinks
-again when its rows fit a smaller bucket. Each bucket is one shape for the compiled step.
+(up to the model's): a request that needs more rows or positions grows them (to hold the waiting
+requests too), and the batch shrinks again when its rows fit a smaller bucket. Each bucket is one
+shape for the compiled step, compiled in the background once it has lasted `compile_after` steps.
 
 A request fails alone: a sampling setting the sampler refuses or a row whose logits are not finite
 (NaN) ends that job with an error while the others go on. A failure of the step itself (a bug)
@@ -164,11 +165,12 @@ class Batcher:
         name: str = "model",
         compile: bool = False,
         chunk: int = 64,
+        compile_after: int = 32,
     ):
         self.model, self.max_batch, self.eos_id, self.chunk = model, max(1, max_batch), eos_id, chunk
         self.device = model.tok_emb.weight.device
         self.max_len = model.position.max_len or model.config.block_size
-        self.step_fn = DecodeStep(model, compile=compile, background=True)
+        self.step_fn = DecodeStep(model, compile=compile, background=True, compile_after=compile_after)
         self.waiting: deque[Job] = deque()  # submitted, not yet prefilling
         self.prefill: Prefill | None = None
         self.batch = Running(model)
@@ -301,12 +303,14 @@ class Batcher:
         """Give a prefilled job a row, growing the batch's rows or positions if it must."""
         b = self.batch
         live = b.live()
-        rows = b.rows if len(live) < b.rows else bucket(len(live) + 1, 1, self.max_batch)
+        # Growing, make room for the jobs waiting too: they join within a few steps, and a bucket
+        # passed through on the way costs a copy of the caches each.
+        coming = len(live) + 1 + len(self.waiting)
+        rows = b.rows if len(live) < b.rows else bucket(coming, 1, self.max_batch)
         need = max([p.job.positions] + [b.jobs[r].positions for r in live])
         length = max(b.length, bucket(need, MIN_LENGTH, self.max_len))
         if (rows, length) != (b.rows, b.length):
             b.resize(rows, length)
-            self.step_fn.prepare(rows, length)
         row = b.jobs.index(None)
         b.join(p, row)
 
@@ -322,7 +326,6 @@ class Batcher:
         length = bucket(max(b.jobs[r].positions for r in live), MIN_LENGTH, self.max_len)
         if rows < b.rows or length < b.length:
             b.resize(min(rows, b.rows), min(length, b.length))
-            self.step_fn.prepare(b.rows, b.length)
 
     # ------------------------------------------------------------------------------ decoding
 
