@@ -2,13 +2,17 @@
 
     python benchmarks/serve_load.py                          # a random-init gpt_small-shaped run, 16 clients, 60 s
     python benchmarks/serve_load.py --run runs/gpt_small     # a trained run
-    python benchmarks/serve_load.py --max-batch 1            # every request decoded alone, to compare
+    python benchmarks/serve_load.py --max-batch 1            # the same load served one request at a time
 
 It starts `lab serve` in a subprocess on a free port, and each client thread asks for streamed
-completions one after another until the time is up. It reports errors, completed requests, time to
-first token (p50, p99), aggregate new tokens/s (from the usage each stream ends with), and the server's
-resident memory after start, after the model loaded, and at the end. Figures, not asserts: a loaded
-machine moves them, so compare variants run on the same machine at the same time.
+completions one after another until the time is up. Client k's prompt has its own length: 16
+clients, 16 lengths (5, 12, ... 110 GPT-2 tokens of tinyshakespeare), so requests of every length
+share the running batch. A warm-up (--warmup seconds of the same load, not counted) lets the
+server compile its decoding step for the buckets the load uses. It reports errors, completed
+requests, time to first token (p50, p99), aggregate new tokens/s (from the usage each stream ends
+with), and the server's resident memory at start, after the model loaded, at its peak (VmHWM) and at
+the end. Figures, not asserts: a loaded machine moves them, so compare variants run on the same
+machine at the same time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,24 @@ import torch
 from lab.engine.peak import processor_name
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ["Once upon a time,", "The king said to", "ROMEO: What light", "First Citizen: Before we proceed"]
+LENGTHS = [5 + 7 * k for k in range(16)]  # prompt tokens, client by client
+
+
+def prompts(lengths=LENGTHS) -> list[str]:
+    """Texts of exactly these GPT-2 token counts, cut from the tinyshakespeare that ships with lab."""
+    from lab.plugins import registry
+
+    corpus = ROOT / "plugins" / "components" / "lab_memmap" / "tinyshakespeare.txt"
+    tokenizer = registry().get("tokenizer", "gpt2")
+    tok = tokenizer.factory(tokenizer.Config())
+    ids = tok.encode(corpus.read_text(encoding="utf-8")[:20000])
+    out = []
+    for k, n in enumerate(lengths):
+        at = 97 * k
+        while len(tok.encode(tok.decode(ids[at : at + n]))) != n:  # a cut that re-encodes to n tokens
+            at += 1
+        out.append(tok.decode(ids[at : at + n]))
+    return out
 
 
 def random_gpt_small(folder: Path) -> Path:
@@ -52,20 +73,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory (VmRSS), or its peak so far (VmHWM), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def client(url, model, max_tokens, stop_at, results, lock, k):
-    with httpx.Client(timeout=120) as http:
+def client(url, model, max_tokens, stop_at, results, lock, prompt):
+    with httpx.Client(timeout=300) as http:
         i = 0
         while time.monotonic() < stop_at:
             body = {
                 "model": model,
-                "prompt": PROMPTS[(k + i) % len(PROMPTS)],
+                "prompt": prompt,
                 "max_tokens": max_tokens,
                 "temperature": 0.8,
                 "top_k": 200,
@@ -109,7 +131,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--warmup", type=float, default=30, help="seconds of the same load first, not counted")
+    ap.add_argument("--no-compile", action="store_true", help="the server decodes eagerly")
     args = ap.parse_args(argv)
+    texts = prompts()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops the server
 
     tmp = tempfile.TemporaryDirectory()
@@ -130,8 +155,9 @@ def main(argv=None) -> int:
             str(args.max_batch),
             "--max-queue",
             str(4 * args.clients),
+            *(["--no-compile"] if args.no_compile else []),
         ],
-        stderr=subprocess.PIPE,
+        stderr=(log_file := open(Path(tmp.name) / "server.log", "w+")),  # a pipe unread could fill
         text=True,
     )
     print(f"lab serve started on {url}; {args.clients} clients for {args.seconds:.0f} s", flush=True)
@@ -143,7 +169,7 @@ def main(argv=None) -> int:
                 break
             except httpx.HTTPError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"lab serve did not start:\n{server.stderr.read()}")
+                    raise SystemExit(f"lab serve did not start:\n{Path(log_file.name).read_text()}")
                 time.sleep(0.2)
         mem_start = rss_mib(server.pid)
         httpx.post(
@@ -151,22 +177,31 @@ def main(argv=None) -> int:
         ).raise_for_status()
         mem_loaded = rss_mib(server.pid)
 
-        results, lock = {"done": [], "errors": []}, threading.Lock()
-        began = time.monotonic()
-        stop_at = began + args.seconds
-        threads = [
-            threading.Thread(target=client, args=(url, model, args.max_tokens, stop_at, results, lock, k))
-            for k in range(args.clients)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - began
-        mem_end = rss_mib(server.pid)
+        def load(seconds):
+            results, lock = {"done": [], "errors": []}, threading.Lock()
+            began = time.monotonic()
+            stop_at = began + seconds
+            threads = [
+                threading.Thread(
+                    target=client,
+                    args=(url, model, args.max_tokens, stop_at, results, lock, texts[k % len(texts)]),
+                )
+                for k in range(args.clients)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return results, time.monotonic() - began
+
+        if args.warmup > 0:
+            load(args.warmup)
+        results, elapsed = load(args.seconds)
+        mem_end, mem_peak = rss_mib(server.pid), rss_mib(server.pid, "VmHWM")
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log = Path(log_file.name).read_text()
 
     done = results["done"]
     ttft = [d[0] for d in done if d[0] is not None]
@@ -174,7 +209,10 @@ def main(argv=None) -> int:
     cpu = processor_name()
     print(
         f"lab serve load test: {args.clients} streaming clients, {args.seconds:.0f} s, max_tokens "
-        f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} ({'given' if args.run else 'random init'})"
+        f"{args.max_tokens}, --max-batch {args.max_batch}, run {run} "
+        f"({'given' if args.run else 'random init'}), "
+        f"prompts of {len(set(LENGTHS[: args.clients]))} lengths ({min(LENGTHS)}-{max(LENGTHS)} tokens), "
+        f"{'eager (--no-compile)' if args.no_compile else 'compiled'}, after {args.warmup:.0f} s of warm-up"
     )
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     print(
@@ -186,8 +224,11 @@ def main(argv=None) -> int:
     print(f"aggregate tokens/s:  {tokens / elapsed:.1f} ({tokens} new tokens)")
     print(
         f"server memory (RSS): {mem_start:.0f} MiB at start, {mem_loaded:.0f} MiB with the model loaded, "
-        f"{mem_end:.0f} MiB at the end"
+        f"{mem_peak:.0f} MiB at the peak, {mem_end:.0f} MiB at the end"
     )
+    compiled = [line for line in log.splitlines() if line.startswith("compiled the decoding step")]
+    for line in compiled:
+        print(f"server: {line}")
     return 0
 
 

@@ -11,7 +11,13 @@ from lab.roles import set_role
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, preallocated to max_len: no reallocation per token."""
+    """Keys and values of the tokens seen so far, preallocated to max_len: no reallocation per token.
+
+    Index i along the length holds the key and value of position i. Fed 1-D positions (every row at
+    the same place: generation, a prefill), it appends after `length`. Fed per-row positions (B, T)
+    (a running batch whose rows are at different places, lab serve), each row writes at its own
+    positions and every max_len entry comes back: a key past a row's position is hidden by the causal
+    mask, so a row never sees what an earlier occupant of it left there."""
 
     def __init__(self, batch: int, n_head: int, head_dim: int, max_len: int, device, dtype):
         shape = (batch, n_head, max_len, head_dim)
@@ -19,9 +25,15 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # a Python int: reading it never syncs with the GPU
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v (B, nh, T, hs); return all keys and values so far, (B, nh, length, hs).
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None):
+        """Store k, v (B, nh, T, hs) at positions pos; return the keys and values to attend to:
+        (B, nh, length, hs) after 1-D positions (or none), (B, nh, max_len, hs) after per-row ones.
         nh is the key/value heads: n_kv_head, fewer than the query heads under grouped-query attention."""
+        if pos is not None and pos.dim() == 2:  # per-row positions: a scatter, no Python int to read
+            at = pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
+            self.k.scatter_(2, at, k.to(self.k.dtype))
+            self.v.scatter_(2, at, v.to(self.v.dtype))
+            return self.k, self.v
         start, end = self.length, self.length + k.size(2)
         if end > self.k.size(2):
             raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked to reach {end}")
@@ -32,15 +44,20 @@ class KVCache:
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """(Tq, Tk) bool, True where query i may see key j: j <= i (and i - j < window)."""
-    seen = k_pos[None, :] <= q_pos[:, None]
+    """(Tq, Tk) bool, True where query i may see key j: j <= i (and i - j < window). With per-row
+    query positions (B, Tq), (B, Tq, Tk): each row's own."""
+    distance = q_pos[..., :, None] - k_pos[..., None, :]
+    seen = distance >= 0
     if window is not None:
-        seen &= (q_pos[:, None] - k_pos[None, :]) < window
+        seen &= distance < window
     return seen
 
 
 def additive_mask(seen: torch.Tensor, bias: torch.Tensor | None, dtype) -> torch.Tensor:
-    """A bool mask, plus an optional (nh, Tq, Tk) score bias, as one float mask added to the scores."""
+    """A bool mask, plus an optional score bias, as one float mask added to the scores (B, nh, Tq, Tk).
+    seen (Tq, Tk) or per row (B, Tq, Tk); bias (nh, Tq, Tk) or per row (B, nh, Tq, Tk)."""
+    if seen.dim() == 3:
+        seen = seen[:, None]  # one mask for every head of a row
     mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))
     return mask if bias is None else mask + bias.to(dtype)
 
@@ -102,8 +119,8 @@ class SelfAttention(Attention):
             q, k, v = ctx.attention_qkv(self.layer, x, q, k, v)
         k_pos = pos
         if cache is not None:
-            k, v = cache.update(k, v)
-            k_pos = torch.arange(k.size(2), device=x.device)
+            k, v = cache.update(k, v, pos)
+            k_pos = torch.arange(k.size(2), device=x.device)  # a cache holds position i at index i
         if not self.grouped_kv:
             k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
         more = {"ctx": ctx, "cache": cache} if self.attend_with_context else {}
@@ -133,3 +150,17 @@ class SelfAttention(Attention):
 
     def new_cache(self, batch, max_len, device, dtype):
         return KVCache(batch, self.n_kv_head, self.head_dim, max_len, device, dtype)
+
+
+def copy_cache_rows(dst, src, dst_rows: list[int], src_rows: list[int]) -> None:
+    """Copy rows src_rows of the cache `src` into rows dst_rows of `dst`, a cache of the same kind,
+    maybe with more rows or a longer max_len: how a server moves a prefilled sequence into its running
+    batch, or a running batch into a bigger or smaller one. Works on any cache whose state is tensor
+    attributes with the row first, and the positions, where a dimension follows them, from index 0
+    (KVCache's k and v; a linear attention's running sums): each is copied into the corner they share."""
+    for name, value in vars(src).items():
+        if not isinstance(value, torch.Tensor):
+            continue  # bookkeeping (KVCache.length) is not per row
+        target = getattr(dst, name)
+        shared = tuple(slice(0, min(a, b)) for a, b in zip(value.shape[1:], target.shape[1:]))
+        target[(dst_rows, *shared)] = value[(src_rows, *shared)].to(target.dtype)

@@ -18,7 +18,9 @@ class Position(nn.Module):
     """Where a token is. One instance per model, handed to every attention call.
 
     Each hook defaults to "nothing": learned positions override embed, rotary overrides rotate,
-    ALiBi overrides bias. `pos` is a 1-D LongTensor of absolute positions of the tokens in flight.
+    ALiBi overrides bias. `pos` is a LongTensor of absolute positions of the tokens in flight: 1-D
+    (T,), shared by every row, or per row (B, T) when the rows of a batch are at different places
+    (lab serve's running batch). Every hook takes both; per row, bias returns (B, nh, Tq, Tk).
     """
 
     max_len: int | None = None  # longest sequence it can place; None = no limit
@@ -44,6 +46,8 @@ class Attention(nn.Module):
     The attention decides what its cache holds: K and V for softmax attention, a running sum for
     linear attention. An attention that sets `wants_context = True` is called with the forward's
     context as well, `forward(x, pos, position, cache, ctx=ctx)` (a ForwardContext).
+    `pos` may be per row, (B, T): each row then attends to its own cached tokens
+    up to its own position, as if decoded alone (docs/writing-plugins.md, "Per-row positions").
     """
 
     wants_context = False

@@ -98,12 +98,22 @@ class GPT(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()  # a component with an initialisation of its own
 
-    def forward(self, idx, targets=None, caches=None, start_pos: int = 0, last_only: bool = False, meta=None):
+    def forward(
+        self,
+        idx,
+        targets=None,
+        caches=None,
+        start_pos: int | torch.Tensor = 0,
+        last_only: bool = False,
+        meta=None,
+    ):
         """idx (B, T) token ids -> (logits, loss). logits are (B, T, vocab), or (B, 1, vocab) with
         last_only. With caches (from new_caches), idx holds only the new tokens, which sit at
-        positions start_pos.. ; loss is None without targets. With targets and model.loss_chunk > 0
-        the loss is computed chunk by chunk and logits is None: the full logits are never made (see
-        lab/fused_loss.py). meta: the data source's per-row metadata (ForwardContext.meta)."""
+        positions start_pos.. ; start_pos a LongTensor (B,) puts each row at its own position (a
+        running batch: see `positions`). loss is None without targets. With targets and
+        model.loss_chunk > 0 the loss is computed chunk by chunk and logits is None: the full logits
+        are never made (see lab/fused_loss.py). meta: the data source's per-row metadata
+        (ForwardContext.meta)."""
         ctx = self.context(idx, targets, caches, start_pos, meta)
         x = self.hidden(idx, caches, start_pos, ctx=ctx)
         if last_only:
@@ -117,11 +127,13 @@ class GPT(nn.Module):
             head_loss_terms(logits, targets, self.chunk_hooks(ctx))  # what fused_loss computes per chunk
         return logits, loss
 
-    def context(self, idx, targets=None, caches=None, start_pos: int = 0, meta=None) -> ForwardContext:
+    def context(
+        self, idx, targets=None, caches=None, start_pos: int | torch.Tensor = 0, meta=None
+    ) -> ForwardContext:
         T = idx.size(1)
         return ForwardContext(
             ids=idx,
-            pos=torch.arange(start_pos, start_pos + T, device=idx.device),
+            pos=self.positions(start_pos, T, idx.device),
             start_pos=start_pos,
             targets=targets,
             meta=dict(meta or {}),
@@ -131,16 +143,11 @@ class GPT(nn.Module):
             loss=self.cross_entropy,
         )
 
-    def hidden(self, idx, caches=None, start_pos: int = 0, ctx: ForwardContext | None = None) -> torch.Tensor:
+    def hidden(
+        self, idx, caches=None, start_pos: int | torch.Tensor = 0, ctx: ForwardContext | None = None
+    ) -> torch.Tensor:
         """idx (B, T) -> the final norm's output (B, T, C), what the LM head reads. Scoring
         (lab/inference/scoring.py) applies the head (`logits`) only at the positions it scores."""
-        T = idx.size(1)
-        limit = self.position.max_len
-        if limit is not None and start_pos + T > limit:
-            raise LabError(
-                f"sequence of {start_pos + T} tokens is longer than this model's positions allow "
-                f"({limit}); shorten the prompt or generate fewer tokens"
-            )
         ctx = ctx or self.context(idx, None, caches, start_pos)
         pos = ctx.pos
         self.extras.begin()
@@ -151,6 +158,21 @@ class GPT(nn.Module):
             x = block(x, pos, self.position, None if caches is None else caches[i], ctx)
             x = ctx.run("block_output", i, x)
         return ctx.run("head", self.norm_f(x))
+
+    def positions(self, start_pos: int | torch.Tensor, T: int, device) -> torch.Tensor:
+        """The positions of T new tokens: (T,) from an int start, shared by every row; (B, T) from a
+        LongTensor of per-row starts (B,), each row at its own place. Per-row positions are checked
+        against max_len by whoever chose them (lab serve, on admission): reading them here would
+        wait for the device at every step."""
+        if isinstance(start_pos, torch.Tensor):
+            return start_pos[:, None] + torch.arange(T, device=device)
+        limit = self.position.max_len
+        if limit is not None and start_pos + T > limit:
+            raise LabError(
+                f"sequence of {start_pos + T} tokens is longer than this model's positions allow "
+                f"({limit}); shorten the prompt or generate fewer tokens"
+            )
+        return torch.arange(start_pos, start_pos + T, device=device)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states (..., C) -> (..., vocab), soft-capped when the model is."""

@@ -209,7 +209,8 @@ def attention_cached_decoding(component, position: Position | None = None, model
 
 
 def attention_with_position(component, position_component, model: ModelConfig = MODEL):
-    """Forward, causality and cached decoding with a real position component (rope, alibi...)."""
+    """Forward, causality, cached decoding and per-row positions with a real position component
+    (rope, alibi...)."""
 
     @_seeded
     def with_position():
@@ -217,8 +218,76 @@ def attention_with_position(component, position_component, model: ModelConfig = 
         attention_shapes(component, position, model)
         attention_causality(component, position, model)
         attention_cached_decoding(component, position, model)
+        per_row_positions(component, position_component)
 
     return with_position
+
+
+PROMPTS = (3, 9, 1)  # rows of a running batch, each at its own position
+
+
+def _greedy_alone(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens (and their logits) of one sequence decoded alone, every row at one position."""
+    caches = model.new_caches(1, prompt.numel() + steps)
+    logits = model(prompt[None], caches=caches, start_pos=0, last_only=True)[0][0, -1]
+    tokens, seen = [], []
+    for t in range(steps):
+        tokens.append(int(logits.argmax()))
+        seen.append(logits)
+        step = torch.tensor([[tokens[-1]]])
+        logits = model(step, caches=caches, start_pos=prompt.numel() + t, last_only=True)[0][0, -1]
+    return tokens, torch.stack(seen)
+
+
+@_seeded
+def per_row_positions(attention, position, steps: int = 6):
+    """The per-row positions contract, in a 2-layer GPT: rows of one batch at different positions
+    (per-row start_pos, each row's cache state copied in with lab.attention.copy_cache_rows over
+    what an earlier sequence left in that row) decode, greedy, the same tokens as each row alone."""
+    from lab.attention import copy_cache_rows
+
+    try:
+        model = tiny_gpt(swap=attention, position=position).eval()
+        prompts = [torch.randint(0, 64, (n,)) for n in PROMPTS]
+        with torch.no_grad():
+            alone = [_greedy_alone(model, p, steps) for p in prompts]
+            length = max(PROMPTS) + steps
+            batch = model.new_caches(len(prompts), length)
+            # An earlier occupant of every row, further along than any new prompt: its state must
+            # not leak into the new rows.
+            model(torch.randint(0, 64, (len(prompts), length - 2)), caches=batch, start_pos=0)
+            for row, p in enumerate(prompts):  # all but its last token prefilled alone, moved in
+                own = model.new_caches(1, max(1, p.numel() - 1))  # a 1-token prompt: a fresh state
+                if p.numel() > 1:
+                    model(p[None, :-1], caches=own, start_pos=0)
+                for dst, src in zip(batch, own):
+                    copy_cache_rows(dst, src, [row], [0])
+            # Each prompt's last token, at its own position: the first batched step gives every
+            # row its first token, as lab serve does.
+            last = torch.tensor([[int(p[-1])] for p in prompts])
+            start = torch.tensor([p.numel() - 1 for p in prompts])
+            tokens, seen = [[] for _ in prompts], [[] for _ in prompts]
+            for _ in range(steps):
+                logits = model(last, caches=batch, start_pos=start, last_only=True)[0][:, -1]
+                for row in range(len(prompts)):
+                    tokens[row].append(int(logits[row].argmax()))
+                    seen[row].append(logits[row])
+                last = torch.tensor([[t[-1]] for t in tokens])
+                start = start + 1
+    except LabError as e:
+        raise unittest.SkipTest(f"{attention.name} refuses this pairing: {e}") from None
+    for row, (want, want_logits) in enumerate(alone):
+        assert_close_to_scale(
+            torch.stack(seen[row]), want_logits, 1e-4, f"row {row}'s logits in a batch against alone"
+        )
+        assert tokens[row] == want, f"row {row} decoded {tokens[row]} in a batch, {want} alone"
+
+
+def _attention_build(component, model):
+    try:
+        return build(component, model)
+    except LabError as e:  # e.g. an attention without grouped heads says so
+        raise unittest.SkipTest(f"{component.name} refuses these settings: {e}") from None
 
 
 @_seeded
@@ -406,11 +475,17 @@ def schedule_finite_non_negative(component):
 # --- optimizer ----------------------------------------------------------------------------------
 
 
-def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None, extensions=(), **model_settings):
+def tiny_gpt(
+    plugins: Registry | None = None,
+    swap: Component | None = None,
+    extensions=(),
+    position: Component | None = None,
+    **model_settings,
+):
     """A 2-layer GPT of the first installed component of every model slot (lab's own first, which
-    are known to work together), or `swap` in its slot: the core's roles and the components'.
-    extensions: Parts (or Components, with their defaults) for [extension.NAME]; model_settings
-    change the [model] table."""
+    are known to work together), or `swap` in its slot (and `position` in the position slot): the
+    core's roles and the components'. extensions: Parts (or Components, with their defaults) for
+    [extension.NAME]; model_settings change the [model] table."""
     from lab.model import GPT
     from lab.recipe import SECTIONS, Recipe
 
@@ -422,8 +497,9 @@ def tiny_gpt(plugins: Registry | None = None, swap: Component | None = None, ext
             raise unittest.SkipTest(f"no {slot} component installed to build a GPT with")
         component = min(found.values(), key=lambda c: (c.package != "lab", c.name))
         parts[slot] = Part(component, component.Config())
-    if swap is not None:
-        parts[swap.slot] = Part(swap, swap.Config())
+    for chosen in (swap, position):
+        if chosen is not None:
+            parts[chosen.slot] = Part(chosen, chosen.Config())
     # Every section at its defaults (a section added to recipes needs no change here), but the model's.
     sections = {key: section() for key, section in SECTIONS.items()}
     shape = dict(

@@ -349,3 +349,13 @@ def test_lab_generate_missing_run_folder_or_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     status, _, err = lab_generate(capsys, tmp_path / "empty")
     assert status == 2 and "no complete checkpoint" in err
+
+
+def test_lab_generate_compile_gives_the_eager_greedy_text(run_dir, capsys):
+    """The compiled decoding step (one compile: a tiny model, one shape) decodes the eager tokens."""
+    flags = ["--prompt", "The", "--max-new-tokens", "12", "--temperature", "0", "--num-samples", "2"]
+    eager = lab_generate(capsys, run_dir, *flags)
+    status, out, err = lab_generate(capsys, run_dir, *flags, "--compile")
+    assert status == 0 and out == eager[1]
+    assert "compiled the decoding step for 2 row(s)" in err and "s of it compiling" in err
+    assert lab_generate(capsys, run_dir, *flags, "--compile", "--no-cache")[0] == 2

@@ -147,8 +147,8 @@ def test_concurrent_requests_never_mix_their_text(served):
     ],
 )
 def test_rows_of_one_batch_decode_as_each_would_alone(served, texts):
-    """Jobs submitted together become one batch, also when their prompts differ in length (the
-    longer ones are fed their prompt in step): each row gets what its prompt alone gives."""
+    """Jobs submitted together share the running batch, also when their prompts differ in length
+    (each row at its own position): each row gets what its prompt alone gives."""
     s = served[1].get("beta")
     batcher = Batcher(s.model, max_batch=8, eos_id=None)
     prompts = [s.tokenizer.encode(t) for t in texts]
@@ -167,8 +167,8 @@ def test_rows_of_one_batch_decode_as_each_would_alone(served, texts):
     assert ended.wait(30)
     batcher.close()
     batcher.thread.join(10)  # its counters are final once the worker is out of its last step
-    lengths = [len(p) for p in prompts]
-    assert batcher.steps == max(lengths) - min(lengths) + 6  # one group: the longest prompt's steps
+    assert batcher.steps == 6  # all four joined the first step: 6 steps for 6 tokens each
+    assert batcher.rows == 6 * len(prompts)
     for p, row in zip(prompts, out):
         alone = generate(s.model, torch.tensor([p]), 6, temperature=0)
         assert row == alone[0, len(p) :].tolist()

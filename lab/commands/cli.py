@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, metavar="P")
     p.add_argument("--seed", type=int, default=None, metavar="S")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the decoding step through torch.compile (compiled once per shape, cached on disk; "
+        "worth it for long samples)",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", default=None, metavar="FILE")

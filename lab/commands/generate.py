@@ -11,6 +11,7 @@ import torch
 
 from lab.engine.device import pick_device
 from lab.errors import LabError
+from lab.inference.compiled import DecodeStep
 from lab.inference.sampling import check_fits, check_sampling, stream
 from lab.recipe import SEEDS
 
@@ -56,6 +57,11 @@ def cli_generate(args) -> int:
     # The samples are rows of one batch: on CPU the step is bound by reading the weights (the LM
     # head above all), which the rows share, so N samples cost little more than one.
     idx = torch.tensor([ids] * s.num_samples, device=device)
+    step = None
+    if args.compile:
+        if args.no_cache:
+            raise LabError("--compile compiles the cached decoding step; drop --no-cache")
+        step = DecodeStep(model, compile=True)  # compiles on its first call, and says how long it took
     started = time.perf_counter()
     rows = draw(
         model,
@@ -65,16 +71,23 @@ def cli_generate(args) -> int:
         generator,
         use_cache=not args.no_cache,
         eos_id=None if args.ignore_eos else tokenizer.eot_id,
+        decode_step=step,
     )
     seconds = time.perf_counter() - started
     made = sum(map(len, rows))
-    print(f"{made} new tokens in {seconds:.2f} s ({made / seconds:.1f} tokens/s)", file=sys.stderr)
+    compiling = ""
+    if step is not None:  # the first step's compile is start-up cost, not decoding speed
+        after = max(seconds - step.compile_seconds, 1e-9)
+        compiling = f"; {step.compile_seconds:.1f} s of it compiling, {made / after:.1f} tokens/s after"
+    print(f"{made} new tokens in {seconds:.2f} s ({made / seconds:.1f} tokens/s{compiling})", file=sys.stderr)
     if args.output:
         write_samples(args.output, [s.prompt + tokenizer.decode(row) for row in rows])
     return 0
 
 
-def draw(model, tokenizer, idx, s: Settings, generator, use_cache: bool, eos_id) -> list[list[int]]:
+def draw(
+    model, tokenizer, idx, s: Settings, generator, use_cache: bool, eos_id, decode_step=None
+) -> list[list[int]]:
     """Each row's new token ids, the end-of-text token and what follows it left out, printed after
     the prompt. On a terminal the first sample is shown token by token as it comes and the others
     when they are done; otherwise everything is printed at the end, the same text."""
@@ -95,6 +108,7 @@ def draw(model, tokenizer, idx, s: Settings, generator, use_cache: bool, eos_id)
         use_cache=use_cache,
         eos_id=eos_id,
         generator=generator,
+        decode_step=decode_step,
     ):
         for r, t in enumerate(token[:, 0].tolist()):
             ended[r] = ended[r] or t == eos_id

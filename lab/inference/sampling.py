@@ -59,9 +59,11 @@ def stream(
     use_cache=True,
     eos_id=None,
     generator=None,
+    decode_step=None,
 ):
     """Yield the next tokens, (B, 1), one step at a time: what `generate` collects, and what
-    `lab generate` prints as it comes."""
+    `lab generate` prints as it comes. decode_step (a lab.inference.compiled.DecodeStep) runs the
+    cached steps after the prefill, each row's position as a tensor (the compiled path)."""
     check_sampling(temperature, top_k, top_p)
     B, T = idx.shape
     if T == 0:
@@ -80,6 +82,9 @@ def stream(
                 logits, _ = model(seq[:, -block_size:], last_only=True)
             elif step == 0:  # prefill: the prompt in one pass fills every cache
                 logits, _ = model(seq, caches=caches, start_pos=0, last_only=True)
+            elif decode_step is not None:  # the same step, positions as a tensor: no recompile a token
+                start = torch.full((B,), seq.size(1) - 1, device=idx.device)
+                logits = decode_step(seq[:, -1:], start, caches)[:, None]
             else:  # only the newest token; the caches hold the rest
                 logits, _ = model(seq[:, -1:], caches=caches, start_pos=seq.size(1) - 1, last_only=True)
             token = sample(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)

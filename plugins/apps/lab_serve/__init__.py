@@ -30,13 +30,19 @@ def lab_commands(subparsers):
         "--max-batch",
         type=int,
         default=16,
-        help="requests on one model decoded together as rows of one batch (default 16)",
+        help="requests on one model decoded together as rows of its running batch (default 16)",
     )
     p.add_argument(
         "--max-queue",
         type=int,
         default=64,
         help="completions in flight or waiting before new requests get 429 (default 64)",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="decode eagerly: no torch.compile of the decoding step (which compiles once per batch "
+        "shape, in the background, cached on disk across restarts)",
     )
     p.set_defaults(
         func=lazy_command("lab_serve.server", "serve", needs=("fastapi", "uvicorn"), extra="serve")

@@ -1,17 +1,31 @@
-"""Decoding many requests on one model at once: a worker thread per model, requests as rows of batches.
+"""Continuous batching: one running batch per model, which requests join and leave at any step.
 
-Each request's completion is a Job. The worker takes waiting jobs at a step boundary and starts
-them together as the rows of one batch (a Group) with one set of caches: on CPU a decoding step is
-bound by reading the weights, which the rows share, so 8 rows cost little more than 1. Every row of
-a cache sits at the same position, so prompts of different lengths go in step: a row whose prompt
-is longer than the group's shortest is fed its remaining prompt tokens one step at a time while the
-others sample. Prompts far longer than the rest make a group of their own, and the worker steps
-every group in turn. A job arriving while a group decodes starts in a new group at the next step
-boundary (joining a group mid-way would need its cache rows filled: not done).
+Each request's completion is a Job. A worker thread per model runs steps. Each step:
+1. frees the rows of jobs that ended or whose client went away (at once: the row is free for the
+   next request this very step);
+2. prefills waiting prompts, alone, in caches of their own, at most `chunk` prompt tokens a step
+   while rows decode (so the running requests keep streaming while a long prompt goes in), as much
+   as it takes when nothing decodes. A prefilled prompt (all but its last token) is copied into a
+   free row of the running batch (lab.attention.copy_cache_rows);
+3. decodes one token for every row in one forward, each row at its own position (per-row
+   start_pos: docs/writing-plugins.md, "Per-row positions"). A row that just joined is fed its
+   prompt's last token and samples its first new one.
 
-Generation runs here, off the server's event loop, which stays free to accept and stream. A job
-whose client went away, or whose text hit a stop string, is marked done and gets no more tokens; its
-row stays in the batch, unused, until the group's other rows finish.
+Why rows of one batch, whatever their lengths: on CPU a decoding step is bound by reading the
+weights, which the rows share, so 16 rows cost little more than 1. Why masks over a padded cache
+(each row's keys at its own positions, the causal mask hiding the rest) rather than a paged or
+ragged cache: the step stays one batched forward of fixed shapes, which torch.compile can compile
+once per bucket, and the keys a row reads past its length cost less than a second forward would
+(benchmarks/test_decode_bound.py measures both; README, "Serving").
+
+The running batch's caches come in buckets, powers of two of rows (up to max_batch) and of positions
+(up to the model's): a request that needs more rows or positions grows them (to hold the waiting
+requests too), and the batch shrinks again when its rows fit a smaller bucket. Each bucket is one
+shape for the compiled step, compiled in the background once it has lasted `compile_after` steps.
+
+A request fails alone: a sampling setting the sampler refuses or a row whose logits are not finite
+(NaN) ends that job with an error while the others go on. A failure of the step itself (a bug)
+ends the jobs in the batch, never the worker.
 """
 
 from __future__ import annotations
@@ -25,9 +39,13 @@ from typing import Callable
 
 import torch
 
-from lab.inference.sampling import sample
+from lab.attention import copy_cache_rows
+from lab.errors import LabError
+from lab.inference.compiled import DecodeStep
+from lab.inference.sampling import check_sampling, sample
 
 log = logging.getLogger("lab_serve")
+MIN_LENGTH = 64  # the smallest bucket of cache positions
 
 
 @dataclass(eq=False)
@@ -68,72 +86,94 @@ class Job:
         if self.made >= self.max_tokens or time.monotonic() > self.deadline:
             self.finish("length")
 
+    @property
+    def positions(self) -> int:
+        """Cache positions the job can use: its prompt and its new tokens but the last (never fed)."""
+        return len(self.ids) + self.max_tokens - 1
 
-class Group:
-    """Jobs decoded as the rows of one batch. Every row of a cache sits at the same position, so
-    prompts of different lengths go in step: all are prefilled up to the shortest, then a row still
-    inside its prompt is fed its next prompt token where the others are fed their last sample."""
 
-    def __init__(self, model, jobs: list[Job], eos_id: int | None):
-        self.model, self.jobs, self.eos_id = model, jobs, eos_id
-        self.device = model.tok_emb.weight.device
-        self.start = min(len(j.ids) for j in jobs)
-        self.caches = None
-        self.pos = 0  # tokens in the caches: the index of the token each row chooses next
-        self.last = None  # (B, 1) the tokens fed next
+@dataclass
+class Prefill:
+    """A prompt going in, chunk by chunk, alone: all of it but its last token (fed when it joins)."""
+
+    job: Job
+    caches: list
+    done: int = 0  # prompt tokens in its caches
 
     @property
-    def finished(self) -> bool:
-        return all(j.done for j in self.jobs)
+    def left(self) -> int:
+        return len(self.job.ids) - 1 - self.done
 
-    @torch.inference_mode()
-    def step(self) -> None:
-        for j in self.jobs:
-            if j.cancelled:
-                j.finish("cancelled")
-        if self.finished:
-            return
-        if self.caches is None:  # prefill: every prompt's first `start` tokens in one pass
-            size = max(len(j.ids) + j.max_tokens for j in self.jobs)
-            self.caches = self.model.new_caches(len(self.jobs), size)
-            prompt = torch.tensor([j.ids[: self.start] for j in self.jobs], device=self.device)
-            logits, _ = self.model(prompt, caches=self.caches, start_pos=0, last_only=True)
-        else:
-            logits, _ = self.model(self.last, caches=self.caches, start_pos=self.pos, last_only=True)
-        self.pos += self.start if self.pos == 0 else 1
-        ready = [r for r, j in enumerate(self.jobs) if not j.done and self.pos >= len(j.ids)]
-        tokens = [j.ids[self.pos] if self.pos < len(j.ids) else 0 for j in self.jobs]
-        if ready:
-            for r, t in zip(ready, self.sample(logits[:, -1, :], ready).tolist()):
-                tokens[r] = t
-                self.jobs[r].take(t, self.eos_id)
-        self.last = torch.tensor(tokens, device=self.device)[:, None]
 
-    def sample(self, logits, rows: list[int]) -> torch.Tensor:
-        """(B, vocab) -> (len(rows),): each row with its own settings. Rows without a seed that
-        share their settings are drawn in one call; a seeded row draws from its own generator."""
-        out = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
-        together: dict[tuple, list[int]] = {}
-        for r in rows:
-            j = self.jobs[r]
-            key = (j.temperature, j.top_k, j.top_p, id(j) if j.generator is not None else None)
-            together.setdefault(key, []).append(r)
-        for (temperature, top_k, top_p, _), same in together.items():
-            out[same] = sample(logits[same], temperature, top_k, top_p, self.jobs[same[0]].generator)[:, 0]
-        return out[rows]
+def bucket(n: int, smallest: int, largest: int) -> int:
+    """The smallest power of two times `smallest` that holds n, at most `largest`."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest)
 
-    def fail(self, message: str) -> None:
-        for j in self.jobs:
-            j.finish(f"error: {message}")
+
+class Running:
+    """The running batch: caches of `rows` x `length`, and per row its job (None: free), position
+    (where its next fed token goes) and next token to feed."""
+
+    def __init__(self, model):
+        self.model = model
+        self.caches: list | None = None
+        self.jobs: list[Job | None] = []
+        self.pos: list[int] = []
+        self.last: list[int] = []
+        self.length = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.jobs)
+
+    def live(self) -> list[int]:
+        return [r for r, j in enumerate(self.jobs) if j is not None]
+
+    def free(self, row: int) -> None:
+        self.jobs[row], self.pos[row], self.last[row] = None, 0, 0
+
+    def resize(self, rows: int, length: int) -> None:
+        """New caches of rows x length holding the live rows, first, in their order."""
+        live = self.live()
+        caches = self.model.new_caches(rows, length)
+        if live and self.caches is not None:
+            for dst, src in zip(caches, self.caches):
+                copy_cache_rows(dst, src, list(range(len(live))), live)
+        pad = rows - len(live)
+        self.jobs = [self.jobs[r] for r in live] + [None] * pad
+        self.pos = [self.pos[r] for r in live] + [0] * pad
+        self.last = [self.last[r] for r in live] + [0] * pad
+        self.caches, self.length = caches, length
+
+    def join(self, p: Prefill, row: int) -> None:
+        for dst, src in zip(self.caches, p.caches):
+            copy_cache_rows(dst, src, [row], [0])
+        self.jobs[row], self.pos[row], self.last[row] = p.job, len(p.job.ids) - 1, p.job.ids[-1]
 
 
 class Batcher:
-    """The worker thread of one model."""
+    """The worker thread of one model and its running batch."""
 
-    def __init__(self, model, max_batch: int, eos_id: int | None, name: str = "model"):
-        self.model, self.max_batch, self.eos_id = model, max(1, max_batch), eos_id
-        self.waiting: deque[Job] = deque()
-        self.groups: list[Group] = []
+    def __init__(
+        self,
+        model,
+        max_batch: int,
+        eos_id: int | None,
+        name: str = "model",
+        compile: bool = False,
+        chunk: int = 64,
+        compile_after: int = 32,
+    ):
+        self.model, self.max_batch, self.eos_id, self.chunk = model, max(1, max_batch), eos_id, chunk
+        self.device = model.tok_emb.weight.device
+        self.max_len = model.position.max_len or model.config.block_size
+        self.step_fn = DecodeStep(model, compile=compile, background=True, compile_after=compile_after)
+        self.waiting: deque[Job] = deque()  # submitted, not yet prefilling
+        self.prefill: Prefill | None = None
+        self.batch = Running(model)
         self.wake = threading.Condition()
         self.closed = False
         self.steps = 0  # decoding steps run, and rows they carried: rows / steps is the mean batch
@@ -144,56 +184,184 @@ class Batcher:
     def submit(self, jobs: list[Job]) -> None:
         for j in jobs:
             if j.seed is not None:
-                j.generator = torch.Generator(device=self.model.tok_emb.weight.device).manual_seed(j.seed)
+                j.generator = torch.Generator(device=self.device).manual_seed(j.seed)
         with self.wake:
             self.waiting.extend(jobs)
             self.wake.notify()
 
     def in_flight(self) -> int:
-        """Jobs waiting or decoding."""
+        """Jobs waiting, prefilling or decoding."""
         with self.wake:
-            return len(self.waiting) + sum(1 for g in self.groups for j in g.jobs if not j.done)
+            prefilling = self.prefill is not None and not self.prefill.job.done
+            return len(self.waiting) + prefilling + len(self.batch.live())
 
     def close(self) -> None:
         with self.wake:
             self.closed = True
             self.wake.notify()
-        for j in list(self.waiting) + [j for g in self.groups for j in g.jobs]:
+            jobs = list(self.waiting) + [j for j in self.batch.jobs if j is not None]
+        for j in jobs + ([self.prefill.job] if self.prefill else []):
             j.cancel()
 
     def run(self) -> None:
         while True:
             with self.wake:
-                while not (self.waiting or self.groups or self.closed):
+                while not (self.waiting or self.prefill or self.batch.live() or self.closed):
                     self.wake.wait()
                 if self.closed:
                     break
-                new = list(self.waiting)
-                self.waiting.clear()
-                self.groups += form_groups(self.model, new, self.max_batch, self.eos_id)
-                groups = list(self.groups)
-            for g in groups:  # one step of every group in turn
-                try:
-                    live = sum(not j.done for j in g.jobs)
-                    g.step()
-                    self.steps, self.rows = self.steps + 1, self.rows + live
-                except Exception as e:  # a bug must end its requests, not the worker
-                    log.exception("generation failed")
-                    g.fail(type(e).__name__)
+            try:
+                self.step()
+            except Exception as e:  # a bug must end its requests, not the worker
+                log.exception("generation failed")
+                self.fail_all(type(e).__name__)
+        self.fail_all("cancelled", error=False)
+
+    def fail_all(self, message: str, error: bool = True) -> None:
+        with self.wake:
+            jobs = list(self.waiting) + [j for j in self.batch.jobs if j is not None]
+            jobs += [self.prefill.job] if self.prefill else []
+            self.waiting.clear()
+            self.prefill, self.batch = None, Running(self.model)
+        for j in jobs:
+            j.finish(f"error: {message}" if error else message)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self.drop_ended()
+        self.admit()
+        if self.batch.live():
+            self.decode()
+        self.drop_ended()
+        self.shrink()
+
+    # -------------------------------------------------------------------------------- the rows
+
+    def drop_ended(self) -> None:
+        """Free the row of every job that ended or was cancelled; end cancelled waiting jobs."""
+        with self.wake:
+            for r, j in enumerate(self.batch.jobs):
+                if j is not None and (j.done or j.cancelled):
+                    j.finish("cancelled")
+                    self.batch.free(r)
+            for j in [j for j in self.waiting if j.cancelled]:
+                self.waiting.remove(j)
+                j.finish("cancelled")
+            if self.prefill is not None and self.prefill.job.cancelled:
+                self.prefill.job.finish("cancelled")
+                self.prefill = None
+
+    def admit(self) -> None:
+        """Prefill waiting prompts (up to `chunk` tokens while rows decode) and seat the ready ones."""
+        budget = self.chunk if self.batch.live() else float("inf")
+        while budget > 0:
+            if self.prefill is None and not self.start_prefill():
+                return
+            p = self.prefill
+            n = int(min(p.left, budget))
+            if n > 0:
+                ids = torch.tensor([p.job.ids[p.done : p.done + n]], device=self.device)
+                self.model.hidden(ids, caches=p.caches, start_pos=p.done)  # no head: nothing sampled
+                p.done += n
+                budget -= n
+            if p.left == 0:
+                self.seat(p)
+                with self.wake:
+                    self.prefill = None
+            if budget == float("inf") and self.prefill is None and len(self.batch.live()) > 0:
+                budget = self.chunk  # rows decode now: the next prompts go in by chunks
+
+    def start_prefill(self) -> bool:
+        """Take the next waiting job that can run, if a row can be found for it."""
+        while True:
             with self.wake:
-                self.groups = [g for g in self.groups if not g.finished]
-        for j in [j for g in self.groups for j in g.jobs] + list(self.waiting):
-            j.finish("cancelled")
+                if not self.waiting or len(self.batch.live()) >= self.max_batch:
+                    return False
+                job = self.waiting.popleft()
+            problem = self.refuse(job)
+            if problem:
+                job.finish(f"error: {problem}")
+                continue
+            caches = self.model.new_caches(1, max(1, len(job.ids) - 1))  # a 1-token prompt: empty state
+            with self.wake:
+                self.prefill = Prefill(job, caches)
+            return True
 
+    def refuse(self, job: Job) -> str | None:
+        """Why this job cannot run (the API checks it all first; this guards the batch)."""
+        try:
+            check_sampling(job.temperature, job.top_k, job.top_p)
+        except LabError as e:
+            return str(e)
+        if not job.ids:
+            return "the prompt is empty"
+        if job.positions > self.max_len:
+            return f"prompt and max_tokens need {job.positions + 1} positions; the model has {self.max_len}"
+        return None
 
-def form_groups(model, jobs: list[Job], max_batch: int, eos_id, slack: int = 32) -> list[Group]:
-    """Up to max_batch jobs a group, whose prompt lengths differ by at most `slack` tokens: a row
-    longer than the shortest feeds its extra prompt tokens one step at a time, which delays its
-    first token by as many steps, so far longer prompts get a group of their own."""
-    groups, current = [], []
-    for j in sorted(jobs, key=lambda j: len(j.ids)):  # sorted() is stable: arrival order within a length
-        if current and (len(current) == max_batch or len(j.ids) - len(current[0].ids) > slack):
-            groups.append(Group(model, current, eos_id))
-            current = []
-        current.append(j)
-    return groups + ([Group(model, current, eos_id)] if current else [])
+    def seat(self, p: Prefill) -> None:
+        """Give a prefilled job a row, growing the batch's rows or positions if it must."""
+        b = self.batch
+        live = b.live()
+        # Growing, make room for the jobs waiting too: they join within a few steps, and a bucket
+        # passed through on the way costs a copy of the caches each.
+        coming = len(live) + 1 + len(self.waiting)
+        rows = b.rows if len(live) < b.rows else bucket(coming, 1, self.max_batch)
+        need = max([p.job.positions] + [b.jobs[r].positions for r in live])
+        length = max(b.length, bucket(need, MIN_LENGTH, self.max_len))
+        if (rows, length) != (b.rows, b.length):
+            b.resize(rows, length)
+        row = b.jobs.index(None)
+        b.join(p, row)
+
+    def shrink(self) -> None:
+        """Move the live rows into a smaller bucket when they fit one."""
+        b = self.batch
+        live = b.live()
+        if not live:
+            if b.caches is not None:
+                self.batch = Running(self.model)  # idle: the caches' memory goes back
+            return
+        rows = bucket(len(live), 1, self.max_batch)
+        length = bucket(max(b.jobs[r].positions for r in live), MIN_LENGTH, self.max_len)
+        if rows < b.rows or length < b.length:
+            b.resize(min(rows, b.rows), min(length, b.length))
+
+    # ------------------------------------------------------------------------------ decoding
+
+    def decode(self) -> None:
+        b = self.batch
+        live = b.live()
+        tokens = torch.tensor(b.last, device=self.device)[:, None]
+        start = torch.tensor(b.pos, device=self.device)
+        logits = self.step_fn(tokens, start, b.caches)  # (rows, vocab)
+        self.steps, self.rows = self.steps + 1, self.rows + len(live)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        for r in live:
+            if not finite[r]:
+                b.jobs[r].finish("error: the model's output is not a number (NaN or inf) for this request")
+        for r, token in self.sample(logits, [r for r in live if finite[r]]).items():
+            b.pos[r] += 1
+            b.last[r] = token
+            b.jobs[r].take(token, self.eos_id)
+
+    def sample(self, logits, rows: list[int]) -> dict[int, int]:
+        """{row: token}: each row with its own settings. Rows without a seed that share their settings
+        are drawn in one call; a seeded row draws from its own generator. A draw that fails ends its
+        own rows' jobs only."""
+        out: dict[int, int] = {}
+        together: dict[tuple, list[int]] = {}
+        for r in rows:
+            j = self.batch.jobs[r]
+            key = (j.temperature, j.top_k, j.top_p, id(j) if j.generator is not None else None)
+            together.setdefault(key, []).append(r)
+        for (temperature, top_k, top_p, _), same in together.items():
+            try:
+                drawn = sample(logits[same], temperature, top_k, top_p, self.batch.jobs[same[0]].generator)
+            except Exception as e:  # noqa: BLE001 - a request's settings must not stop the batch
+                log.exception("sampling failed")
+                for r in same:
+                    self.batch.jobs[r].finish(f"error: sampling failed ({type(e).__name__})")
+                continue
+            out.update(zip(same, drawn[:, 0].tolist()))
+        return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lab.runs
 from lab.errors import LabError
+from lab.inference.decode_layout import lay_out_for_decoding
 from lab.runs import is_run
 from lab.runs.checkpoint import latest, step_of
 from lab.runs.layout import METRICS, RECIPE, SAMPLES
@@ -112,8 +113,8 @@ class Busy(Exception):
 
 
 class ModelPool:
-    def __init__(self, table: RunTable, device, max_models: int, max_batch: int):
-        self.table, self.device = table, device
+    def __init__(self, table: RunTable, device, max_models: int, max_batch: int, compile: bool = False):
+        self.table, self.device, self.compile = table, device, compile
         self.max_models, self.max_batch = max_models, max_batch
         self.loaded: OrderedDict[str, Served] = OrderedDict()  # least recently used first
         self.lock = threading.Lock()  # one load at a time: two first requests load a model once
@@ -141,6 +142,7 @@ class ModelPool:
 
     def _load(self, run_id: str, folder: Path) -> Served:
         recipe, model, _ = lab.runs.load(folder, self.device)
+        lay_out_for_decoding(model, rows=self.max_batch)  # each step reads every weight for a few rows
         tokenizer = recipe.parts["tokenizer"].build()
         max_len = model.position.max_len or model.config.block_size
         eos = getattr(tokenizer, "eot_id", None)
@@ -148,7 +150,7 @@ class ModelPool:
             run_id,
             model,
             tokenizer,
-            Batcher(model, self.max_batch, eos, name=run_id),
+            Batcher(model, self.max_batch, eos, name=run_id, compile=self.compile),
             max_len,
             int(time.time()),
         )

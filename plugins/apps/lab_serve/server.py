@@ -19,10 +19,19 @@ from lab_serve.runs import ModelPool, RunTable
 LOCAL = ("127.0.0.1", "localhost", "::1")
 
 
-def build(paths, device="cpu", max_models=2, max_batch=16, limits: Limits | None = None, api_key=None):
-    """The ASGI app serving these run folders (what tests and the load test run under uvicorn)."""
+def build(
+    paths,
+    device="cpu",
+    max_models=2,
+    max_batch=16,
+    limits: Limits | None = None,
+    api_key=None,
+    compile: bool = False,
+):
+    """The ASGI app serving these run folders (what tests run under uvicorn). compile: the decoding
+    step through torch.compile (on in `lab serve`, off here: tests stay fast)."""
     table = RunTable(paths)
-    pool = ModelPool(table, device, max_models, max_batch)
+    pool = ModelPool(table, device, max_models, max_batch, compile)
     return make_app(table, pool, limits or Limits(), api_key), pool
 
 
@@ -41,11 +50,18 @@ def serve(args) -> int:
     api_key = args.api_key or os.environ.get("LAB_API_KEY") or None
     device = pick_device(args.device, f"--device {args.device}", "use --device cpu")
     app, pool = build(
-        args.paths, device, args.max_models, args.max_batch, Limits(max_queue=args.max_queue), api_key
+        args.paths,
+        device,
+        args.max_models,
+        args.max_batch,
+        Limits(max_queue=args.max_queue),
+        api_key,
+        compile=not args.no_compile,
     )
+    compiled = "eager decoding (--no-compile)" if args.no_compile else "compiled decoding (torch.compile)"
     try:
         sock = listen(args.host, args.port)  # before any URL is announced: a busy port is one message
-        print(f"serving {', '.join(pool.table.runs)} on {device}", file=sys.stderr)
+        print(f"serving {', '.join(pool.table.runs)} on {device}, {compiled}", file=sys.stderr)
         if args.host not in LOCAL:
             print(
                 f"warning: listening on {args.host}, so other machines can reach this server", file=sys.stderr

@@ -20,9 +20,10 @@ class SDPAAttention(SelfAttention):
     def attend(self, q, k, v, q_pos, k_pos, bias):
         dropout = self.dropout if self.training else 0.0
         gqa = k.size(1) != q.size(1)
-        if bias is None and q.size(2) == k.size(2):  # whole sequence from position 0: plain causal
+        shared = q_pos.dim() == 1  # every row at the same positions (per-row ones need their mask)
+        if shared and bias is None and q.size(2) == k.size(2):  # whole sequence from 0: plain causal
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
-        if bias is None and q.size(2) == 1:  # one new token sees every cached one
+        if shared and bias is None and q.size(2) == 1:  # one new token sees every cached one
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
         mask = additive_mask(causal_mask(q_pos, k_pos), bias, q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)

@@ -59,7 +59,8 @@ class SlidingAttention(SelfAttention):
         dropout = self.dropout if self.training else 0.0
         # Flex when q and k are the same tokens (no cache, or the prefill): positions then line up
         # with indices. It has no attention dropout.
-        if self.backend == "auto" and q.is_cuda and q.size(2) == k.size(2) and dropout == 0.0:
+        flex_ok = q.is_cuda and q_pos.dim() == 1 and q.size(2) == k.size(2) and dropout == 0.0
+        if self.backend == "auto" and flex_ok:
             return flex_sliding(q, k, v, self.window, bias)
         mask = additive_mask(causal_mask(q_pos, k_pos, self.window), bias, q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

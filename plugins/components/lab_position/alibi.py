@@ -34,5 +34,7 @@ class AlibiPosition(Position):
         self.slopes.copy_(alibi_slopes(self.slopes.numel()))  # e.g. after building on the meta device
 
     def bias(self, q_pos, k_pos):
-        distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk); future keys are masked anyway
-        return -self.slopes[:, None, None] * distance  # (nh, Tq, Tk)
+        distance = (q_pos[..., :, None] - k_pos[..., None, :]).float()  # (Tq, Tk) or per row (B, Tq, Tk)
+        if distance.dim() == 3:
+            distance = distance[:, None]  # (B, 1, Tq, Tk); future keys are masked anyway
+        return -self.slopes[:, None, None] * distance  # (nh, Tq, Tk) or (B, nh, Tq, Tk)

@@ -17,4 +17,4 @@ class LearnedPosition(Position):
         self.max_len = model.block_size
 
     def embed(self, x, pos):
-        return x + self.wpe(pos)  # (B, T, C) + (T, C)
+        return x + self.wpe(pos)  # (B, T, C) + (T, C), or + (B, T, C) per row

@@ -35,7 +35,9 @@ class RotaryPosition(Position):
         self.inv_freq.copy_(self.theta ** -(torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
 
     def rotate(self, q, k, pos):
-        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, dims/2)
+        angles = pos.float()[..., None] * self.inv_freq  # (T, dims/2), or per row (B, T, dims/2)
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, dims/2): the same angles for every head of a row
         cos, sin = angles.cos(), angles.sin()
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

@@ -1,0 +1,143 @@
+"""The cached decoding step, eager or through torch.compile.
+
+A step of a small model on CPU is ~120 small ops, and PyTorch's per-op dispatch, not the matmuls,
+is most of its time at batch 1. torch.compile (Inductor) turns the step into a few generated C++
+kernels. It compiles for fixed shapes (`dynamic=False`): the rows of the batch and the length of
+the caches, which callers keep to a few buckets (lab serve: powers of two), so each (model, bucket)
+compiles once. Compiled code is cached on disk by PyTorch's own caches (Inductor's FX graph cache
+and AOTAutograd's cache, in $TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER): a second
+process, or a restarted server, skips most of the compile.
+
+The step takes per-row positions, a LongTensor start (rows,), never a Python int: an int would be
+compiled in as a constant and recompile every token.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("lab")
+
+
+def compile_cache_dir() -> str:
+    """Where PyTorch keeps compiled kernels across processes: $TORCHINDUCTOR_CACHE_DIR, by default
+    /tmp/torchinductor_$USER."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+class DecodeStep:
+    """step(tokens (rows, 1), start (rows,), caches) -> logits (rows, vocab) of each row's token,
+    each row at its own position. compile=True runs it through torch.compile, one compile per shape,
+    reported through `report` (stderr by default) with how long it took.
+
+    background=True (a server) never makes a caller wait for a compile: a shape that has run
+    `compile_after` eager steps (so not one a batch only passes through while it grows) is compiled
+    in a thread of its own, on a copy of the caches, one shape at a time; until it is done its steps
+    run eagerly (the same tokens, a little slower). `prepare(rows, length)` starts one at once."""
+
+    def __init__(
+        self,
+        model,
+        compile: bool = False,
+        background: bool = False,
+        compile_after: int = 32,
+        report: Callable[[str], None] | None = None,
+    ):
+        self.model, self.background, self.compile_after = model, background, compile_after
+        self.eager_steps: dict[tuple, int] = {}
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.compiled = None
+        self.ready: set[tuple] = set()  # the shapes compiled so far
+        self.started: set[tuple] = set()  # and those being compiled (background)
+        self.lock = threading.Lock()
+        self.queue: list[tuple] = []  # buckets waiting to compile (background)
+        self.worker: threading.Thread | None = None
+        self.compile_seconds = 0.0
+        if compile:
+            # One entry per bucket: rows x cache lengths can pass dynamo's default of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled = torch.compile(self._eager, dynamic=False)
+
+    def _eager(self, tokens, start, caches):
+        return self.model(tokens, caches=caches, start_pos=start, last_only=True)[0][:, -1]
+
+    def __call__(self, tokens: torch.Tensor, start: torch.Tensor, caches: list) -> torch.Tensor:
+        tokens = tokens.contiguous()  # a column cut from a longer sequence: its stride would recompile
+        shape = (tokens.size(0), *_cache_shape(caches))
+        if self.compiled is None:
+            return self._eager(tokens, start, caches)
+        if self.background and shape not in self.ready:
+            self.eager_steps[shape] = self.eager_steps.get(shape, 0) + 1
+            if self.eager_steps[shape] == self.compile_after:  # it lasts: worth compiling
+                self._enqueue(tokens.clone(), start.clone(), copy.deepcopy(caches), shape)
+            return self._eager(tokens, start, caches)
+        if shape in self.ready:
+            return self.compiled(tokens, start, caches)
+        return self._compile(tokens, start, caches, shape)
+
+    def prepare(self, rows: int, length: int) -> None:
+        """Start compiling the step for `rows` rows of caches of `length` positions, in the
+        background; a no-op when eager, or when that bucket is compiled or compiling."""
+        if self.compiled is None or not self.background:
+            return
+        device = self.model.tok_emb.weight.device
+        with torch.inference_mode():
+            caches = self.model.new_caches(rows, length)
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        start = torch.zeros(rows, dtype=torch.long, device=device)
+        self._enqueue(tokens, start, caches, (rows, *_cache_shape(caches)))
+
+    def _enqueue(self, tokens, start, caches, shape) -> None:
+        with self.lock:
+            if shape in self.started:
+                return
+            self.started.add(shape)
+            self.queue.append((tokens, start, caches, shape))
+            if self.worker is None or not self.worker.is_alive():
+                self.worker = threading.Thread(target=self._compile_queued, name="lab compile", daemon=True)
+                self.worker.start()
+
+    def _compile_queued(self) -> None:
+        """One bucket at a time, the newest first (what the batch is now), in one thread: compiles
+        share the CPU with decoding, so never more than one runs."""
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.worker = None
+                    return
+                item = self.queue.pop()
+            try:
+                self._compile(*item)
+            except Exception:  # the bucket stays eager; the server goes on
+                log.exception("compiling the decoding step failed; it runs eagerly")
+
+    @torch.inference_mode()
+    def _compile(self, tokens, start, caches, shape) -> torch.Tensor:
+        began = time.perf_counter()
+        logits = self.compiled(tokens, start, caches)
+        seconds = time.perf_counter() - began
+        with self.lock:
+            self.ready.add(shape)
+            self.compile_seconds += seconds
+        self.report(
+            f"compiled the decoding step for {tokens.size(0)} row(s), caches {_cache_shape(caches)}, "
+            f"in {seconds:.1f} s (cached in {compile_cache_dir()})"
+        )
+        return logits
+
+
+def _cache_shape(caches: list) -> tuple:
+    """The shape of the first tensor of the first cache: what a bucket changes (rows, length)."""
+    for value in vars(caches[0]).values():
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return ()
