@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.data.text import decode, jsonl_documents
+from lab.data.shards import ShardStream, read_manifest, shard_paths
+from lab.data.text import decode, documents
 from lab.errors import LabError
 
 TEXT_HELP = (
-    'give text files (.txt or any UTF-8 text), .jsonl files with a "text" field per line, or a '
-    "data folder made by `lab prepare`"
+    'give text files (.txt or any UTF-8 text), .jsonl files with a "text" field per line, .parquet '
+    'files with a "text" column, or a data folder made by `lab prepare`'
 )
 TASK_HELP = (
     'each line of a task file is a JSON object: {"context": "...", "choices": ["...", ...], '
@@ -33,8 +34,8 @@ def read_token_sequences(path, tokenizer) -> list[list[int]]:
         seqs = [prepared_val_tokens(path, tokenizer)]
     elif not path.is_file():
         raise LabError(f"{path} not found; {TEXT_HELP}")
-    elif path.suffix == ".jsonl":
-        seqs = [document_ids(tokenizer, doc.text) for doc in jsonl_documents(path)]
+    elif path.suffix in (".jsonl", ".parquet"):
+        seqs = [document_ids(tokenizer, doc.text) for doc in documents([path])]
     else:
         seqs = [document_ids(tokenizer, read_text_file(path))]
     if not seqs or all(len(s) < 2 for s in seqs):
@@ -50,7 +51,12 @@ def read_text_file(path: Path) -> str:
 
 
 def prepared_val_tokens(folder: Path, tokenizer) -> list[int]:
-    """val.bin of a folder `lab prepare` made, checked against its meta.json."""
+    """val.bin of a folder `lab prepare` made, checked against its meta.json; or its val shards."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        check_tokenizer(folder, manifest["tokenizer"], tokenizer)
+        val = ShardStream(list(shard_paths(folder, manifest, "val")), np.dtype(manifest["dtype"]))
+        return val[0 : len(val)].astype(np.int64).tolist()
     val, meta_path = folder / "val.bin", folder / "meta.json"
     if not val.is_file() or not meta_path.is_file():
         raise LabError(
@@ -64,12 +70,16 @@ def prepared_val_tokens(folder: Path, tokenizer) -> list[int]:
         raise LabError(
             f"{meta_path} is not a meta.json written by `lab prepare` ({e}); prepare the folder again"
         ) from None
+    check_tokenizer(folder, tokens_of, tokenizer)
+    return np.fromfile(val, dtype=dtype).astype(np.int64).tolist()
+
+
+def check_tokenizer(folder: Path, tokens_of: str, tokenizer) -> None:
     if tokens_of != tokenizer.name:
         raise LabError(
             f"{folder} was tokenized with '{tokens_of}', but the run's tokenizer is "
             f"'{tokenizer.name}'; prepare it again with --tokenizer {tokenizer.name}"
         )
-    return np.fromfile(val, dtype=dtype).astype(np.int64).tolist()
 
 
 def read_task(path) -> list[Item]:

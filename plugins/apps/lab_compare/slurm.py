@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.recipe import parse_override
+from lab.recipe import parse_option
 
 
 def run_cell(argv: list[str], cwd: str, log: str) -> int:
@@ -67,10 +67,3 @@ def submit(grid, todo, args) -> int:
 
     summarize(Path(grid.out), args.x)
     return 0
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    key, sep, _ = text.partition("=")
-    if not sep or not key.strip():
-        raise LabError(f"--slurm-opt expects KEY=VALUE, got '{text}' (e.g. --slurm-opt slurm_partition=gpu)")
-    return key.strip(), parse_override(f"x={text.partition('=')[2]}")[1]

@@ -4,6 +4,7 @@ characters of a text; the tokenizers it writes are loaded by lab_tokenizers' `bp
 import importlib
 
 from lab import hookimpl
+from lab.data.text import add_reading_arguments
 
 
 @hookimpl
@@ -15,10 +16,11 @@ def lab_commands(subparsers):
     )
     t.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="text files, folders of .txt, or .jsonl with a 'text' field",
+        help="text files, .jsonl with a 'text' field, .parquet, or folders of them (or --dataset)",
     )
+    add_reading_arguments(t)
     t.add_argument(
         "--vocab-size",
         type=int,

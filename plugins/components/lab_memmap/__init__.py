@@ -15,8 +15,8 @@ from lab_memmap.source import MemmapData
 class MemmapConfig(BaseModel):
     path: str = Field(
         "",
-        description="folder with train.bin, val.bin and meta.json (from `lab prepare`), relative to "
-        "the current folder; empty: the tinyshakespeare that ships with lab",
+        description="folder with train.bin, val.bin and meta.json, or shards and a manifest.json (from "
+        "`lab prepare`), relative to the current folder; empty: the tinyshakespeare that ships with lab",
     )
     dtype: Literal["uint16", "uint32"] = Field(
         "uint16", description="token width of the .bin files when the folder has no meta.json"
