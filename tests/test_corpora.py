@@ -481,3 +481,58 @@ def test_eval_text_and_tokenizer_train_read_parquet_and_shards(corpus, tmp_path,
     assert lab(capsys, "tokenizer", "train", "fineweb", "--char", "--out", "tok", "--min-chars", "50")[0] == 0
     chars = json.loads((tmp_path / "tok" / "vocab.json").read_text())["chars"]
     assert set(chars) == set("".join(t for t in corpus if len(t) >= 50))
+
+
+# --- the FineWeb recipes ------------------------------------------------------------------------------
+
+SMALL = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "train.batch_size=2",
+    "train.grad_accum=1",
+    "train.max_steps=2",
+    "train.eval_interval=2",
+    "train.eval_batches=1",
+    "train.checkpoint_interval=2",
+    "train.compile=false",
+    "train.precision=fp32",
+    "train.device=cpu",
+    "schedule.warmup_steps=1",
+    "generate.max_new_tokens=4",
+    "generate.num_samples=1",
+]
+
+
+@pytest.mark.parametrize("recipe", ["gpt2_124m_fineweb", "modern_124m_fineweb"])
+def test_the_fineweb_recipes_resolve_and_train_on_a_fineweb_shaped_fixture(corpus, tmp_path, capsys, recipe):
+    """The recipe's own preparation command, with the fixture in place of the download."""
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", f"{recipe}.toml")
+    header = open(path).read()
+    assert (
+        "lab prepare --dataset HuggingFaceFW/fineweb-edu --subset sample-10BT --out data/fineweb-edu10B"
+        in header
+    )
+    assert "--shard-tokens 100M --val-tokens 10485760" in header
+    status, out, err = lab(capsys, "recipe", path)
+    assert status == 0, err
+    assert 'path = "data/fineweb-edu10B"' in out
+    assert (
+        lab(
+            capsys,
+            "prepare",
+            "fineweb",
+            "--out",
+            "data/fineweb-edu10B",
+            "--shard-tokens",
+            "100M",
+            "--val-tokens",
+            "1000",
+        )[0]
+        == 0
+    )
+    sets = [a for s in [*SMALL, f"train.out_dir={tmp_path / 'run'}"] for a in ("--set", s)]
+    status, out, err = lab(capsys, "run", path, *sets)
+    assert status == 0, err
+    assert '"val_loss"' in (tmp_path / "run" / "metrics.jsonl").read_text()

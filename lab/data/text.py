@@ -22,8 +22,8 @@ from lab.errors import LabError
 
 PIECE_BYTES = 1 << 20  # text handed to the tokenizer at once: big enough to amortise, small enough to stream
 INPUT_HELP = (
-    'lab prepare takes text files, .jsonl files with a "text" field per line, .parquet files with a text '
-    "column (--text-field), folders of them, or a Hugging Face dataset (--dataset NAME)"
+    'lab prepare takes text files, folders of them, .jsonl files with a "text" field per line, .parquet '
+    "files with a text column (--text-field), or a Hugging Face dataset (--dataset NAME)"
 )
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what a folder is searched for
 CORPORA_EXTRA = "pip install 'lab[corpora]'"
@@ -37,7 +37,7 @@ def find_input_files(inputs: list[str]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
             if not found:
                 raise LabError(
-                    f"input folder {name} holds no .txt, .jsonl or .parquet files (searched "
+                    f"input folder {name} holds no .txt files (nor .jsonl or .parquet; searched "
                     f"recursively). {INPUT_HELP}"
                 )
             files += found

@@ -305,7 +305,7 @@ def find_files(spec: str | list[str], key: str) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
             if not found:
                 raise LabError(
-                    f"[data] {key}: folder {name} holds no .jsonl, .txt or .parquet files (searched "
+                    f"[data] {key}: folder {name} holds no .jsonl or .txt files (nor .parquet; searched "
                     "recursively)"
                 )
             files += found
