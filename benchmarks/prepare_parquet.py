@@ -7,7 +7,8 @@ busy machine slows both alike.
 
 The file is in FineWeb-Edu's schema (text, id, dump, url, date, file_path, language, language_score,
 token_count, score, int_score), its documents paragraphs of the tinyshakespeare that ships with lab,
-shuffled and joined to FineWeb's median document length (~2.5 KB): no download. MB/s counts the UTF-8 bytes of the text.
+shuffled and joined to FineWeb's median document length (~2.5 KB): no download. MB/s counts the UTF-8
+bytes of the text.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class GPT(nn.Module):
 
     def hidden(self, idx, caches=None, start_pos: int = 0) -> torch.Tensor:
         """idx (B, T) -> the final norm's output (B, T, C), what the LM head reads. Scoring
-        (lab/evaluate.py) applies the head (`logits`) only at the positions it scores."""
+        (lab/inference/scoring.py) applies the head (`logits`) only at the positions it scores."""
         T = idx.size(1)
         limit = self.position.max_len
         if limit is not None and start_pos + T > limit:

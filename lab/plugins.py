@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -13,7 +15,7 @@ from pydantic import BaseModel
 
 from lab import hookspecs
 from lab.errors import LabError, did_you_mean
-from lab.interfaces import SLOTS
+from lab.slots import SLOTS, ComponentConfig
 
 GROUP = "lab.plugins"
 
@@ -54,6 +56,8 @@ class Registry:
                 f"package '{component.package}' registers {component.slot} '{component.name}' "
                 "with a Config that is not a pydantic BaseModel subclass"
             )
+        if not issubclass(component.Config, ComponentConfig):  # written before ComponentConfig: give it
+            component = dataclasses.replace(component, Config=_with_hook_defaults(component.Config))
         taken = self.components[component.slot].get(component.name)
         if taken is not None:
             raise LabError(
@@ -62,6 +66,32 @@ class Registry:
                 "(pip uninstall NAME), or rename the component in one."
             )
         self.components[component.slot][component.name] = component
+
+
+def _with_hook_defaults(config: type[BaseModel]) -> type[ComponentConfig]:
+    """A plain pydantic Config as a ComponentConfig: the same fields, the optional hooks' defaults."""
+    if config is BaseModel:  # no settings at all
+        return ComponentConfig
+    return type(config.__name__, (config, ComponentConfig), {"__module__": config.__module__,
+                                                             "__doc__": config.__doc__})  # fmt: skip
+
+
+def lazy_command(module: str, name: str, needs: tuple[str, ...] = (), extra: str = "") -> Callable:
+    """A command handler imported when the command runs, not when `lab` starts: every command's
+    parser is built at start-up, and its module may import heavy libraries (a web server, lm-eval).
+    For a `lab_commands` hook: `parser.set_defaults(func=lazy_command("my_pkg.cli", "cli_mine"))`.
+    needs: the libraries of an optional extra that the command imports; one missing is one message
+    naming `pip install 'lab[EXTRA]'`, not an ImportError."""
+
+    def run(args):
+        for library in needs:
+            try:
+                importlib.import_module(library)
+            except ImportError:
+                raise LabError(f"this command needs {library}: pip install 'lab[{extra}]'") from None
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
 
 
 def _distribution_name(ep) -> str:

@@ -27,31 +27,20 @@ from pydantic import (
 from torch import nn
 
 from lab.errors import LabError, did_you_mean
-from lab.interfaces import SLOTS
 from lab.plugins import Component, Registry, registry
+from lab.slots import SLOTS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Where each slot's table sits in a recipe.
-TABLES: dict[str, tuple[str, ...]] = {
-    "attention": ("model", "attention"),
-    "mlp": ("model", "mlp"),
-    "norm": ("model", "norm"),
-    "position": ("model", "position"),
-    "tokenizer": ("tokenizer",),
-    "data": ("data",),
-    "optimizer": ("optimizer",),
-    "schedule": ("schedule",),
-}
-# Slots a recipe fills with any number of components, one table each under this one, named by the
-# component: [logger.tensorboard], [logger.wandb] (the table holds its settings, and may be empty).
-MANY: dict[str, str] = {"logger": "logger"}
-assert set(TABLES) | set(MANY) == set(SLOTS)
+# Where each slot's table sits in a recipe (lab/slots.py). Slots that take any number (MANY) have
+# one sub-table per component, named by it: [logger.tensorboard] (the table holds its settings).
+TABLES: dict[str, tuple[str, ...]] = {s.name: s.table for s in SLOTS.values() if not s.many}
+MANY: dict[str, str] = {s.name: s.table[0] for s in SLOTS.values() if s.many}
 # The slots a recipe may set per layer, in [model.layers.N.SLOT] (N: 3, "0-2", "1,3", -1 for the last).
-LAYER_SLOTS = ("attention", "mlp", "norm")
+LAYER_SLOTS = tuple(s.name for s in SLOTS.values() if s.per_layer)
 
 
 # What torch.manual_seed takes.
@@ -290,7 +279,7 @@ class Part:
             if str(e).startswith(self.label):
                 raise
             raise LabError(f"{self.label}: {e}") from None
-        expected = SLOTS[self.component.slot]
+        expected = SLOTS[self.component.slot].interface
         if not isinstance(built, expected) and not (self.component.slot == "schedule" and callable(built)):
             raise TypeError(
                 f"{self.label} built a {type(built).__name__}, which is not a {expected.__module__}.{expected.__name__}"
@@ -545,8 +534,8 @@ def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
 
 def check_parts(recipe: Recipe) -> None:
     """Each component's settings checked against the rest of the recipe (the model's shape, the
-    training layout) now, when the recipe is read, not when the model is built. A component's Config
-    may define `check_recipe(self, recipe)`, raising ValueError("what is wrong and how to fix it")."""
+    training layout) now, when the recipe is read, not when the model is built: each Config's
+    `check_recipe(self, recipe)` (lab.slots.ComponentConfig) raises ValueError("what is wrong and how to fix it")."""
     every = [(f"[{'.'.join(TABLES[slot])}]", part) for slot, part in recipe.parts.items()]
     every += [
         (f"[model.layers.{i}.{slot}]", part)
@@ -555,14 +544,12 @@ def check_parts(recipe: Recipe) -> None:
     ]
     for table, part in every:
         where = f"{recipe.source} {table} ({part.label})"
-        check = getattr(part.config, "check_recipe", None)
-        if check is not None:
-            try:
-                check(recipe)
-            except ValueError as e:
-                raise LabError(f"{where}: {e}") from None
+        try:
+            part.config.check_recipe(recipe)
+        except ValueError as e:
+            raise LabError(f"{where}: {e}") from None
     optimizer = recipe.parts["optimizer"]
-    if recipe.train.parallel == "fsdp" and not getattr(optimizer.config, "works_on_shards", True):
+    if recipe.train.parallel == "fsdp" and not optimizer.config.works_on_shards:
         raise LabError(
             f'{recipe.source} [train] parallel = "fsdp": {optimizer.label} needs whole parameters, '
             'and FSDP2 hands each process a shard of every one. Set train.parallel = "ddp", or '

@@ -37,6 +37,7 @@ from lab.errors import LabError
 from lab.interfaces import DataContext, Position
 from lab.plugins import Component, Registry, registry
 from lab.recipe import ModelConfig, Part
+from lab.slots import SLOTS
 
 # Small enough to run every check in well under a second on a CPU.
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
@@ -503,7 +504,7 @@ def extra_loss_gradients(component):
     """A component that adds loss terms, in its slot of a tiny GPT: each term is a finite scalar, its
     gradient reaches the component's own parameters, and two micro-batches through the trainer's
     step give (sum of the micro-batches' cross-entropy + weight * term gradients) / 2."""
-    from lab.engine.trainer import micro_backward
+    from lab.extras import micro_backward
 
     slot = component.slot
     model = tiny_gpt(swap=component)
@@ -684,32 +685,8 @@ def data_processes_share(component, plugins: Registry):
 
 # --- which checks run for what -----------------------------------------------------------------
 
-CHECKS: dict[str, list[Callable]] = {
-    "attention": [
-        attention_shapes,
-        attention_causality,
-        attention_gradients,
-        attention_dtypes,
-        attention_cached_decoding,
-        attention_grouped_query,
-        extra_loss_gradients,
-    ],
-    "position": [
-        position_shapes,
-        position_grouped_heads,
-        position_rotate_preserves_norms,
-        position_token_by_token,
-        position_max_len,
-        position_gradients,
-    ],
-    "mlp": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
-    "norm": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
-    "schedule": [schedule_pure, schedule_finite_non_negative],
-    "optimizer": [optimizer_roles, optimizer_reduces_loss, optimizer_state_round_trip],
-    "tokenizer": [tokenizer_round_trip],
-    "data": [data_batches, data_resume, data_processes_share],
-    "logger": [logger_records_a_run],
-}
+# Each slot's checks, as lab/slots.py names them.
+CHECKS: dict[str, list[Callable]] = {s.name: [globals()[c] for c in s.checks] for s in SLOTS.values()}
 
 
 def cases(
@@ -728,11 +705,7 @@ def cases(
     for s, components in plugins.components.items():
         for n, component in sorted(components.items()):
             if slot in (None, s) and name in (None, n):
-                variants = (
-                    [settings]
-                    if settings is not None
-                    else [{}, *getattr(component.Config, "extra_settings", [])]
-                )
+                variants = [settings] if settings is not None else [{}, *component.Config.extra_settings]
                 for variant in variants:
                     found += _cases_for(with_settings(component, variant), plugins)
     return found

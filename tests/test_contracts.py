@@ -70,6 +70,8 @@ class MoE(nn.Module):
         elif self.config.broken == "vector":
             balance = probs.mean((0, 1))
         add_loss(self, "balance", balance, self.config.balance)
+        if self.config.broken in ("tokens", "val_acc"):  # names metrics.jsonl keeps for lab's own numbers
+            log_scalar(self, self.config.broken, 1.0)
         log_scalar(self, "router_entropy", -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean())
         return y
 
@@ -368,6 +370,9 @@ def test_extra_loss_terms_and_scalars_reach_metrics(plugins, run_recipe, tmp_pat
             "vector",
             r"mlp 'toy_moe' from package 'lab-toy' added the extra loss 'balance' as \(4,\), not a scalar",
         ),
+        # The token count `lab compare` plots against: a scalar of that name would overwrite it.
+        ("tokens", r"mlp 'toy_moe' from package 'lab-toy' logs a scalar called 'tokens', a name metrics"),
+        ("val_acc", r"mlp 'toy_moe' from package 'lab-toy' logs a scalar called 'val_acc', a name metrics"),
     ],
 )
 def test_a_bad_extra_loss_stops_with_a_message_and_touches_no_checkpoint(

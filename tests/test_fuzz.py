@@ -26,6 +26,10 @@ from lab.model import GPT
 from lab.recipe import load_recipe
 from lab.runs import checkpoint
 
+pytestmark = (
+    pytest.mark.slow
+)  # property-based fuzzing of every command; each command's own tests cover its messages
+
 EXAMPLES = int(os.environ.get("LAB_FUZZ_EXAMPLES", "0"))
 
 

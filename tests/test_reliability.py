@@ -21,7 +21,8 @@ from lab import files
 from lab.commands.cli import main
 from lab.errors import LabError
 from lab.runs import checkpoint
-from lab.runs.lock import LOCK, RunLock
+from lab.runs.layout import LOCK
+from lab.runs.lock import RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -317,6 +318,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)])
 
 
+@pytest.mark.slow  # mounts a tmpfs; the tests above fake the same errors
 def test_a_real_full_disk_stops_the_run_and_the_next_one_continues(tmp_path, capsys, small_disk):
     recipe = write_recipe(tmp_path, out="disk/run")
     status, out, err = run_lab(capsys, "run", recipe)

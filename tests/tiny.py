@@ -51,3 +51,7 @@ lr = 3e-3
 """
         + rest
     )
+
+
+# transformers' GPT-2 cut small (tests/conftest.py's hf_model): GPT-2's vocabulary, 48 positions.
+HF_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=48, vocab_size=50257)

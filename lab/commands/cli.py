@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from lab.errors import LabError, SaidByRank0
+from lab.plugins import lazy_command, registry
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a model from a recipe (resumes if its run folder has a checkpoint)")
     p.add_argument("recipe")
     _add_set(p)
-    p.set_defaults(func=lambda a: _lazy("lab.commands.run", "cli_run")(a))
+    p.set_defaults(func=lazy_command("lab.commands.run", "cli_run"))
 
     p = sub.add_parser(
         "prepare",
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default=None, metavar="I/N", help="do task I of N only (what --dry-run prints)"
     )
     shards.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # tests: submitit's 'local'
-    p.set_defaults(func=lambda a: _lazy("lab.commands.prepare", "cli_prepare")(a))
+    p.set_defaults(func=lazy_command("lab.commands.prepare", "cli_prepare"))
 
     p = sub.add_parser("generate", help="sample text from a trained run folder")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -129,33 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", default=None, metavar="FILE")
-    p.set_defaults(func=lambda a: _lazy("lab.commands.generate", "cli_generate")(a))
-
-    from lab.plugins import registry
+    p.set_defaults(func=lazy_command("lab.commands.generate", "cli_generate"))
 
     registry().hook.lab_commands(subparsers=sub)  # commands that plugins add
     return parser
 
 
 def _lazy_type(module: str, name: str):
-    """An argparse type whose function lives in a command's module, imported when a value is parsed."""
+    """An argparse type whose function lives in a command's module, imported when a value is parsed:
+    `lab plugins` needn't load what `lab prepare` uses."""
 
     def convert(text):
-        return _lazy(module, name)(text)
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(text)
 
     convert.__name__ = name.replace("_", " ")  # argparse names it in "invalid token count value"
     return convert
 
 
-def _lazy(module: str, name: str):
-    """Import a command's module only when it runs: `lab plugins` needn't load the training loop."""
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
 def cmd_plugins(args) -> int:
-    from lab.plugins import registry
     from lab.recipe import load_recipe
 
     plugins = registry()

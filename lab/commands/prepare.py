@@ -10,9 +10,10 @@ import shlex
 from dataclasses import asdict
 from pathlib import Path
 
-from lab.data.prepare import SPLITS, build_tokenizer, cpu_count, prepare, refuse_foreign_files
+from lab.data.prepare import build_tokenizer, cpu_count, prepare, refuse_foreign_files
 from lab.data.shards import MANIFEST, Settings, parse_count, prepare_shards
 from lab.data.text import DatasetSpec, reading_from_args
+from lab.data.tokens import SPLITS
 from lab.errors import LabError
 from lab.files import cannot_write
 from lab.runs.lock import RunLock

@@ -29,15 +29,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from lab.data.prepare import (
-    SPLITS,
-    TokenWriter,
-    document_segments,
-    make_folder,
-    token_dtype,
-    tokenize_all,
-    work_items,
-)
+from lab.data.prepare import TokenWriter, document_segments, make_folder, tokenize_all, work_items
 from lab.data.text import (
     DatasetSpec,
     Reading,
@@ -47,10 +39,12 @@ from lab.data.text import (
     find_input_files,
     open_dataset,
 )
+from lab.data.tokens import SPLITS, token_dtype
 from lab.errors import LabError
 from lab.files import fsync, remove_stale_temporaries, sha256, write_text_atomically
 from lab.interfaces import Tokenizer
 from lab.runs import tokenizer_files
+from lab.runs.layout import TOKENIZER
 
 MANIFEST = "manifest.json"
 PARTS = "parts"  # the folder of part records
@@ -329,7 +323,7 @@ def write_manifest(
             "tokens): "
             "give more text, or change --val-fraction / --val-tokens"
         )
-    tokenizer_files.keep(tokenizer, out / tokenizer_files.FOLDER)  # the vocabulary travels with the data
+    tokenizer_files.keep(tokenizer, out / TOKENIZER)  # the vocabulary travels with the data
     manifest = {
         "format": FORMAT,
         "tokenizer": tokenizer.name,

@@ -22,29 +22,33 @@ from lab.errors import LabError
 
 PIECE_BYTES = 1 << 20  # text handed to the tokenizer at once: big enough to amortise, small enough to stream
 INPUT_HELP = (
-    'lab prepare takes text files, folders of them, .jsonl files with a "text" field per line, .parquet '
-    "files with a text column (--text-field), or a Hugging Face dataset (--dataset NAME)"
+    'Give text files, .jsonl files with a "text" field per line, .parquet files with a text column '
+    "(--text-field), or folders of them; or a Hugging Face dataset (--dataset NAME)"
 )
-FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what a folder is searched for
 CORPORA_EXTRA = "pip install 'lab[corpora]'"
 
 
-def find_input_files(inputs: list[str]) -> list[Path]:
+SUFFIXES = (".txt", ".jsonl", ".parquet")  # what a folder of inputs is searched for
+
+
+def find_input_files(inputs: list[str], where: str = "", fix: str = INPUT_HELP) -> list[Path]:
+    """The files of `inputs`: files as given, folders searched recursively for .txt, .jsonl, .parquet.
+    where: how a message names the inputs (e.g. "[data] path: "); fix: what it suggests."""
     files = []
     for name in inputs:
         path = Path(name).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
             if not found:
                 raise LabError(
-                    f"input folder {name} holds no .txt files (nor .jsonl or .parquet; searched "
-                    f"recursively). {INPUT_HELP}"
+                    f"{where}folder {name} holds no .txt or .jsonl files (nor .parquet; searched "
+                    f"recursively). {fix}"
                 )
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise LabError(f"input not found: {name}. {INPUT_HELP}")
+            raise LabError(f"{where}{name} not found. {fix}")
     return files
 
 

@@ -8,7 +8,7 @@ checkpoint_interval steps and at the end.
 
 With torchrun (`torchrun --nproc_per_node=N -m lab run RECIPE`) N processes train together: the
 global batch is batch_size x grad_accum x N sequences, each process computes its rows of it
-(micro_rows), DDP or FSDP2 averages the gradients (lab/distributed.py), the logged losses and grad
+(micro_rows), DDP or FSDP2 averages the gradients (lab/engine/distributed.py), the logged losses and grad
 norm are those of the whole global batch, and rank 0 alone prints and writes the run folder. The
 same recipe logs the same losses on any layout with the same global batch (up to float rounding).
 
@@ -35,6 +35,7 @@ from lab.engine import distributed
 from lab.engine.peak import device_peak
 from lab.engine.precision import pick_dtype
 from lab.errors import LabError
+from lab.extras import micro_backward
 from lab.files import writing
 from lab.inference.sampling import check_sampling, generate
 from lab.inference.scoring import Evaluator, bits_per_byte, describe, utf8_bytes
@@ -42,9 +43,10 @@ from lab.interfaces import DataContext
 from lab.model import GPT
 from lab.recipe import Recipe, read_toml
 from lab.roles import build_optimizer
-from lab.runs import checkpoint, tokenizer_files
-from lab.runs.lock import LOCK, RunLock
-from lab.runs.metrics import METRICS, MetricsLog
+from lab.runs import checkpoint, is_run, tokenizer_files
+from lab.runs.layout import LOCK, RECIPE, SAMPLES, TOKENIZER
+from lab.runs.lock import RunLock
+from lab.runs.metrics import MetricsLog, is_lab_field
 
 
 def train(recipe: Recipe, command: str = "") -> int:
@@ -104,11 +106,7 @@ def run_folder(recipe: Recipe) -> Path:
             f"{where}: '{run_dir}' is a file, not a folder. Set train.out_dir to a folder "
             f"(e.g. --set train.out_dir=runs/{recipe.name}), or move the file away"
         )
-    if (
-        run_dir.is_dir()
-        and any(p.name != LOCK for p in run_dir.iterdir())
-        and not ((run_dir / METRICS).exists() or (run_dir / "checkpoints").exists())
-    ):
+    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()) and not is_run(run_dir):
         raise LabError(
             f"{where}: '{run_dir}' is a folder of other files, not a run folder; the run "
             f"would write into it. Set train.out_dir to a new or empty folder "
@@ -141,17 +139,6 @@ def micro_rows(micro: int, batch_size: int, rank: int = 0, world_size: int = 1) 
     global batch."""
     start = (micro * world_size + rank) * batch_size
     return range(start, start + batch_size)
-
-
-def micro_backward(forward, model, x, y, accum: int, autocast=None) -> dict:
-    """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
-    components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
-    the processes: the mean over the global batch). Returns the detached loss and extras."""
-    with autocast or nullcontext():
-        _, loss = forward(x, y)
-    extras = model.extras  # what the components added during this forward (lab/extras.py)
-    ((loss + extras.loss()) / accum).backward()
-    return {"loss": loss.detach(), **extras.values()}
 
 
 def total_steps(recipe: Recipe, world_size: int) -> int:
@@ -301,7 +288,7 @@ class Trainer:
         self.resumed_rng = state["rng"]  # restored just before the first step, after everything that draws
         if self.main:
             print(f"resuming from step {self.step} ({ckpt})")
-            changed = changed_settings(read_toml(str(ckpt / "recipe.toml")), self.recipe.to_dict())
+            changed = changed_settings(read_toml(str(ckpt / RECIPE)), self.recipe.to_dict())
             if changed:  # allowed (a longer run, a lower lr...), but never silently
                 print(f"the recipe differs from the checkpoint's: {', '.join(changed)}")
 
@@ -387,10 +374,10 @@ class Trainer:
             loggers=self.loggers,
             recipe=self.recipe.to_dict(),
         )
-        with writing(self.run_dir / "recipe.toml"):
-            (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
-        with writing(self.run_dir / tokenizer_files.FOLDER):
-            tokenizer_files.keep(self.tokenizer, self.run_dir / tokenizer_files.FOLDER)
+        with writing(self.run_dir / RECIPE):
+            (self.run_dir / RECIPE).write_text(self.recipe.to_toml())
+        with writing(self.run_dir / TOKENIZER):
+            tokenizer_files.keep(self.tokenizer, self.run_dir / TOKENIZER)
 
     def train_step(self) -> tuple[float, float, dict, float, dict]:
         """One optimizer update: (loss, grad norm, {group: lr}, seconds, extras), the loss (the
@@ -424,6 +411,12 @@ class Trainer:
 
     def check_extras(self, means: dict) -> None:
         for name, value in means.items():
+            if not name.startswith("loss.") and is_lab_field(name):
+                raise LabError(
+                    f"{self.model.extras.owners.get(name, 'a component')} logs a scalar called '{name}', a "
+                    "name metrics.jsonl keeps for lab's own numbers (lab.runs.metrics.FIELDS); give it a "
+                    "name of its own (e.g. 'router_entropy')"
+                )
             if not math.isfinite(value):
                 owner = self.model.extras.owners.get(name.removeprefix("loss."), "a component")
                 kept = checkpoint.latest(self.run_dir)
@@ -580,8 +573,8 @@ class Trainer:
             return
         texts = [self.tokenizer.decode(row.tolist()) for row in out]
         report = "".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts))
-        with writing(self.run_dir / "generated.txt"):
-            (self.run_dir / "generated.txt").write_text(report)
+        with writing(self.run_dir / SAMPLES):
+            (self.run_dir / SAMPLES).write_text(report)
         print(report, end="")
 
     def prompt_ids(self) -> list[int]:

@@ -17,9 +17,20 @@ import time
 from pathlib import Path
 
 from lab.files import cannot_write, replacing, write_text_atomically
+from lab.runs.layout import METRICS, PLOT
 
-METRICS = "metrics.jsonl"
-PLOT = "loss.png"
+# The schema: what lab writes in each record. A component's extra numbers (lab.extras) are written
+# beside them as "loss.NAME" (a loss term) and "NAME" (a scalar): a scalar may not take one of these
+# names or prefixes, or it would overwrite what `lab compare` and the plots read.
+STEP_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "elapsed")
+EVAL_FIELDS = ("step", "val_loss", "val_bpb", "tokens", "elapsed")
+FIELDS = frozenset(STEP_FIELDS + EVAL_FIELDS)
+PREFIXES = ("loss.", "lr.", "val_")  # loss terms, each optimizer group's lr, what validation reports
+
+
+def is_lab_field(name: str) -> bool:
+    """A name metrics.jsonl keeps for lab's own numbers."""
+    return name in FIELDS or name.startswith(PREFIXES)
 
 
 class MetricsLog:

@@ -3,28 +3,11 @@ and one figure overlaying their train and val curves. Given a sweep folder, the 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
 from lab_compare.runs import Run, differences, extra_keys, flatten
-
-
-def cli_compare(args) -> int:
-    from lab_compare import sweep
-
-    folders = [Path(f) for f in args.run_dirs]
-    if len(folders) == 1 and sweep.is_sweep(folders[0]):
-        return sweep.cli_summary(folders[0], args)
-    runs = [Run.read(f) for f in folders]
-    table = run_table(runs)
-    print(json.dumps(table, indent=2) if args.json else markdown(table, differences(runs)))
-    figure = Path(args.output or "compare.png")
-    plot_curves({run_label(run, runs): [run] for run in runs}, figure, args.x)
-    if not args.json:
-        print(f"\nfigure: {figure}")
-    return 0
 
 
 def run_label(run: Run, runs: list[Run]) -> str:

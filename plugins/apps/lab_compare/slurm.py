@@ -25,14 +25,16 @@ def run_cell(argv: list[str], cwd: str, log: str) -> int:
     return code
 
 
-def submit(grid, todo, args) -> int:
+def submit(grid, todo, args) -> bool:
+    """Hand the runs to SLURM as one job array; True when they also finished here (submitit's local
+    executor waits for them), so the caller can summarize."""
     try:
         import submitit
     except ImportError:
         raise LabError("lab sweep --slurm needs submitit: pip install 'lab[slurm]'") from None
     if not todo:
         print(f"every run of {grid.out} is finished; the summary: lab compare {grid.out}")
-        return 0
+        return False
     cluster = args.slurm_cluster or "slurm"
     try:
         executor = submitit.AutoExecutor(folder=Path(grid.out) / "slurm", cluster=cluster)
@@ -59,11 +61,8 @@ def submit(grid, todo, args) -> int:
         print(
             f"when they finish: lab compare {grid.out} (and the same `lab sweep` command continues any that stopped)"
         )
-        return 0
+        return False
     failed = [cell for cell, job in zip(todo, jobs) if job.exception() is not None]  # local: wait for them
     if failed:
         raise LabError(f"{len(failed)} run(s) failed: " + ", ".join(str(c.log) for c in failed) + " say why")
-    from lab_compare.sweep import summarize
-
-    summarize(Path(grid.out), args.x)
-    return 0
+    return True

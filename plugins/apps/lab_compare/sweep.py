@@ -30,9 +30,10 @@ from pathlib import Path
 from lab.data.prepare import cpu_count
 from lab.errors import LabError
 from lab.recipe import load_recipe
-from lab_compare import stats
+from lab.runs import is_run
+from lab_compare import slurm, stats
 from lab_compare.compare import MEASURED, markdown, plot_curves, run_table
-from lab_compare.runs import Run, flatten, is_run
+from lab_compare.runs import Run, flatten
 
 GRID = "sweep.json"
 RESERVED = {"train.seed": "use --seeds N", "train.out_dir": "each run's folder is the sweep's: use --out DIR"}
@@ -240,9 +241,9 @@ def cli_sweep(args) -> int:
             print(shlex.join(cell.argv(grid)))
         return 0
     if args.slurm or args.slurm_cluster:
-        from lab_compare.slurm import submit
-
-        return submit(grid, todo, args)
+        if slurm.submit(grid, todo, args):
+            summarize(Path(grid.out), args.x)
+        return 0
     print(
         f"sweep {grid.out}: {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) = {len(cells)} runs; "
         f"{len(cells) - len(todo)} finished already, {len(todo)} to run, {args.jobs} at a time"

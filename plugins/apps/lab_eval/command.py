@@ -14,8 +14,7 @@ from lab.errors import LabError
 from lab.files import write_text_atomically
 from lab.inference.scoring import score_choices, score_text
 from lab.runs import checkpoint
-
-RESULTS = "eval.json"
+from lab.runs.layout import EVAL
 
 
 def cli_eval(args) -> int:
@@ -81,7 +80,7 @@ def text_stride(stride: int | None, block_size: int) -> int:
 
 def read_results(run_dir: Path) -> dict:
     """What RUN_DIR/eval.json holds already (read before scoring: a damaged file is said at once)."""
-    path = run_dir / RESULTS
+    path = run_dir / EVAL
     if not path.exists():
         return {}
     try:
@@ -95,7 +94,7 @@ def read_results(run_dir: Path) -> dict:
 
 def save_results(run_dir: Path, ckpt: Path, saved: dict, results: dict) -> Path:
     """Merge into RUN_DIR/eval.json: each file's, task's or harness task's newest score, its checkpoint."""
-    path = run_dir / RESULTS
+    path = run_dir / EVAL
     step = checkpoint.step_of(ckpt)
     for kind, scores in results.items():
         for name, score in scores.items():

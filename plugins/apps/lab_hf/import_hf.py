@@ -15,7 +15,8 @@ from lab.files import write_text_atomically
 from lab.model import GPT
 from lab.recipe import Recipe, resolve
 from lab.runs.checkpoint import latest, save
-from lab.runs.lock import LOCK, RunLock
+from lab.runs.layout import LOCK, RECIPE
+from lab.runs.lock import RunLock
 from lab_hf import llama
 from lab_hf.names import to_lab
 
@@ -54,7 +55,7 @@ def import_hf(hf_dir, out) -> Path:
         check_out(out)  # again, now that no other lab process can write there
         # The checkpoint holds weights and step 0 alone: `lab run` fine-tunes it with a fresh optimizer.
         ckpt = save(out, 0, model, recipe.to_toml(), state={"step": 0})
-        write_text_atomically(out / "recipe.toml", recipe.to_toml())
+        write_text_atomically(out / RECIPE, recipe.to_toml())
     return ckpt
 
 

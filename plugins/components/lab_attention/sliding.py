@@ -8,13 +8,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import Field, PositiveInt
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from lab.attention import SelfAttention, additive_mask, causal_mask
+from lab.slots import ComponentConfig
 
 
-class SlidingConfig(BaseModel):
+class SlidingConfig(ComponentConfig):
     window: PositiveInt = Field(256, description="keys each token sees, itself included")
     backend: Literal["auto", "sdpa"] = Field(
         "auto", description="auto: FlexAttention on CUDA, masked SDPA elsewhere; sdpa: always masked SDPA"

@@ -9,13 +9,14 @@ tinyshakespeare, one per line). See stream.py for how the documents are shared o
 processes and how a run resumes exactly where it stopped.
 """
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from lab import hookimpl
+from lab.slots import ComponentConfig
 from lab_jsonl.stream import JsonlData
 
 
-class JsonlConfig(BaseModel):
+class JsonlConfig(ComponentConfig):
     path: str | list[str] = Field(
         "",
         description='.jsonl files (one JSON object with a "text" field per line), .parquet files (a row '

@@ -6,13 +6,14 @@ the user's cache (see embedded.py)."""
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from lab import hookimpl
+from lab.slots import ComponentConfig
 from lab_memmap.source import MemmapData
 
 
-class MemmapConfig(BaseModel):
+class MemmapConfig(ComponentConfig):
     path: str = Field(
         "",
         description="folder with train.bin, val.bin and meta.json, or shards and a manifest.json (from "

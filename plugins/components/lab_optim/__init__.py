@@ -3,15 +3,16 @@
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, Field, PositiveFloat
+from pydantic import Field, PositiveFloat
 
 from lab import hookimpl
+from lab.slots import ComponentConfig
 from lab_optim.muon import MuonConfig, muon
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-class AdamWConfig(BaseModel):
+class AdamWConfig(ComponentConfig):
     lr: PositiveFloat = Field(6e-4, description="peak learning rate (the schedule scales it)")
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="Adam's moment decay rates")
     eps: PositiveFloat = Field(1e-8, description="added to the denominator")

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Annotated, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from lab.slots import ComponentConfig
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # picked to raise small singular values fast, not to converge
@@ -99,7 +101,7 @@ class Muon(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
 
 
-class MuonConfig(BaseModel):
+class MuonConfig(ComponentConfig):
     works_on_shards: ClassVar[bool] = False  # orthogonalises whole matrices: FSDP2's shards will not do
     lr: PositiveFloat = Field(
         0.02, description="Muon's lr for hidden matrices, in units of spectral norm per step"
