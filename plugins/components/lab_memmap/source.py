@@ -31,18 +31,19 @@ class MemmapData(DataSource):
         self.block_size, self.vocab_size = context.block_size, context.vocab_size
         self.seed = context.seed % 2**64  # numpy seeds are non-negative; a negative seed still works
         folder = Path(config.path).expanduser() if config.path else tinyshakespeare(context.tokenizer)
+        self.folder = folder
         manifest = read_manifest(folder) if folder.is_dir() else None
         if manifest is not None:  # shards: each split's, in order, read as one stream
             check_meta_matches(manifest, folder, context.tokenizer)
             dtype = np.dtype(manifest["dtype"])
-            self.paths = {split: folder / MANIFEST for split in SPLITS}
+            self.paths = {split: f"{folder}/{split}-*.bin" for split in SPLITS}  # names in messages
             self.tokens = {
                 split: ShardStream(list(shard_paths(folder, manifest, split)), dtype) for split in SPLITS
             }
-            meta = manifest
+            meta, self.meta_name = manifest, MANIFEST
         else:  # train.bin and val.bin
             check_folder(folder)
-            meta = read_meta(folder)
+            meta, self.meta_name = read_meta(folder), "meta.json"
             if meta is not None:
                 check_meta_matches(meta, folder, context.tokenizer)
             dtype = np.dtype(meta["dtype"] if meta else config.dtype)
@@ -68,10 +69,9 @@ class MemmapData(DataSource):
             windows.max(initial=0) >= self.vocab_size
         ):  # meta.json's max_token_id was trusted: check what is read
             raise LabError(
-                f"the {split} tokens in {self.paths[split].parent} hold token id {windows.max()}, beyond the "
-                f"model's vocabulary of {self.vocab_size} tokens, though its {self.paths[split].name} says "
-                f"otherwise: a file was changed after lab prepare wrote it. Run lab prepare again into "
-                f"{self.paths[split].parent}"
+                f"{self.paths[split]} holds token id {windows.max()}, beyond the model's vocabulary of "
+                f"{self.vocab_size} tokens, though its {self.meta_name} says otherwise: the file was changed "
+                f"after lab prepare wrote it. Run lab prepare again into {self.folder}"
             )
         x, y = windows[:, :-1].copy(), windows[:, 1:].copy()  # y is x one token later
         return torch.from_numpy(x), torch.from_numpy(y)
