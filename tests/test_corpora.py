@@ -536,3 +536,59 @@ def test_the_fineweb_recipes_resolve_and_train_on_a_fineweb_shaped_fixture(corpu
     status, out, err = lab(capsys, "run", path, *sets)
     assert status == 0, err
     assert '"val_loss"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_slurm_submits_one_array_and_a_last_job_that_waits_for_it(corpus, tmp_path, capsys, monkeypatch):
+    """No cluster here: a stand-in sbatch keeps what submitit submits and answers as SLURM does."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\ncat "$1" >> {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    status, out, err = lab(
+        capsys,
+        "prepare",
+        "fineweb",
+        "--out",
+        "s",
+        "--slurm",
+        "--tasks",
+        "2",
+        "--slurm-opt",
+        "slurm_partition=cpu",
+    )
+    assert status == 0, err
+    assert "submitted 2 task(s) tokenizing s as job array 4242 (slurm)" in out
+    assert "writes s/manifest.json when they have all succeeded" in out
+    script = (tmp_path / "submitted.sh").read_text()
+    assert "#SBATCH --array=0-1%2" in script and "#SBATCH --partition=cpu" in script
+    assert "#SBATCH --dependency=afterok:4242" in script  # the last step runs after every task
+    status, _, err = lab(capsys, "prepare", "fineweb", "--out", "s2", "--slurm", "--max-tokens", "1000")
+    assert status == 2 and "--max-tokens stops a prepare after N tokens in input order" in err
+
+
+def test_slurm_tasks_tokenizing_on_two_processes_each(corpus, tmp_path, capsys):
+    """A task's worker processes end normally under submitit, whose signal handlers they inherit."""
+    pytest.importorskip("submitit")
+    status, out, err = lab(
+        capsys,
+        "prepare",
+        "fineweb",
+        "--shard-tokens",
+        "500",
+        "--workers",
+        "2",
+        "--out",
+        "s",
+        "--slurm-cluster",
+        "local",
+    )
+    assert status == 0, err
+    assert manifest(tmp_path / "s")["train_documents"] + manifest(tmp_path / "s")["val_documents"] == len(
+        corpus
+    )
