@@ -103,8 +103,9 @@ def documents(files: list[Path], reading: Reading | None = None) -> Iterator[Doc
         elif path.suffix == ".parquet":
             docs = parquet_documents(path, reading)
         elif path.stat().st_size:
-            if reading.min_chars and path.stat().st_size < reading.min_chars and not reading.keep(""):
-                continue  # fewer bytes than min_chars: fewer characters too
+            if path.stat().st_size < reading.min_chars:  # a whole file is one document, read in pieces:
+                reading.dropped_short += 1  # judged by its bytes (never fewer than its characters)
+                continue
             docs = [Document(path, None, path.stat().st_size)]
         else:
             continue
