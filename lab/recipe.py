@@ -434,6 +434,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
+def parse_option(text: str, flag: str = "--slurm-opt") -> tuple[str, Any]:
+    """'key=value' (a scheduler's parameter, e.g. slurm_partition=gpu) -> ('key', value), the value
+    read as TOML as --set reads it."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise LabError(f"{flag} expects KEY=VALUE, got '{text}' (e.g. {flag} slurm_partition=gpu)")
+    return key.strip(), parse_override(f"x={text.partition('=')[2]}")[1]
+
+
 def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
     """Set each section.key=value. `--set SLOT.name=X` that changes the component starts X's table
     afresh: X's defaults plus the keys set for it on the same command line, never the old component's

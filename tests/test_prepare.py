@@ -179,6 +179,7 @@ def test_lab_prepare_writes_the_folder_and_says_what_it_wrote(tmp_path, capsys, 
         "train.bin": umask_027,
         "val.bin": umask_027,
         "meta.json": umask_027,
+        ".lock": umask_027,  # one lab prepare writes a folder at a time (lab.runs.lock); the file stays
     }
 
 

@@ -46,12 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=lazy_command("lab.commands.run", "cli_run"))
 
-    p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin / meta.json")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize text, Parquet or a Hugging Face dataset into token files (sharded past one file)",
+    )
     p.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="text files, folders of .txt, or .jsonl with a 'text' field",
+        help="text files, .jsonl with a 'text' field, .parquet, or folders of them (or --dataset)",
     )
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument(
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this recipe's [tokenizer] with its settings (e.g. a trained tokenizer.json)",
     )
     _add_set(p)
+    from lab.data.text import add_reading_arguments
+
+    add_reading_arguments(p)
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -81,6 +87,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokenizing processes (default: one per core on large inputs)",
     )
+    count = _lazy_type("lab.commands.prepare", "token_count")
+    shards = p.add_argument_group(
+        "sharded output (any of these writes shards and a manifest.json instead of train.bin / val.bin)"
+    )
+    shards.add_argument(
+        "--shard-tokens", type=count, default=None, metavar="N", help="tokens per shard, e.g. 100M (default)"
+    )
+    shards.add_argument(
+        "--val-tokens",
+        type=count,
+        default=None,
+        metavar="N",
+        help="the input's first N tokens are val, e.g. 10M",
+    )
+    shards.add_argument(
+        "--max-tokens", type=count, default=None, metavar="N", help="stop after N tokens, e.g. 10B"
+    )
+    shards.add_argument("--slurm", action="store_true", help="tokenize on SLURM as one job array (submitit)")
+    shards.add_argument(
+        "--slurm-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit/SLURM parameter, e.g. slurm_partition=cpu, timeout_min=240, cpus_per_task=16",
+    )
+    shards.add_argument(
+        "--tasks", type=int, default=None, metavar="N", help="SLURM tasks (default: one per part)"
+    )
+    shards.add_argument("--dry-run", action="store_true", help="print the tasks, one command each, and stop")
+    shards.add_argument(
+        "--task", default=None, metavar="I/N", help="do task I of N only (what --dry-run prints)"
+    )
+    shards.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # tests: submitit's 'local'
     p.set_defaults(func=lazy_command("lab.commands.prepare", "cli_prepare"))
 
     p = sub.add_parser("generate", help="sample text from a trained run folder")
@@ -107,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry().call_each("lab_commands", "its lab_commands hook", subparsers=sub)  # commands plugins add
     return parser
+
+
+def _lazy_type(module: str, name: str):
+    """An argparse type whose function lives in a command's module, imported when a value is parsed:
+    `lab plugins` needn't load what `lab prepare` uses."""
+
+    def convert(text):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(text)
+
+    convert.__name__ = name.replace("_", " ")  # argparse names it in "invalid token count value"
+    return convert
 
 
 def cmd_plugins(args) -> int:

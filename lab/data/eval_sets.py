@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.data.text import decode, jsonl_documents
+from lab.data.shards import ShardStream, read_manifest, shard_paths
+from lab.data.text import decode, documents
 from lab.data.tokens import check_meta_matches, read_meta
 from lab.errors import LabError
 
 TEXT_HELP = (
-    'give text files (.txt or any UTF-8 text), .jsonl files with a "text" field per line, or a '
-    "data folder made by `lab prepare`"
+    'give text files (.txt or any UTF-8 text), .jsonl files with a "text" field per line, .parquet '
+    'files with a "text" column, or a data folder made by `lab prepare`'
 )
 TASK_HELP = (
     'each line of a task file is a JSON object: {"context": "...", "choices": ["...", ...], '
@@ -34,8 +35,8 @@ def read_token_sequences(path, tokenizer) -> list[list[int]]:
         seqs = [prepared_val_tokens(path, tokenizer)]
     elif not path.is_file():
         raise LabError(f"{path} not found; {TEXT_HELP}")
-    elif path.suffix == ".jsonl":
-        seqs = [document_ids(tokenizer, doc.text) for doc in jsonl_documents(path)]
+    elif path.suffix in (".jsonl", ".parquet"):
+        seqs = [document_ids(tokenizer, doc.text) for doc in documents([path])]
     else:
         seqs = [document_ids(tokenizer, read_text_file(path))]
     if not seqs or all(len(s) < 2 for s in seqs):
@@ -51,7 +52,13 @@ def read_text_file(path: Path) -> str:
 
 
 def prepared_val_tokens(folder: Path, tokenizer) -> list[int]:
-    """val.bin of a folder `lab prepare` made, checked against its meta.json as the data sources do."""
+    """val.bin of a folder `lab prepare` made, checked against its meta.json as the data sources do;
+    or its val shards, checked against its manifest."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        check_meta_matches(manifest, folder, tokenizer)
+        val = ShardStream(list(shard_paths(folder, manifest, "val")), np.dtype(manifest["dtype"]))
+        return val[0 : len(val)].astype(np.int64).tolist()
     meta = read_meta(folder)
     if meta is None or not (folder / "val.bin").is_file():
         raise LabError(

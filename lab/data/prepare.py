@@ -31,6 +31,7 @@ import json
 import mmap
 import multiprocessing
 import os
+import signal
 from collections import deque
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,7 @@ from lab.data.text import (
     INPUT_HELP,
     PIECE_BYTES,
     Document,
+    Reading,
     Segment,
     documents,
     find_input_files,
@@ -104,10 +106,13 @@ def prepare(
     val_fraction: float = 0.1,
     workers: int = 0,
     progress: bool = True,
+    reading: Reading | None = None,
 ) -> dict:
     """Tokenize `inputs` into out/train.bin, out/val.bin and out/meta.json; returns the meta.
 
-    workers: tokenizing processes; 0 picks one per core for large inputs and one otherwise."""
+    workers: tokenizing processes; 0 picks one per core for large inputs and one otherwise.
+    reading: the text column of .parquet files, --min-chars, what to do with corrupt input."""
+    reading = reading or Reading()
     inputs = [str(i) for i in inputs]
     if not 0 <= val_fraction < 1:
         raise LabError(
@@ -126,7 +131,7 @@ def prepare(
 
     output = Output(out, tokenizer, val_fraction)
     try:
-        items = work_items(plan_segments(files, val_fraction))
+        items = work_items(plan_segments(files, val_fraction, reading))
         # disable=None: a bar on a terminal, nothing in a log file
         bar = tqdm(
             total=total_bytes,
@@ -143,7 +148,12 @@ def prepare(
             raise LabError(f"no text in {', '.join(inputs)}: the inputs are empty. {INPUT_HELP}")
         output.keep_both_splits()
         tokenizer_files.keep(tokenizer, out / TOKENIZER)  # the vocabulary travels with the data
-        meta = output.meta(inputs=inputs, input_bytes=total_bytes)
+        meta = output.meta(
+            inputs=inputs,
+            input_bytes=total_bytes,
+            dropped_short=reading.dropped_short,
+            skipped=reading.skipped,
+        )
         output.finish(meta)
     finally:
         output.discard()
@@ -187,10 +197,12 @@ def refuse_foreign_files(out: Path) -> None:
     )
 
 
-def plan_segments(files: list[Path], val_fraction: float) -> Iterator[tuple[Segment, int]]:
+def plan_segments(
+    files: list[Path], val_fraction: float, reading: Reading | None = None
+) -> Iterator[tuple[Segment, int]]:
     """Every document's segments with the input bytes each accounts for. A lone document is cut
     in two by position, since drawing its split would put all of it on one side."""
-    docs = documents(files)
+    docs = documents(files, reading)
     first, second = next(docs, None), next(docs, None)
     if first is None:
         return
@@ -269,6 +281,9 @@ _worker_tokenizer: Tokenizer | None = None  # each pool process's own, set once 
 def _init_worker(tokenizer: Tokenizer) -> None:
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
+    # A forked worker inherits its parent's signal handlers: under SLURM (submitit) those would take
+    # the SIGTERM that ends the pool for a job's timeout. A worker just ends.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tokenize_in_worker(item):
@@ -290,6 +305,8 @@ def tokenize_all(items: Iterator, tokenizer: Tokenizer, workers: int) -> Iterato
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+        pool.close()  # every task is done: let the workers exit rather than be terminated
+        pool.join()
 
 
 def cpu_count() -> int:
@@ -373,6 +390,7 @@ class TokenWriter:
         self.file = os.fdopen(fd, "wb")
         self.tokens = self.documents = 0
         self.max_id = -1
+        self.sha = hashlib.sha256()  # of the bytes written, for a manifest (move_last_document voids it)
         self.last_document = (0, 0)  # (where its separator starts, where its text starts), in tokens
 
     def start_document(self) -> None:
@@ -385,6 +403,7 @@ class TokenWriter:
     def write(self, ids: np.ndarray) -> None:
         if len(ids):
             ids.tofile(self.file)
+            self.sha.update(np.ascontiguousarray(ids).data)
             self.tokens += len(ids)
             self.max_id = max(self.max_id, int(ids.max()))
 

@@ -32,8 +32,10 @@ class RunLock:
     """`with RunLock(run_dir, command):` holds the run folder, creating it if needed (and removing it
     again on the way out if it was made here and nothing but the lock was written into it)."""
 
-    def __init__(self, run_dir, command: str):
-        self.run_dir, self.command = Path(run_dir), command
+    def __init__(self, run_dir, command: str, name: str = LOCK, why: str = "", fix: str = ""):
+        """name: the lock file (one folder may have locks for separate writers); why and fix: what the
+        message says a second writer would break, and how to avoid it (defaults: a run's)."""
+        self.run_dir, self.command, self.name, self.why, self.fix = Path(run_dir), command, name, why, fix
         self.fd = None
         self.created = False
 
@@ -41,7 +43,7 @@ class RunLock:
         self.created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            self.fd = os.open(self.run_dir / self.name, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise cannot_write(self.run_dir, e, fix="Set train.out_dir to a folder you can write") from None
         if fcntl is not None:
@@ -51,7 +53,7 @@ class RunLock:
                 holder = read_holder(self.fd)
                 os.close(self.fd)
                 self.fd = None
-                raise LabError(in_use_message(self.run_dir, holder)) from None
+                raise LabError(in_use_message(self.run_dir, holder, self.why, self.fix)) from None
         self.write_holder()
         return self
 
@@ -73,8 +75,8 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self.fd is None:
             return
-        if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK]:
-            (self.run_dir / LOCK).unlink()  # a run that failed before writing anything leaves no folder
+        if self.created and [p.name for p in self.run_dir.iterdir()] == [self.name]:
+            (self.run_dir / self.name).unlink()  # a run that failed before writing anything leaves no folder
             self.run_dir.rmdir()
         os.close(self.fd)  # releases the lock
         self.fd = None
@@ -88,7 +90,7 @@ def read_holder(fd: int) -> dict:
         return {}
 
 
-def in_use_message(run_dir: Path, holder: dict) -> str:
+def in_use_message(run_dir: Path, holder: dict, why: str = "", fix: str = "") -> str:
     pid = holder.get("pid", "?")
     who = (
         (
@@ -98,8 +100,6 @@ def in_use_message(run_dir: Path, holder: dict) -> str:
         if holder
         else "another process"
     )
-    return (
-        f"{run_dir} is in use by {who}. Two runs writing one folder would overwrite each other's "
-        f"checkpoints. Wait for it to finish, stop it (kill {pid}), or give this run another folder "
-        f"(--set train.out_dir=...)"
-    )
+    why = why or "Two runs writing one folder would overwrite each other's checkpoints."
+    fix = fix or "give this run another folder (--set train.out_dir=...)"
+    return f"{run_dir} is in use by {who}. {why} Wait for it to finish, stop it (kill {pid}), or {fix}"

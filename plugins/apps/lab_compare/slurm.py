@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.recipe import parse_override
+from lab.recipe import parse_option
 from lab_compare.child import lab_argv
 
 
@@ -64,10 +64,3 @@ def submit(grid, todo, args) -> bool:
     if failed:
         raise LabError(f"{len(failed)} run(s) failed: " + ", ".join(str(c.log) for c in failed) + " say why")
     return True
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    key, sep, _ = text.partition("=")
-    if not sep or not key.strip():
-        raise LabError(f"--slurm-opt expects KEY=VALUE, got '{text}' (e.g. --slurm-opt slurm_partition=gpu)")
-    return key.strip(), parse_override(f"x={text.partition('=')[2]}")[1]

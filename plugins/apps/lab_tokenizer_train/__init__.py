@@ -2,6 +2,7 @@
 characters of a text; the tokenizers it writes are loaded by lab_tokenizers' `bpe` and `char`."""
 
 from lab import hookimpl
+from lab.data.text import add_reading_arguments
 from lab.plugins import lazy_command
 
 
@@ -14,10 +15,11 @@ def lab_commands(subparsers):
     )
     t.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="text files, folders of .txt, or .jsonl with a 'text' field",
+        help="text files, .jsonl with a 'text' field, .parquet, or folders of them (or --dataset)",
     )
+    add_reading_arguments(t)
     t.add_argument(
         "--vocab-size",
         type=int,

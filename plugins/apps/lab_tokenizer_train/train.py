@@ -17,7 +17,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from lab.data.text import INPUT_HELP, documents, find_input_files, read_text
+from lab.data.text import INPUT_HELP, Corpus, corpus_from_args, read_text
 from lab.errors import LabError
 from lab.files import write_text_atomically
 from lab_tokenizers.bpe import ENDOFTEXT, tokenizers_library
@@ -31,8 +31,9 @@ PIECE_BYTES = 64 << 10
 
 
 def cli_train(args) -> int:
+    corpus = corpus_from_args(args)
     if args.char:
-        path, size = train_char(args.inputs, args.out)
+        path, size = train_char(corpus, args.out)
         print(
             f"wrote {path}: {size} characters. Use it in a recipe:\n"
             f'  [tokenizer]\n  name = "char"\n  vocab = "{path}"',
@@ -44,7 +45,7 @@ def cli_train(args) -> int:
             "lab tokenizer train needs --vocab-size N (e.g. 4096), or --char for a character vocabulary"
         )
     path, size = train_bpe(
-        args.inputs, args.out, args.vocab_size, args.pattern or GPT2_PATTERN, args.min_frequency
+        corpus, args.out, args.vocab_size, args.pattern or GPT2_PATTERN, args.min_frequency
     )
     print(
         f'wrote {path}: {size} tokens. Use it in a recipe:\n  [tokenizer]\n  name = "bpe"\n  path = "{path}"',
@@ -53,18 +54,19 @@ def cli_train(args) -> int:
     return 0
 
 
-def texts(inputs: list[str], progress: bool = True, what: str = "reading") -> Iterator[str]:
-    """The text of every document of the inputs, in pieces of about PIECE_BYTES cut between lines."""
-    files = find_input_files([str(i) for i in inputs])
+def texts(inputs, progress: bool = True, what: str = "reading") -> Iterator[str]:
+    """The text of every document of the inputs (a list of files and folders, or a Corpus), in
+    pieces of about PIECE_BYTES cut between lines."""
+    corpus = inputs if isinstance(inputs, Corpus) else Corpus([str(i) for i in inputs])
     bar = tqdm(
-        total=sum(f.stat().st_size for f in files),
+        total=sum(f.stat().st_size for f in corpus.files()) or None,
         unit="B",
         unit_scale=True,
         desc=what,
         disable=None if progress else True,
     )  # None: a bar on a terminal, nothing in a log file
     with bar:
-        for doc in documents(files):
+        for doc in corpus.documents():
             if doc.text is not None:
                 bar.update(doc.nbytes)
                 yield doc.text
@@ -127,7 +129,8 @@ def check_vocab_fits(vocab_size: int, inputs) -> None:
         raise LabError(
             f"--vocab-size {vocab_size} is more than the {LARGEST} token ids lab's token files hold (uint32)"
         )
-    nbytes = sum(f.stat().st_size for f in find_input_files([str(i) for i in inputs]))
+    corpus = inputs if isinstance(inputs, Corpus) else Corpus([str(i) for i in inputs])
+    nbytes = sum(f.stat().st_size for f in corpus.files())  # a dataset's size is not known ahead: 0
     most = SMALLEST + nbytes  # each merge shortens the text by at least one token
     if vocab_size > most and nbytes:  # no text at all: refuse_empty says so
         raise LabError(
@@ -189,4 +192,5 @@ class Counted:
 
 def refuse_empty(seen: Counted, inputs) -> None:
     if seen.chars == 0:
-        raise LabError(f"no text in {', '.join(map(str, inputs))}: the inputs are empty. {INPUT_HELP}")
+        names = str(inputs) if isinstance(inputs, Corpus) else ", ".join(map(str, inputs))
+        raise LabError(f"no text in {names}: the inputs are empty. {INPUT_HELP}")

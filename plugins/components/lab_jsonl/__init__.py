@@ -1,8 +1,8 @@
-"""Documents streamed from .jsonl and .txt files, tokenized as they are read: no `lab prepare`.
+"""Documents streamed from .jsonl, .parquet and .txt files, tokenized as they are read: no `lab prepare`.
 
     [data]
     name = "jsonl"
-    path = ["web.jsonl", "books/"]   # files, or folders searched for *.jsonl and *.txt
+    path = ["web.jsonl", "books/"]   # files, or folders searched for *.jsonl, *.parquet and *.txt
 
 With `path = ""` it streams the small sample that ships with this package (speeches from
 tinyshakespeare, one per line). See stream.py for how the documents are shared out between
@@ -24,10 +24,12 @@ class JsonlConfig(ComponentConfig):
     extra_settings: ClassVar[list[dict]] = [{"documents": True, "max_document_tokens": 16}]
     path: str | list[str] = Field(
         "",
-        description='.jsonl files (one JSON object with a "text" field per line), text files, or '
-        "folders searched for *.jsonl and *.txt; empty: the sample that ships with lab",
+        description='.jsonl files (one JSON object with a "text" field per line), .parquet files (a row '
+        "per document), text files, or folders searched for *.jsonl, *.parquet and *.txt; empty: the "
+        "sample that ships with lab",
         json_schema_extra=PATH,
     )
+    text_field: str = Field("text", description="the text column of .parquet files")
     val_path: str | list[str] = Field(
         "",
         description="files or folders to validate on, in the same forms; empty: hold out "
@@ -66,5 +68,5 @@ def lab_components(register):
         "jsonl",
         JsonlData,
         JsonlConfig,
-        "documents streamed from .jsonl / .txt files, tokenized as they are read",
+        "documents streamed from .jsonl / .parquet / .txt files, tokenized as they are read",
     )

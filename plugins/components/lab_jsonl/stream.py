@@ -1,8 +1,9 @@
 """The jsonl data source: a stream of token windows read from text files as training goes.
 
 Reading. The files (path's, in order; a folder's sorted) are read as *units*: a non-blank line of a
-.jsonl file (a document, its "text" field), or a ~64 KB piece of any other file (a text file is one
-document), cut where tokenizing the pieces apart gives the ids of the whole. A hash of a unit's
+.jsonl file (a document, its "text" field), a row of a .parquet file (its text column, read a row
+group at a time by lab.data.text), or a ~64 KB piece of any other file (a text file is one document),
+cut where tokenizing the pieces apart gives the ids of the whole. A hash of a unit's
 bytes puts it in val with probability val_fraction, unless val_path names val's own files.
 
 Sharing out. Train unit j goes to process j % world_size: each process tokenizes its share only, and
@@ -11,7 +12,8 @@ one after another, the tokenizer's end-of-text token before each document (and b
 does not continue the one before it in this process's stream). Each row takes the next
 block_size + 1 tokens and moves on by block_size. At the end of the files the stream starts over.
 
-Resuming. state_dict() is where the stream is: file, byte offset and line of the next unit, how many
+Resuming. state_dict() is where the stream is: file, byte offset (a .parquet file's row) and line of
+the next unit, how many
 train units were counted, the epoch, and the tokens read but not yet used. Loaded into a fresh source
 it gives the very rows that would have come next. It is each process's own, so a run continues on
 the same number of processes only (any_layout = False): lab refuses another layout with a message.
@@ -32,12 +34,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lab.data.text import decode, find_input_files, jsonl_text, last_seam
+from lab.data.text import Reading, decode, find_input_files, jsonl_text, last_seam, parquet_texts
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource, document_ids
 
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
+WHOLE = (".jsonl", ".parquet")  # files whose units are whole documents
 
 
 @dataclass
@@ -46,16 +49,18 @@ class Unit:
 
     raw: bytes
     path: Path
-    line: int  # the line it starts on, for messages
+    line: int  # the line it starts on (a .parquet file's row, from 1), for messages
     file: int
     start: int
     end: int
 
     @property
     def starts_document(self) -> bool:
-        return self.path.suffix == ".jsonl" or self.start == 0
+        return self.path.suffix in WHOLE or self.start == 0
 
     def text(self) -> str:
+        if self.path.suffix == ".parquet":
+            return self.raw.decode()
         if self.path.suffix != ".jsonl":
             return decode(
                 codecs.getincrementaldecoder("utf-8")(), self.raw, self.path, self.start, final=True
@@ -71,10 +76,11 @@ class Unit:
 class Reader:
     """The units of a list of files, in order, from a position: [file index, byte offset, line]."""
 
-    def __init__(self, files: list[Path], position=(0, 0, 1)):
-        self.files = files
+    def __init__(self, files: list[Path], position=(0, 0, 1), reading: Reading | None = None):
+        self.files, self.reading = files, reading or Reading()
         self.file, self.offset, self.line = position
         self.handle = None
+        self.rows = None  # a .parquet file's (row, text, bytes) from the row at offset on
 
     @property
     def position(self) -> list[int]:
@@ -83,6 +89,13 @@ class Reader:
     def next(self) -> Unit | None:
         """The next unit, or None past the end of the last file."""
         while self.file < len(self.files):
+            if self.files[self.file].suffix == ".parquet":
+                unit = self.next_row()
+                if unit is not None:
+                    return unit
+                self.close()
+                self.file, self.offset, self.line = self.file + 1, 0, 1
+                continue
             if self.handle is None:
                 self.handle = open(self.files[self.file], "rb")
                 self.handle.seek(self.offset)
@@ -97,6 +110,17 @@ class Reader:
             self.close()
             self.file, self.offset, self.line = self.file + 1, 0, 1
         return None
+
+    def next_row(self) -> Unit | None:
+        """The next row of a .parquet file with text; offset and line count rows."""
+        if self.rows is None:
+            self.rows = parquet_texts(self.files[self.file], self.reading, start_row=self.offset)
+        row = next(self.rows, None)
+        if row is None:
+            return None
+        number, text, _ = row
+        self.offset, self.line = number + 1, number + 2
+        return Unit(text.encode(), self.files[self.file], number + 1, self.file, number, number + 1)
 
     def next_line(self) -> bytes:
         return self.handle.readline()
@@ -118,6 +142,7 @@ class Reader:
                 return raw[:cut]
 
     def close(self) -> None:
+        self.rows = None
         if self.handle is not None:
             self.handle.close()
             self.handle = None
@@ -144,10 +169,12 @@ class Stream:
         world: int = 1,
         repeat: bool = True,
         documents: bool = False,
+        reading: Reading | None = None,
     ):
         self.files, self.in_split, self.tokenizer = files, in_split, context.tokenizer
         self.block_size, self.rank, self.world, self.repeat = context.block_size, rank, world, repeat
-        self.reader = Reader(files)
+        self.reading = reading or Reading()
+        self.reader = Reader(files, reading=self.reading)
         self.seen = 0  # units of this split read so far, every process's: unit j is process j % world's
         self.epoch = 0  # passes over the files completed
         self.took = False  # whether this pass gave this process a unit yet
@@ -203,7 +230,7 @@ class Stream:
                 + (", or train on fewer processes" if self.world > 1 else "")
             )
         self.reader.close()
-        self.reader, self.epoch, self.took = Reader(self.files), self.epoch + 1, False
+        self.reader, self.epoch, self.took = Reader(self.files, reading=self.reading), self.epoch + 1, False
 
     def state_dict(self) -> dict:
         return {
@@ -217,7 +244,7 @@ class Stream:
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.close()
-        self.reader = Reader(self.files, state["position"])
+        self.reader = Reader(self.files, state["position"], self.reading)
         self.seen, self.epoch, self.took = state["seen"], state["epoch"], state["took"]
         self.last = None if state["last"] is None else list(state["last"])
         self.buffer = state["buffer"].numpy().astype(np.int64)
@@ -248,10 +275,17 @@ class JsonlData(DataSource):
                 "text; set val_fraction (e.g. 0.05) or val_path to files to validate on"
             )
         in_train = (lambda unit: True) if config.val_path else (lambda unit: not in_val(unit))
+        reading = Reading(text_field=config.text_field)
         self.train = Stream(
-            self.files, in_train, context, context.rank, context.world_size, documents=self.documents
+            self.files,
+            in_train,
+            context,
+            context.rank,
+            context.world_size,
+            documents=self.documents,
+            reading=reading,
         )
-        self.val = Stream(val_files, in_val, context, repeat=False, documents=self.documents)
+        self.val = Stream(val_files, in_val, context, repeat=False, documents=self.documents, reading=reading)
         self.val_windows: list[np.ndarray] = []  # val's windows so far, from its start
         self.val_where = (
             "[data] val_path " if config.val_path else f"[data] val_fraction {config.val_fraction} of "

@@ -17,8 +17,8 @@ from lab_memmap.source import MemmapData
 class MemmapConfig(ComponentConfig):
     path: str = Field(
         "",
-        description="folder with train.bin, val.bin and meta.json (from `lab prepare`), relative to "
-        "the recipe file; empty: the tinyshakespeare that ships with lab",
+        description="folder with train.bin, val.bin and meta.json, or shards and a manifest.json (from "
+        "`lab prepare`), relative to the recipe file; empty: the tinyshakespeare that ships with lab",
         json_schema_extra=PATH,
     )
     dtype: Literal["uint16", "uint32"] = Field(

@@ -1,4 +1,6 @@
-"""The memmap data source: each row of a batch is a random window of the split's token file.
+"""The memmap data source: each row of a batch is a random window of the split's token file, or of its
+shards (a folder with a manifest.json) read end to end as one stream, so windows are drawn across
+every shard and one may span two.
 
 A window's start is a function of (seed, split, step, row) and nothing else, so the batch of a step is
 the same whenever it is asked for (exact resume needs no saved state) and whoever asks for it (a
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab.data.shards import MANIFEST, ShardStream, read_manifest, shard_paths
 from lab.data.tokens import SPLITS, check_meta_matches, read_meta
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource, document_ids
@@ -28,13 +31,24 @@ class MemmapData(DataSource):
         self.block_size, self.vocab_size = context.block_size, context.vocab_size
         self.seed = context.seed % 2**64  # numpy seeds are non-negative; a negative seed still works
         folder = Path(config.path).expanduser() if config.path else tinyshakespeare(context.tokenizer)
-        check_folder(folder)
-        meta = read_meta(folder)
-        if meta is not None:
-            check_meta_matches(meta, folder, context.tokenizer)
-        dtype = np.dtype(meta["dtype"] if meta else config.dtype)
-        self.paths = {split: folder / f"{split}.bin" for split in SPLITS}
-        self.tokens = {split: open_tokens(self.paths[split], dtype, meta) for split in SPLITS}
+        self.folder = folder
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        if manifest is not None:  # shards: each split's, in order, read as one stream
+            check_meta_matches(manifest, folder, context.tokenizer)
+            dtype = np.dtype(manifest["dtype"])
+            self.paths = {split: f"{folder}/{split}-*.bin" for split in SPLITS}  # names in messages
+            self.tokens = {
+                split: ShardStream(list(shard_paths(folder, manifest, split)), dtype) for split in SPLITS
+            }
+            meta, self.meta_name = manifest, MANIFEST
+        else:  # train.bin and val.bin
+            check_folder(folder)
+            meta, self.meta_name = read_meta(folder), "meta.json"
+            if meta is not None:
+                check_meta_matches(meta, folder, context.tokenizer)
+            dtype = np.dtype(meta["dtype"] if meta else config.dtype)
+            self.paths = {split: folder / f"{split}.bin" for split in SPLITS}
+            self.tokens = {split: open_tokens(self.paths[split], dtype, meta) for split in SPLITS}
         max_id = meta.get("max_token_id") if meta else None
         if max_id is None:
             max_id = max(largest_id(tokens) for tokens in self.tokens.values())
@@ -64,8 +78,8 @@ class MemmapData(DataSource):
         ):  # meta.json's max_token_id was trusted: check what is read
             raise LabError(
                 f"{self.paths[split]} holds token id {windows.max()}, beyond the model's vocabulary of "
-                f"{self.vocab_size} tokens, though its meta.json says otherwise: the file was changed "
-                f"after lab prepare wrote it. Run lab prepare again into {self.paths[split].parent}"
+                f"{self.vocab_size} tokens, though its {self.meta_name} says otherwise: the file was changed "
+                f"after lab prepare wrote it. Run lab prepare again into {self.folder}"
             )
         x, y = windows[:, :-1].copy(), windows[:, 1:].copy()  # y is x one token later
         x, y = torch.from_numpy(x), torch.from_numpy(y)
