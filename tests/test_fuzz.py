@@ -407,7 +407,7 @@ def damaged_world(world, tmp_path_factory):
     tokenizer (its manifest and files), a prepared data folder (meta.json), a sweep folder."""
     from serving import make_run
 
-    from lab.runs import tokenizer_files
+    from lab.runs import layout, tokenizer_files
 
     root = tmp_path_factory.mktemp("damaged")
     run = make_run(root / "run")
@@ -421,7 +421,7 @@ def damaged_world(world, tmp_path_factory):
     char = root / "char"  # a run whose tokenizer's files it keeps (tokenizer/files.json, vocab.json)
     checkpoint.save(char, 0, GPT(recipe), recipe.to_toml(), {"step": 0})
     (char / "recipe.toml").write_text(recipe.to_toml())
-    tokenizer_files.keep(recipe.parts["tokenizer"].build(), char / tokenizer_files.FOLDER)
+    tokenizer_files.keep(recipe.parts["tokenizer"].build(), char / layout.TOKENIZER)
     sweep = root / "sweep"
     sweep.mkdir()
     shutil.copytree(run, sweep / "cell")

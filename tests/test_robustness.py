@@ -120,9 +120,9 @@ def test_sweep_children_run_the_installed_lab_beside_a_clone(tmp_path):
 
 def test_lab_imported_from_another_folder_says_so(tmp_path):
     shutil.copytree(ROOT / "lab", tmp_path / "lab", ignore=shutil.ignore_patterns("__pycache__"))
-    done = subprocess.run(
-        [sys.executable, "-m", "lab", "plugins"], cwd=tmp_path, capture_output=True, text=True
-    )
+    # python -c, like -m, puts the current folder first: the copy is imported, not the installed lab
+    check = "from lab.commands.cli import warn_if_shadowed; warn_if_shadowed()"
+    done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
     assert "warning: lab is imported from" in done.stderr and str(tmp_path / "lab") in done.stderr
 
 
