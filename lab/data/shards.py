@@ -22,6 +22,7 @@ speedrun's validation set is the first tokens of FineWeb's); --max-tokens stops 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -322,6 +323,12 @@ def write_manifest(
             f"the {empty} split of {out} is empty ({count['train']:,} train and {count['val']:,} val "
             "tokens): "
             "give more text, or change --val-fraction / --val-tokens"
+        )
+    if settings.val_tokens and count["val"] < settings.val_tokens:  # val comes from the first part only
+        print(
+            f"warning: val holds {count['val']:,} tokens, fewer than --val-tokens {settings.val_tokens:,}: "
+            f"the first input ({parts[0].describe()}) has no more",
+            file=sys.stderr,
         )
     tokenizer_files.keep(tokenizer, out / TOKENIZER)  # the vocabulary travels with the data
     manifest = {
