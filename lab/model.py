@@ -6,6 +6,7 @@ Which attention, MLP, norm and position it uses comes from the recipe; this file
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ class GPT(nn.Module):
         super().__init__()
         config, parts = recipe.model, recipe.parts
         self.config = config
+        assert isinstance(config.vocab_size, int)  # "auto" was resolved when the recipe was read
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.position = parts["position"].build(config)
         self.drop = dropout(config.dropout)
@@ -211,7 +213,7 @@ class GPT(nn.Module):
         extension's per-sequence state (its new_state), kept beside them."""
         p = self.tok_emb.weight
         device, dtype = device or p.device, dtype or p.dtype
-        caches = [b.attn.new_cache(batch, max_len, device, dtype) for b in self.blocks]
+        caches = [b.attn.new_cache(batch, max_len, device, dtype) for b in cast(list[Block], self.blocks)]
         states = {
             name: ext.new_state(batch, max_len, device, dtype)
             for name, ext in self.extensions.items()
@@ -245,6 +247,6 @@ class GPT(nn.Module):
 def _active(module: nn.Module, seen=None) -> int:
     seen = set() if seen is None else seen
     if hasattr(module, "active_params") and not isinstance(module, GPT):
-        return module.active_params()
+        return module.active_params()  # type: ignore[operator]  # the component's own, found by hasattr
     n = sum(p.numel() for p in module.parameters(recurse=False) if id(p) not in seen and not seen.add(id(p)))
     return n + sum(_active(child, seen) for child in module.children())

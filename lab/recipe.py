@@ -12,7 +12,7 @@ import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, cast
 
 from pydantic import (
     BaseModel,
@@ -29,7 +29,7 @@ from torch import nn
 
 from lab.errors import LabError, PluginError, did_you_mean
 from lab.plugins import Component, Registry, registry
-from lab.slots import SLOTS
+from lab.slots import SLOTS, ComponentConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -468,7 +468,7 @@ def _is_component_table(path: list[str]) -> bool:
     )
 
 
-def _get(raw: dict, path: list[str]):
+def _get(raw: Any, path: list[str]):
     for key in path:
         if not isinstance(raw, dict):
             return None
@@ -502,7 +502,10 @@ def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Rec
                 f"unknown table [{key}] in {source}.{did_you_mean(key, allowed)} "
                 f"Tables are: {', '.join(sorted(allowed))}"
             )
-    sections = {key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()}
+    # Any: each key holds its own section's class (ModelConfig for "model"...), which a dict cannot say
+    sections: dict[str, Any] = {
+        key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()
+    }
     if sections["model"].vocab_size == "auto":
         sections["model"].vocab_size = _tokenizer_vocab(parts["tokenizer"], sections["model"].vocab_multiple)
     layer_parts = _resolve_layers(layers, base_tables, sections["model"].n_layer, source, plugins)
@@ -614,7 +617,7 @@ def _resolve_layers(layers, base_tables: dict, n_layer: int, source: str, plugin
 
 def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
     """'3' -> [3]; '0-2' -> [0, 1, 2]; '1,3' -> [1, 3]; '-1' -> the last layer."""
-    indices = []
+    indices: list[int] = []
     try:
         for piece in spec.split(","):
             piece = piece.strip()
@@ -652,13 +655,13 @@ def check_parts(recipe: Recipe) -> None:
     for table, part in every:
         where = f"{recipe.source} {table} ({part.label})"
         try:
-            part.config.check_recipe(recipe)
+            cast(ComponentConfig, part.config).check_recipe(recipe)  # the registry's Configs are all ones
         except (ValueError, LabError) as e:
             raise LabError(f"{where}: {e}") from None
         except Exception as e:  # a bug in the plugin: said with its package, the traceback kept
             raise PluginError(part.component.package, f"check_recipe of {part.label}", e) from e
     optimizer = recipe.parts["optimizer"]
-    if recipe.train.parallel == "fsdp" and not optimizer.config.works_on_shards:
+    if recipe.train.parallel == "fsdp" and not cast(ComponentConfig, optimizer.config).works_on_shards:
         raise LabError(
             f'{recipe.source} [train] parallel = "fsdp": {optimizer.label} needs whole parameters, '
             'and FSDP2 hands each process a shard of every one. Set train.parallel = "ddp", or '

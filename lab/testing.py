@@ -29,7 +29,7 @@ import functools
 import math
 import unittest
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel
@@ -135,7 +135,7 @@ def _all_gradients(module, what):
 # --- attention ---------------------------------------------------------------------------------
 
 
-def _attention_input():
+def _attention_input() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, T, MODEL.n_embd), torch.arange(T)
 
 
@@ -501,7 +501,7 @@ def tiny_gpt(
         if chosen is not None:
             parts[chosen.slot] = Part(chosen, chosen.Config())
     # Every section at its defaults (a section added to recipes needs no change here), but the model's.
-    sections = {key: section() for key, section in SECTIONS.items()}
+    sections: dict[str, Any] = {key: section() for key, section in SECTIONS.items()}
     shape = dict(
         vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False, loss_chunk=0
     )
@@ -676,18 +676,20 @@ def extra_loss_gradients(component):
     expected = [torch.zeros_like(p) for p in params]
     for half in (slice(0, 2), slice(2, 4)):  # the reference: each micro-batch's gradient, averaged
         _, ce = model(x[half], y[half])
-        for e, g in zip(expected, torch.autograd.grad(ce + model.extras.loss(), params, allow_unused=True)):
+        for want, g in zip(
+            expected, torch.autograd.grad(ce + model.extras.loss(), params, allow_unused=True)
+        ):
             if g is not None:
-                e += g / 2
+                want += g / 2
     model.zero_grad(set_to_none=True)
     for half in (slice(0, 2), slice(2, 4)):
         micro_backward(model, model, x[half], y[half], accum=2)
-    for (name, p), e in zip(model.named_parameters(), expected):
+    for (name, p), want in zip(model.named_parameters(), expected):
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         # The same sums in another order at most: float32 rounding, relative to the gradient's scale.
         assert_close_to_scale(
             got,
-            e,
+            want,
             1e-5,
             f"gradient of {name} under grad_accum = 2, against the mean of the micro-batches' gradients",
         )
@@ -1035,12 +1037,13 @@ def cases(
     list of dicts). `settings` runs one component's checks on those settings instead."""
     plugins = plugins or registry()
     if name is not None:
+        assert slot is not None  # a name is looked up within its slot
         plugins.get(slot, name)  # an unknown name raises, listing what is installed
     found = []
     for s, components in plugins.components.items():
         for n, component in sorted(components.items()):
             if slot in (None, s) and name in (None, n):
-                variants = [settings] if settings is not None else [{}, *component.Config.extra_settings]
+                variants = [settings] if settings is not None else [{}, *component.Config.extra_settings]  # type: ignore[attr-defined]  # the registry holds ComponentConfigs (lab.plugins)
                 for variant in variants:
                     found += _cases_for(with_settings(component, variant), plugins)
     return found

@@ -35,7 +35,8 @@ def read_token_sequences(path, tokenizer) -> list[list[int]]:
     elif not path.is_file():
         raise LabError(f"{path} not found; {TEXT_HELP}")
     elif path.suffix == ".jsonl":
-        seqs = [document_ids(tokenizer, doc.text) for doc in jsonl_documents(path)]
+        # A .jsonl line's Document always has its text (None is for whole files read in pieces)
+        seqs = [document_ids(tokenizer, doc.text) for doc in jsonl_documents(path)]  # type: ignore[arg-type]
     else:
         seqs = [document_ids(tokenizer, read_text_file(path))]
     if not seqs or all(len(s) < 2 for s in seqs):
@@ -85,6 +86,7 @@ def parse_item(line: str, where: str) -> Item:
         raise LabError(f"{where} is not valid JSON ({e}); {TASK_HELP}") from None
     if not isinstance(record, dict):
         raise LabError(f"{where} is not a JSON object; {TASK_HELP}")
+    context: str | None  # checked below
     if "endings" in record:
         context, choices = hellaswag_context(record, where), record["endings"]
         if isinstance(choices, list):

@@ -283,7 +283,7 @@ def tokenize_all(items: Iterator, tokenizer: Tokenizer, workers: int) -> Iterato
     # Pool.imap would read the whole input ahead into its queue; a window of 2 tasks per worker
     # keeps every process busy while memory stays at a few pieces, whatever the corpus size.
     with multiprocessing.Pool(workers, _init_worker, (tokenizer,)) as pool:
-        pending = deque()
+        pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(_tokenize_in_worker, (item,)))
             if len(pending) >= 2 * workers:
@@ -322,6 +322,7 @@ class Output:
                 split = split or ("val" if draw < self.val_fraction else "train")
                 self.current = self.val if split == "val" else self.train
                 self.current.start_document()
+            assert self.current is not None  # every piece comes after its document's start
             self.current.write(ids)
 
     def keep_both_splits(self) -> None:

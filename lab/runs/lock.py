@@ -25,7 +25,7 @@ from lab.runs.layout import LOCK
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # no flock on Windows: the lock is advisory there
 
 
 class RunLock:
@@ -34,7 +34,7 @@ class RunLock:
 
     def __init__(self, run_dir, command: str):
         self.run_dir, self.command = Path(run_dir), command
-        self.fd = None
+        self.fd: int | None = None
         self.created = False
 
     def __enter__(self) -> "RunLock":
@@ -64,6 +64,7 @@ class RunLock:
             "command": self.command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
+        assert self.fd is not None  # called from __enter__, once the lock file is open
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)

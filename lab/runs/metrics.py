@@ -184,7 +184,7 @@ def plot_losses(records: list[dict], path, title: str = "") -> None:
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(lines, [line.get_label() for line in lines])
+    ax.legend(lines, [str(line.get_label()) for line in lines])
     fig.tight_layout()
     try:
         with replacing(path, "wb") as f:  # a reader never sees half a picture

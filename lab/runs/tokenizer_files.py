@@ -26,7 +26,7 @@ def keep(tokenizer: Tokenizer, folder) -> None:
     if not files:
         return  # its files ship with its package
     folder.mkdir(parents=True, exist_ok=True)
-    names = {}
+    names: dict[str, str] = {}
     for setting, path in sorted(files.items()):
         name = Path(path).name
         if name in names.values() or name == TOKENIZER_MANIFEST:
