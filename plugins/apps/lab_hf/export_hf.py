@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 
@@ -120,7 +121,9 @@ def gpt2_refusals(recipe: Recipe) -> list[str]:
 
 def hf_config(recipe: Recipe, eot: int | None) -> dict:
     m = recipe.model
-    mlp, norm = recipe.parts["mlp"].config, recipe.parts["norm"].config
+    # Any: the gelu MLP's and layernorm's own Configs, which the checks above made sure of
+    mlp: Any = recipe.parts["mlp"].config
+    norm: Any = recipe.parts["norm"].config
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
