@@ -83,7 +83,8 @@ class GPT(nn.Module):
     def init_weights(self):
         """GPT-2's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, and
         N(0, 0.02 / sqrt(2 * n_layer)) for residual projections, or zeros with model.zero_init_residual.
-        Separate from __init__ so a model built on the meta device, or re-initialised, gets the same weights."""
+        Separate from __init__ so a model built on the meta device, or re-initialised, gets the same
+        weights."""
         std = 0.02
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -208,8 +208,8 @@ class TrainConfig(Section):
     max_tokens: Optional[NonNegativeInt] = Field(
         None,
         description="tokens to train on (all processes together) instead of max_steps: the run takes "
-        "ceil(max_tokens / tokens per step) steps and the schedule follows them, so variants with other batch "
-        "shapes compare at equal tokens; unset (or 0): max_steps decides",
+        "ceil(max_tokens / tokens per step) steps and the schedule follows them, so variants with other "
+        "batch shapes compare at equal tokens; unset (or 0): max_steps decides",
     )
     eval_interval: PositiveInt = Field(100, description="validate every this many steps")
     eval_batches: PositiveInt = Field(
@@ -336,7 +336,8 @@ class Part:
         expected = SLOTS[self.component.slot].interface
         if not isinstance(built, expected) and not (self.component.slot == "schedule" and callable(built)):
             raise TypeError(
-                f"{self.label} built a {type(built).__name__}, which is not a {expected.__module__}.{expected.__name__}"
+                f"{self.label} built a {type(built).__name__}, "
+                f"which is not a {expected.__module__}.{expected.__name__}"
             )
         if isinstance(built, nn.Module):
             built.lab_component = self.label  # named in messages about what it adds (lab/extras.py)
@@ -644,7 +645,8 @@ def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
 def check_parts(recipe: Recipe) -> None:
     """Each component's settings checked against the rest of the recipe (the model's shape, the
     training layout) now, when the recipe is read, not when the model is built: each Config's
-    `check_recipe(self, recipe)` (lab.slots.ComponentConfig) raises ValueError("what is wrong and how to fix it")."""
+    `check_recipe(self, recipe)` (lab.slots.ComponentConfig) raises ValueError("what is wrong and how to
+    fix it")."""
     every = [(f"[{'.'.join(TABLES[slot])}]", part) for slot, part in recipe.parts.items()]
     every += [
         (f"[model.layers.{i}.{slot}]", part)

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         metavar="NAME",
-        help="a registered tokenizer (`lab plugins` lists them); default: the only one that needs no settings",
+        help="a registered tokenizer (`lab plugins` lists them); "
+        "default: the only one that needs no settings",
     )
     p.add_argument(
         "--recipe",

@@ -21,7 +21,8 @@ def cli_prepare(args) -> int:
     print(
         f"wrote {args.out}: "
         + ", ".join(
-            f"{split}.bin {meta[f'{split}_tokens']:,} tokens ({_count(meta[f'{split}_documents'], 'document')})"
+            f"{split}.bin {meta[f'{split}_tokens']:,} tokens "
+            f"({_count(meta[f'{split}_documents'], 'document')})"
             for split in SPLITS
         )
         + f"; {meta['dtype']}, tokenizer {meta['tokenizer']}"

@@ -61,7 +61,8 @@ PARALLEL_BYTES = 8 << 20  # inputs at least this big are tokenized by one proces
 
 def build_tokenizer(name: str | None, recipe: str | None = None, overrides=()) -> Tokenizer:
     """The recipe's [tokenizer] (a tokenizer with settings, such as a trained file); else the registered
-    tokenizer `name` with its default settings; with neither, the only one installed that needs no settings."""
+    tokenizer `name` with its default settings; with neither, the only one installed that needs no
+    settings."""
     from lab.plugins import registry
 
     if recipe is not None:

@@ -444,9 +444,10 @@ class Trainer:
                 kept = checkpoint.latest(self.run_dir)
                 raise LabError(
                     f"{owner} gave the extra {'loss term' if name.startswith('loss.') else 'scalar'} "
-                    f"'{name.removeprefix('loss.')}' = {value} at step {self.step + 1}: the run stopped without "
-                    f"updating the weights or saving ({f'{kept} is kept' if kept else 'no checkpoint yet'}). "
-                    "Fix the component so it gives a finite number (e.g. add an eps before a log or a division)"
+                    f"'{name.removeprefix('loss.')}' = {value} at step {self.step + 1}: the run stopped "
+                    "without updating the weights or saving "
+                    f"({f'{kept} is kept' if kept else 'no checkpoint yet'}). Fix the component so it gives "
+                    "a finite number (e.g. add an eps before a log or a division)"
                 )
 
     def record(

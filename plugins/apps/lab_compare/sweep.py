@@ -312,7 +312,8 @@ class Pool:
                 signal.signal(sig, handler)
         if self.stop is not None:
             print(
-                f"sweep stopped; the runs saved checkpoints. Continue with the same command:\n  {grid.command()}"
+                "sweep stopped; the runs saved checkpoints. Continue with the same command:\n"
+                f"  {grid.command()}"
             )
             return 128 + int(self.stop)
         if failed:

@@ -112,7 +112,8 @@ def gpt2_refusals(recipe: Recipe) -> list[str]:
         reasons.append(f"model.logit_softcap = {recipe.model.logit_softcap} (GPT-2's logits are not capped)")
     if recipe.model.kv_heads != recipe.model.n_head:
         reasons.append(
-            f"model.n_kv_head = {recipe.model.n_kv_head} (GPT-2 gives every query head its own keys and values)"
+            f"model.n_kv_head = {recipe.model.n_kv_head} "
+            "(GPT-2 gives every query head its own keys and values)"
         )
     if recipe.model.qk_norm:
         reasons.append("model.qk_norm = true (GPT-2 has no norm on queries and keys)")
