@@ -295,7 +295,8 @@ def mark_residual(linear: nn.Module) -> nn.Module:
     """Mark a layer whose output is added to the residual stream (attention and MLP output
     projections). GPT-2 initialises these with std 0.02 / sqrt(2 * n_layer), so the residual
     stream's variance does not grow with depth."""
-    linear.residual_projection = True  # type: ignore[assignment]  # a plain flag; Module's setattr is typed for tensors
+    # ignore: a plain flag, which nn.Module.__setattr__'s typing (tensors and modules only) does not allow
+    linear.residual_projection = True  # type: ignore[assignment]
     return linear
 
 

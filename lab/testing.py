@@ -29,7 +29,7 @@ import functools
 import math
 import unittest
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from pydantic import BaseModel
@@ -40,7 +40,7 @@ from lab.extras import collecting
 from lab.interfaces import DataContext, Extension, Position
 from lab.plugins import Component, Registry, registry
 from lab.recipe import ModelConfig, Part
-from lab.slots import SLOTS
+from lab.slots import SLOTS, ComponentConfig
 
 # Small enough to run every check in well under a second on a CPU.
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
@@ -1043,7 +1043,9 @@ def cases(
     for s, components in plugins.components.items():
         for n, component in sorted(components.items()):
             if slot in (None, s) and name in (None, n):
-                variants = [settings] if settings is not None else [{}, *component.Config.extra_settings]  # type: ignore[attr-defined]  # the registry holds ComponentConfigs (lab.plugins)
+                # cast: Component.Config is typed BaseModel, but the registry holds ComponentConfigs
+                config = cast(type[ComponentConfig], component.Config)
+                variants = [settings] if settings is not None else [{}, *config.extra_settings]
                 for variant in variants:
                     found += _cases_for(with_settings(component, variant), plugins)
     return found
