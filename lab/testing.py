@@ -670,7 +670,8 @@ def extra_loss_gradients(component):
     ]
     reach = torch.autograd.grad(model.extras.loss(), owned, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in reach), (
-        f"the extra loss terms {sorted(terms)} give no gradient to the parameters of {slot} '{component.name}'"
+        f"the extra loss terms {sorted(terms)} give no gradient to the parameters of "
+        f"{slot} '{component.name}'"
     )
     params = [p for p in model.parameters() if p.requires_grad]
     expected = [torch.zeros_like(p) for p in params]
@@ -996,8 +997,9 @@ def data_resume(component, plugins: Registry):
         for step, want in zip((3, 4), expected):
             got = resumed.batch("train", step, rows)
             assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want)), (
-                f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another batch "
-                f"at step {step} than the source it was taken from (is the stream's position in state_dict()?)"
+                f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another "
+                f"batch at step {step} than the source it was taken from "
+                "(is the stream's position in state_dict()?)"
             )
 
 
