@@ -216,7 +216,7 @@ class GPT(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         caches = [b.attn.new_cache(batch, max_len, device, dtype) for b in cast(list[Block], self.blocks)]
         states = {
-            name: ext.new_state(batch, max_len, device, dtype)
+            name: ext.new_state(batch, max_len, device, dtype)  # type: ignore[operator]  # found by hasattr
             for name, ext in self.extensions.items()
             if hasattr(ext, "new_state")
         }

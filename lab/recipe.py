@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 from torch import nn
 
 from lab.errors import LabError, PluginError, did_you_mean
@@ -59,7 +60,7 @@ LAYER_SLOTS = tuple(s.name for s in SLOTS.values() if s.per_layer)
 # names); given with --set, against the current folder. "pkg:PACKAGE/PATH" names a file that ships inside
 # an installed package (e.g. "pkg:lab_tokenizers/shakespeare/char/vocab.json"), found from anywhere.
 # The component gets the resolved path.
-PATH = {"lab_path": True}
+PATH: JsonDict = {"lab_path": True}  # JsonDict: what Field(json_schema_extra=...) takes
 PACKAGE_FILE = "pkg:"
 _overridden: ContextVar[frozenset] = ContextVar("overridden", default=frozenset())  # keys set by --set
 
@@ -566,7 +567,7 @@ def schedulable(recipe: Recipe) -> dict[str, str]:
     out = dict(TRAINER_QUANTITIES)
     parts = list(recipe.parts.values()) + [p for layer in recipe.layer_parts.values() for p in layer.values()]
     for part in parts:
-        for quantity in part.config.scheduled:
+        for quantity in cast(ComponentConfig, part.config).scheduled:  # the registry's Configs are ones
             out.setdefault(quantity, f"{part.component.slot} '{part.name}'")
     return out
 

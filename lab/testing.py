@@ -266,7 +266,8 @@ def per_row_positions(attention, position, steps: int = 6):
             # row its first token, as lab serve does.
             last = torch.tensor([[int(p[-1])] for p in prompts])
             start = torch.tensor([p.numel() - 1 for p in prompts])
-            tokens, seen = [[] for _ in prompts], [[] for _ in prompts]
+            tokens: list[list[int]] = [[] for _ in prompts]
+            seen: list[list[torch.Tensor]] = [[] for _ in prompts]
             for _ in range(steps):
                 logits = model(last, caches=batch, start_pos=start, last_only=True)[0][:, -1]
                 for row in range(len(prompts)):
