@@ -152,13 +152,15 @@ def main(argv=None) -> int:
     )
     for r in rows:
         print(
-            f"{r['seed']:>4} | {r['ref_loss']:.4f}, {r['ref_time']:.0f} s | {r['new_loss']:.4f}, {r['new_time']:.0f} s | "
+            f"{r['seed']:>4} | {r['ref_loss']:.4f}, {r['ref_time']:.0f} s | "
+            f"{r['new_loss']:.4f}, {r['new_time']:.0f} s | "
             f"{fmt(r['reach_ratio'], '{:.2f}x')} | {fmt(r['new_at_ref_time'], '{:.4f}')} | "
             f"{fmt(r['new_at_ref_steps'], '{:.4f}')}"
         )
     med = {k: median([r[k] for r in rows]) for k in rows[0] if k != "seed"}
     print(
-        f"{'med':>4} | {med['ref_loss']:.4f}, {med['ref_time']:.0f} s | {med['new_loss']:.4f}, {med['new_time']:.0f} s | "
+        f"{'med':>4} | {med['ref_loss']:.4f}, {med['ref_time']:.0f} s | "
+        f"{med['new_loss']:.4f}, {med['new_time']:.0f} s | "
         f"{fmt(med['reach_ratio'], '{:.2f}x')} | {fmt(med['new_at_ref_time'], '{:.4f}')} | "
         f"{fmt(med['new_at_ref_steps'], '{:.4f}')}"
     )

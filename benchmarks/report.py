@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print(
-            "usage: python -m benchmarks.report FILE.json   (from pytest benchmarks/ --benchmark-json=FILE.json)",
+            "usage: python -m benchmarks.report FILE.json   "
+            "(from pytest benchmarks/ --benchmark-json=FILE.json)",
             file=sys.stderr,
         )
         return 2

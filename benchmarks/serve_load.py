@@ -1,8 +1,8 @@
 """Load test of `lab serve`: concurrent streaming clients over loopback against a gpt_small run.
 
-    python benchmarks/serve_load.py                          # a random-init gpt_small-shaped run, 16 clients, 60 s
-    python benchmarks/serve_load.py --run runs/gpt_small     # a trained run
-    python benchmarks/serve_load.py --max-batch 1            # the same load served one request at a time
+    python benchmarks/serve_load.py                      # random weights, gpt_small's shape: 16 clients, 60 s
+    python benchmarks/serve_load.py --run runs/gpt_small # a trained run
+    python benchmarks/serve_load.py --max-batch 1        # the same load served one request at a time
 
 It starts `lab serve` in a subprocess on a free port, and each client thread asks for streamed
 completions one after another until the time is up. Client k's prompt has its own length: 16
@@ -56,7 +56,8 @@ def prompts(lengths=LENGTHS) -> list[str]:
 
 
 def random_gpt_small(folder: Path) -> Path:
-    """A gpt_small-shaped run folder with its initial (random) weights: what matters for speed is the shape."""
+    """A gpt_small-shaped run folder with its initial (random) weights: what matters for speed is the
+    shape."""
     from lab.model import GPT
     from lab.recipe import load_recipe
     from lab.runs.checkpoint import save

@@ -41,8 +41,11 @@ def write_text_atomically(path, text: str) -> None:
 
 def sha256(path) -> str:
     """The SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()  # not hashlib.file_digest: that is Python 3.11+, and lab supports 3.10
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_folder() -> Path:

@@ -92,6 +92,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     hooks, lse, target_logit, tc, ignored, kept, term_sums, term_owners, need_grad
                 )
             if need_grad:
+                assert grad_x is not None and grad_w is not None  # made above when need_grad
                 chunk_grads(
                     probs,
                     norm,
@@ -106,6 +107,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     coefs=coefs,
                 )
         if need_grad:  # the mean's 1/n, applied once to the small results rather than every logit
+            assert grad_x is not None and grad_w is not None
             grad_w = grad_w[: weight.size(0)]  # the padding rows' gradients are zero: dropped
             ctx.save_for_backward(grad_x / n_valid.to(x.dtype), (grad_w / n_valid).to(weight.dtype))
         out = torch.float32 if acc != torch.float64 else acc

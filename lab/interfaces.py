@@ -79,7 +79,7 @@ class ForwardContext:
 
     ids: torch.Tensor
     pos: torch.Tensor
-    start_pos: int = 0
+    start_pos: int | torch.Tensor = 0
     targets: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
     scratch: dict = field(default_factory=dict)
@@ -90,12 +90,14 @@ class ForwardContext:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's LM head on hidden states (..., C) -> (..., vocab), soft-capped if the model is."""
+        assert self.head is not None  # the model sets it
         return self.head(h)
 
     def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the LM head on h (B, T, C) against targets (B, T) (-1: ignored),
         through the model's fused chunked loss when it has one: a second head's loss (multi-token
         prediction) without the full logits."""
+        assert self.loss is not None  # the model sets it
         return self.loss(h, targets)
 
     def state(self, extension: nn.Module) -> Any:
@@ -295,7 +297,8 @@ def mark_residual(linear: nn.Module) -> nn.Module:
     """Mark a layer whose output is added to the residual stream (attention and MLP output
     projections). GPT-2 initialises these with std 0.02 / sqrt(2 * n_layer), so the residual
     stream's variance does not grow with depth."""
-    linear.residual_projection = True
+    # ignore: a plain flag, which nn.Module.__setattr__'s typing (tensors and modules only) does not allow
+    linear.residual_projection = True  # type: ignore[assignment]
     return linear
 
 

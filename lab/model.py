@@ -6,6 +6,7 @@ Which attention, MLP, norm and position it uses comes from the recipe; this file
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ class GPT(nn.Module):
         super().__init__()
         config, parts = recipe.model, recipe.parts
         self.config = config
+        assert isinstance(config.vocab_size, int)  # "auto" was resolved when the recipe was read
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.position = parts["position"].build(config)
         self.drop = dropout(config.dropout)
@@ -81,7 +83,8 @@ class GPT(nn.Module):
     def init_weights(self):
         """GPT-2's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, and
         N(0, 0.02 / sqrt(2 * n_layer)) for residual projections, or zeros with model.zero_init_residual.
-        Separate from __init__ so a model built on the meta device, or re-initialised, gets the same weights."""
+        Separate from __init__ so a model built on the meta device, or re-initialised, gets the same
+        weights."""
         std = 0.02
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -211,9 +214,9 @@ class GPT(nn.Module):
         extension's per-sequence state (its new_state), kept beside them."""
         p = self.tok_emb.weight
         device, dtype = device or p.device, dtype or p.dtype
-        caches = [b.attn.new_cache(batch, max_len, device, dtype) for b in self.blocks]
+        caches = [b.attn.new_cache(batch, max_len, device, dtype) for b in cast(list[Block], self.blocks)]
         states = {
-            name: ext.new_state(batch, max_len, device, dtype)
+            name: ext.new_state(batch, max_len, device, dtype)  # type: ignore[operator]  # found by hasattr
             for name, ext in self.extensions.items()
             if hasattr(ext, "new_state")
         }
@@ -245,6 +248,6 @@ class GPT(nn.Module):
 def _active(module: nn.Module, seen=None) -> int:
     seen = set() if seen is None else seen
     if hasattr(module, "active_params") and not isinstance(module, GPT):
-        return module.active_params()
+        return module.active_params()  # type: ignore[operator]  # the component's own, found by hasattr
     n = sum(p.numel() for p in module.parameters(recurse=False) if id(p) not in seen and not seen.add(id(p)))
     return n + sum(_active(child, seen) for child in module.children())

@@ -34,7 +34,7 @@ class Component:
 class Registry:
     components: dict[str, dict[str, Component]] = field(default_factory=lambda: {slot: {} for slot in SLOTS})
     failures: list[tuple[str, str]] = field(default_factory=list)  # (package, error) that failed
-    hook: object = None  # pluggy's hook relay, for hooks other than lab_components
+    hook: pluggy.HookRelay | None = None  # pluggy's hook relay, for hooks other than lab_components
     package_of: dict[str, str] = field(default_factory=dict)  # pluggy's plugin name -> its package
 
     def call_each(self, hook: str, what: str, **kwargs) -> None:

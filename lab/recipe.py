@@ -12,7 +12,7 @@ import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, cast
 
 from pydantic import (
     BaseModel,
@@ -25,11 +25,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 from torch import nn
 
 from lab.errors import LabError, PluginError, did_you_mean
 from lab.plugins import Component, Registry, registry
-from lab.slots import SLOTS
+from lab.slots import SLOTS, ComponentConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,7 +60,7 @@ LAYER_SLOTS = tuple(s.name for s in SLOTS.values() if s.per_layer)
 # names); given with --set, against the current folder. "pkg:PACKAGE/PATH" names a file that ships inside
 # an installed package (e.g. "pkg:lab_tokenizers/shakespeare/char/vocab.json"), found from anywhere.
 # The component gets the resolved path.
-PATH = {"lab_path": True}
+PATH: JsonDict = {"lab_path": True}  # JsonDict: what Field(json_schema_extra=...) takes
 PACKAGE_FILE = "pkg:"
 _overridden: ContextVar[frozenset] = ContextVar("overridden", default=frozenset())  # keys set by --set
 
@@ -208,8 +209,8 @@ class TrainConfig(Section):
     max_tokens: Optional[NonNegativeInt] = Field(
         None,
         description="tokens to train on (all processes together) instead of max_steps: the run takes "
-        "ceil(max_tokens / tokens per step) steps and the schedule follows them, so variants with other batch "
-        "shapes compare at equal tokens; unset (or 0): max_steps decides",
+        "ceil(max_tokens / tokens per step) steps and the schedule follows them, so variants with other "
+        "batch shapes compare at equal tokens; unset (or 0): max_steps decides",
     )
     eval_interval: PositiveInt = Field(100, description="validate every this many steps")
     eval_batches: PositiveInt = Field(
@@ -336,7 +337,8 @@ class Part:
         expected = SLOTS[self.component.slot].interface
         if not isinstance(built, expected) and not (self.component.slot == "schedule" and callable(built)):
             raise TypeError(
-                f"{self.label} built a {type(built).__name__}, which is not a {expected.__module__}.{expected.__name__}"
+                f"{self.label} built a {type(built).__name__}, "
+                f"which is not a {expected.__module__}.{expected.__name__}"
             )
         if isinstance(built, nn.Module):
             built.lab_component = self.label  # named in messages about what it adds (lab/extras.py)
@@ -477,7 +479,7 @@ def _is_component_table(path: list[str]) -> bool:
     )
 
 
-def _get(raw: dict, path: list[str]):
+def _get(raw: Any, path: list[str]):
     for key in path:
         if not isinstance(raw, dict):
             return None
@@ -511,7 +513,10 @@ def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Rec
                 f"unknown table [{key}] in {source}.{did_you_mean(key, allowed)} "
                 f"Tables are: {', '.join(sorted(allowed))}"
             )
-    sections = {key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()}
+    # Any: each key holds its own section's class (ModelConfig for "model"...), which a dict cannot say
+    sections: dict[str, Any] = {
+        key: _validate(cls, raw.get(key, {}), source, key) for key, cls in SECTIONS.items()
+    }
     if sections["model"].vocab_size == "auto":
         sections["model"].vocab_size = _tokenizer_vocab(parts["tokenizer"], sections["model"].vocab_multiple)
     layer_parts = _resolve_layers(layers, base_tables, sections["model"].n_layer, source, plugins)
@@ -571,7 +576,7 @@ def schedulable(recipe: Recipe) -> dict[str, str]:
     out = dict(TRAINER_QUANTITIES)
     parts = list(recipe.parts.values()) + [p for layer in recipe.layer_parts.values() for p in layer.values()]
     for part in parts:
-        for quantity in part.config.scheduled:
+        for quantity in cast(ComponentConfig, part.config).scheduled:  # the registry's Configs are ones
             out.setdefault(quantity, f"{part.component.slot} '{part.name}'")
     return out
 
@@ -623,7 +628,7 @@ def _resolve_layers(layers, base_tables: dict, n_layer: int, source: str, plugin
 
 def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
     """'3' -> [3]; '0-2' -> [0, 1, 2]; '1,3' -> [1, 3]; '-1' -> the last layer."""
-    indices = []
+    indices: list[int] = []
     try:
         for piece in spec.split(","):
             piece = piece.strip()
@@ -650,7 +655,8 @@ def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
 def check_parts(recipe: Recipe) -> None:
     """Each component's settings checked against the rest of the recipe (the model's shape, the
     training layout) now, when the recipe is read, not when the model is built: each Config's
-    `check_recipe(self, recipe)` (lab.slots.ComponentConfig) raises ValueError("what is wrong and how to fix it")."""
+    `check_recipe(self, recipe)` (lab.slots.ComponentConfig) raises ValueError("what is wrong and how to
+    fix it")."""
     every = [(f"[{'.'.join(TABLES[slot])}]", part) for slot, part in recipe.parts.items()]
     every += [
         (f"[model.layers.{i}.{slot}]", part)
@@ -661,13 +667,13 @@ def check_parts(recipe: Recipe) -> None:
     for table, part in every:
         where = f"{recipe.source} {table} ({part.label})"
         try:
-            part.config.check_recipe(recipe)
+            cast(ComponentConfig, part.config).check_recipe(recipe)  # the registry's Configs are all ones
         except (ValueError, LabError) as e:
             raise LabError(f"{where}: {e}") from None
         except Exception as e:  # a bug in the plugin: said with its package, the traceback kept
             raise PluginError(part.component.package, f"check_recipe of {part.label}", e) from e
     optimizer = recipe.parts["optimizer"]
-    if recipe.train.parallel == "fsdp" and not optimizer.config.works_on_shards:
+    if recipe.train.parallel == "fsdp" and not cast(ComponentConfig, optimizer.config).works_on_shards:
         raise LabError(
             f'{recipe.source} [train] parallel = "fsdp": {optimizer.label} needs whole parameters, '
             'and FSDP2 hands each process a shard of every one. Set train.parallel = "ddp", or '

@@ -13,11 +13,13 @@ parameter (a tied parameter once), and the model.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from torch import nn
 
 from lab.errors import LabError, did_you_mean
+
+M = TypeVar("M", bound=nn.Module)  # set_role returns the module it was given, its type kept
 
 ROLES: dict[str, str] = {
     # the core's: the model sets these
@@ -44,7 +46,7 @@ def declare_role(role: str, description: str) -> str:
     return role
 
 
-def set_role(module: nn.Module, role: str, *names: str) -> nn.Module:
+def set_role(module: M, role: str, *names: str) -> M:
     """Give `module`'s parameters (all of them, its submodules' too, or only those `names`) a role.
     Returns the module. The role is kept on the module, so it survives .to(), deepcopy and FSDP2."""
     if role not in ROLES:

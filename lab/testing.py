@@ -29,7 +29,7 @@ import functools
 import math
 import unittest
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from pydantic import BaseModel
@@ -40,7 +40,7 @@ from lab.extras import collecting
 from lab.interfaces import DataContext, Extension, Position
 from lab.plugins import Component, Registry, registry
 from lab.recipe import ModelConfig, Part
-from lab.slots import SLOTS
+from lab.slots import SLOTS, ComponentConfig
 
 # Small enough to run every check in well under a second on a CPU.
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
@@ -135,7 +135,7 @@ def _all_gradients(module, what):
 # --- attention ---------------------------------------------------------------------------------
 
 
-def _attention_input():
+def _attention_input() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, T, MODEL.n_embd), torch.arange(T)
 
 
@@ -266,7 +266,8 @@ def per_row_positions(attention, position, steps: int = 6):
             # row its first token, as lab serve does.
             last = torch.tensor([[int(p[-1])] for p in prompts])
             start = torch.tensor([p.numel() - 1 for p in prompts])
-            tokens, seen = [[] for _ in prompts], [[] for _ in prompts]
+            tokens: list[list[int]] = [[] for _ in prompts]
+            seen: list[list[torch.Tensor]] = [[] for _ in prompts]
             for _ in range(steps):
                 logits = model(last, caches=batch, start_pos=start, last_only=True)[0][:, -1]
                 for row in range(len(prompts)):
@@ -501,7 +502,7 @@ def tiny_gpt(
         if chosen is not None:
             parts[chosen.slot] = Part(chosen, chosen.Config())
     # Every section at its defaults (a section added to recipes needs no change here), but the model's.
-    sections = {key: section() for key, section in SECTIONS.items()}
+    sections: dict[str, Any] = {key: section() for key, section in SECTIONS.items()}
     shape = dict(
         vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False, loss_chunk=0
     )
@@ -670,24 +671,27 @@ def extra_loss_gradients(component):
     ]
     reach = torch.autograd.grad(model.extras.loss(), owned, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in reach), (
-        f"the extra loss terms {sorted(terms)} give no gradient to the parameters of {slot} '{component.name}'"
+        f"the extra loss terms {sorted(terms)} give no gradient to the parameters of "
+        f"{slot} '{component.name}'"
     )
     params = [p for p in model.parameters() if p.requires_grad]
     expected = [torch.zeros_like(p) for p in params]
     for half in (slice(0, 2), slice(2, 4)):  # the reference: each micro-batch's gradient, averaged
         _, ce = model(x[half], y[half])
-        for e, g in zip(expected, torch.autograd.grad(ce + model.extras.loss(), params, allow_unused=True)):
+        for want, g in zip(
+            expected, torch.autograd.grad(ce + model.extras.loss(), params, allow_unused=True)
+        ):
             if g is not None:
-                e += g / 2
+                want += g / 2
     model.zero_grad(set_to_none=True)
     for half in (slice(0, 2), slice(2, 4)):
         micro_backward(model, model, x[half], y[half], accum=2)
-    for (name, p), e in zip(model.named_parameters(), expected):
+    for (name, p), want in zip(model.named_parameters(), expected):
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         # The same sums in another order at most: float32 rounding, relative to the gradient's scale.
         assert_close_to_scale(
             got,
-            e,
+            want,
             1e-5,
             f"gradient of {name} under grad_accum = 2, against the mean of the micro-batches' gradients",
         )
@@ -994,8 +998,9 @@ def data_resume(component, plugins: Registry):
         for step, want in zip((3, 4), expected):
             got = resumed.batch("train", step, rows)
             assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want)), (
-                f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another batch "
-                f"at step {step} than the source it was taken from (is the stream's position in state_dict()?)"
+                f"process {rank} of 2, loaded from the state_dict() taken after 3 steps, gives another "
+                f"batch at step {step} than the source it was taken from "
+                "(is the stream's position in state_dict()?)"
             )
 
 
@@ -1035,12 +1040,15 @@ def cases(
     list of dicts). `settings` runs one component's checks on those settings instead."""
     plugins = plugins or registry()
     if name is not None:
+        assert slot is not None  # a name is looked up within its slot
         plugins.get(slot, name)  # an unknown name raises, listing what is installed
     found = []
     for s, components in plugins.components.items():
         for n, component in sorted(components.items()):
             if slot in (None, s) and name in (None, n):
-                variants = [settings] if settings is not None else [{}, *component.Config.extra_settings]
+                # cast: Component.Config is typed BaseModel, but the registry holds ComponentConfigs
+                config = cast(type[ComponentConfig], component.Config)
+                variants = [settings] if settings is not None else [{}, *config.extra_settings]
                 for variant in variants:
                     found += _cases_for(with_settings(component, variant), plugins)
     return found

@@ -1,5 +1,6 @@
 """`lab compare`: one row per run with what differs in their recipes and what each reached, a figure on
-the axis asked for, runs in progress as they stand, and one message (exit 2) for a folder that is not a run."""
+the axis asked for, runs in progress as they stand, and one message (exit 2) for a folder that is not a
+run."""
 
 import json
 import math
@@ -54,7 +55,8 @@ def test_the_table_shows_only_the_settings_that_differ(two_runs, tmp_path, capsy
         "| optimizer.lr | status | params | tokens | wall s | tokens/s | MFU | first val | final val "
         "| best val | val_bpb |"
     ) in header  # val_bpb: a number the records carry beyond the usual
-    # the same in both (batch_size), never a difference (out_dir), or implied by the MLP's name (gelu's approximate)
+    # the same in both (batch_size), never a difference (out_dir), or implied by the MLP's name
+    # (gelu's approximate)
     assert "batch_size" not in out and "out_dir" not in out and "approximate" not in out
     assert "| 0.003 | done |" in out and "| 0.01 | done |" in out and "| swiglu |" in out
     assert (tmp_path / "compare.png").read_bytes()[:8] == PNG and "figure: compare.png" in out

@@ -55,7 +55,8 @@ def text_of(ids) -> str:
 
 
 def stream_text(data, rows=40):
-    """The text of `rows` train rows as the stream hands them out (a row's last token is the next one's first)."""
+    """The text of `rows` train rows as the stream hands them out (a row's last token is the next
+    one's first)."""
     x, y = data.batch("train", 0, range(rows))
     return text_of(torch.cat([x[0, :1], *y]).tolist())
 

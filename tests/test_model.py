@@ -82,7 +82,8 @@ def twin_models(path, n_layer=2):
 
 
 def test_sdpa_matches_the_manual_reference_outputs_and_gradients(gpt_small_path):
-    """At the attention itself: outputs, parameter gradients and input gradients within 1e-5 of their scale."""
+    """At the attention itself: outputs, parameter gradients and input gradients within 1e-5 of their
+    scale."""
     torch.manual_seed(0)
     fused, manual = (model.blocks[0].attn for model in twin_models(gpt_small_path))
     position = GPT(load_recipe(gpt_small_path, ["model.n_layer=1", "model.block_size=64"])).position

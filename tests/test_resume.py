@@ -1,5 +1,5 @@
-"""Resume is exact: a run stopped with Ctrl-C or SIGTERM, or killed with SIGKILL, then started again with the same
-command, logs the same loss at every step, bit for bit, as a run that was never stopped. And a
+"""Resume is exact: a run stopped with Ctrl-C or SIGTERM, or killed with SIGKILL, then started again with
+the same command, logs the same loss at every step, bit for bit, as a run that was never stopped. And a
 checkpoint is whole or absent, whatever moment the process dies."""
 
 import os

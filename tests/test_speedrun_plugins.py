@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lab_speedrun.wiring import ValueEmbeddingsConfig, table_pattern
 from tiny import tiny_recipe
 
 from lab.commands.cli import main
@@ -21,6 +20,7 @@ from lab.plugins import registry
 from lab.recipe import SECTIONS, ModelConfig, Part, Recipe
 from lab.runs.metrics import read_metrics
 from lab.testing import _data_context, assert_close_to_scale, build
+from lab_speedrun.wiring import ValueEmbeddingsConfig, table_pattern
 
 EOT = 50256
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=32, dropout=0.0)

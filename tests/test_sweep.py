@@ -231,7 +231,8 @@ def test_values_split_on_commas_outside_lists_and_quotes():
     [
         (
             ["--vary", "optimizer.lrr=1e-3,3e-3"],
-            "--vary optimizer.lrr=1e-3: unknown key 'lrr' in tiny.toml [optimizer] for optimizer 'adamw'. Did you mean 'lr'?",
+            "--vary optimizer.lrr=1e-3: unknown key 'lrr' in tiny.toml [optimizer] for optimizer 'adamw'. "
+            "Did you mean 'lr'?",
         ),
         (
             ["--vary", "trian.batch_size=2,4"],

@@ -301,7 +301,8 @@ def test_a_tokenizer_with_settings_needs_a_recipe(tmp_path, corpus, capsys):
 
 
 def test_shipped_tokenizers_are_the_documented_commands_output(tmp_path, capsys):
-    """The tokenizers the shakespeare recipes use are what `lab tokenizer train` makes of the shipped corpus."""
+    """The tokenizers the shakespeare recipes use are what `lab tokenizer train` makes of the shipped
+    corpus."""
     from lab_tokenizers import bpe, char
 
     assert run_lab(capsys, "tokenizer", "train", CORPUS, "--char", "--out", tmp_path / "c")[0] == 0

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         metavar="NAME",
-        help="a registered tokenizer (`lab plugins` lists them); default: the only one that needs no settings",
+        help="a registered tokenizer (`lab plugins` lists them); "
+        "default: the only one that needs no settings",
     )
     p.add_argument(
         "--recipe",
@@ -173,8 +174,9 @@ def cmd_plugins(args) -> int:
         for layer in range(recipe.model.n_layer):
             for slot, part in recipe.layer_parts.get(layer, {}).items():
                 used.setdefault((slot, part.name), [])
-                if used[slot, part.name] is not None:
-                    used[slot, part.name].append(layer)
+                layers = used[slot, part.name]
+                if layers is not None:
+                    layers.append(layer)
     for slot, components in plugins.components.items():
         print(f"{slot}:")
         if not components:

@@ -69,7 +69,8 @@ def prepare_files(args, out: Path) -> int:
     print(
         f"wrote {args.out}: "
         + ", ".join(
-            f"{split}.bin {meta[f'{split}_tokens']:,} tokens ({_count(meta[f'{split}_documents'], 'document')})"
+            f"{split}.bin {meta[f'{split}_tokens']:,} tokens "
+            f"({_count(meta[f'{split}_documents'], 'document')})"
             for split in SPLITS
         )
         + f"; {meta['dtype']}, tokenizer {meta['tokenizer']}"

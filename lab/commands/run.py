@@ -35,7 +35,8 @@ def read_recipe(path: str, overrides) -> Recipe:
     """The recipe; resuming, its tokenizer's files are the copies the run folder keeps when the
     originals have moved (lab.runs.tokenizer_files)."""
     raw = apply_overrides(read_toml(path), overrides)
-    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    train = raw.get("train")
+    train = train if isinstance(train, dict) else {}
     run_dir = train.get("out_dir") or f"runs/{raw.get('name') or Path(path).stem}"  # as run_folder() has it
     if isinstance(run_dir, str):  # anything else is not a folder: resolve() says so, naming the key
         tokenizer_files.use_kept(raw, run_dir, source=path)

@@ -36,7 +36,7 @@ def read_token_sequences(path, tokenizer) -> list[list[int]]:
     elif not path.is_file():
         raise LabError(f"{path} not found; {TEXT_HELP}")
     elif path.suffix in (".jsonl", ".parquet"):
-        seqs = [document_ids(tokenizer, doc.text) for doc in documents([path])]
+        seqs = [document_ids(tokenizer, doc.text) for doc in documents([path])]  # type: ignore[arg-type]  # a .jsonl line's or a row's text is never None
     else:
         seqs = [document_ids(tokenizer, read_text_file(path))]
     if not seqs or all(len(s) < 2 for s in seqs):
@@ -92,6 +92,7 @@ def parse_item(line: str, where: str) -> Item:
         raise LabError(f"{where} is not valid JSON ({e}); {TASK_HELP}") from None
     if not isinstance(record, dict):
         raise LabError(f"{where} is not a JSON object; {TASK_HELP}")
+    context: str | None  # checked below
     if "endings" in record:
         context, choices = hellaswag_context(record, where), record["endings"]
         if isinstance(choices, list):

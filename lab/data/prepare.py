@@ -63,7 +63,8 @@ PARALLEL_BYTES = 8 << 20  # inputs at least this big are tokenized by one proces
 
 def build_tokenizer(name: str | None, recipe: str | None = None, overrides=()) -> Tokenizer:
     """The recipe's [tokenizer] (a tokenizer with settings, such as a trained file); else the registered
-    tokenizer `name` with its default settings; with neither, the only one installed that needs no settings."""
+    tokenizer `name` with its default settings; with neither, the only one installed that needs no
+    settings."""
     from lab.plugins import registry
 
     if recipe is not None:
@@ -298,7 +299,7 @@ def tokenize_all(items: Iterator, tokenizer: Tokenizer, workers: int) -> Iterato
     # Pool.imap would read the whole input ahead into its queue; a window of 2 tasks per worker
     # keeps every process busy while memory stays at a few pieces, whatever the corpus size.
     with multiprocessing.Pool(workers, _init_worker, (tokenizer,)) as pool:
-        pending = deque()
+        pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(_tokenize_in_worker, (item,)))
             if len(pending) >= 2 * workers:
@@ -339,6 +340,7 @@ class Output:
                 split = split or ("val" if draw < self.val_fraction else "train")
                 self.current = self.val if split == "val" else self.train
                 self.current.start_document()
+            assert self.current is not None  # every piece comes after its document's start
             self.current.write(ids)
 
     def keep_both_splits(self) -> None:

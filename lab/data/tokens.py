@@ -52,7 +52,8 @@ def check_meta_matches(meta: dict, folder: Path, tokenizer: Tokenizer) -> None:
         )
     if (meta["tokenizer"], meta["vocab_size"]) != (tokenizer.name, tokenizer.vocab_size):
         raise LabError(
-            f"{folder}/meta.json: the tokens were made by tokenizer '{meta['tokenizer']}' ({meta['vocab_size']} "
+            f"{folder}/meta.json: the tokens were made by tokenizer '{meta['tokenizer']}' "
+            f"({meta['vocab_size']} "
             f"tokens) but the recipe's [tokenizer] is '{tokenizer.name}' ({tokenizer.vocab_size} tokens); "
             f'set [tokenizer] name = "{meta["tokenizer"]}", or re-run: '
             f"lab prepare YOUR_TEXT --out {folder} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -145,7 +146,8 @@ def shard(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modu
         # Gather weights in bf16 (half the traffic; the matmuls run in bf16 anyway) but average the
         # gradients in fp32, so small gradients summed over many processes are not rounded away.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.blocks:  # a unit per block: gathered just before it runs, freed after
+    blocks = cast(nn.ModuleList, model.blocks)  # GPT's blocks
+    for block in blocks:  # a unit per block: gathered just before it runs, freed after
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root unit holds the rest. The token embedding and the head are one tied matrix, and both
     # modules are in this unit, so it is one parameter sharded once, and its two gradients add up.
@@ -159,7 +161,7 @@ def gradient_sync(model: nn.Module, sync: bool):
     if isinstance(model, DDP):
         return nullcontext() if sync else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # a model sharded by FSDP2
-        model.set_requires_gradient_sync(sync)
+        model.set_requires_gradient_sync(sync)  # type: ignore[operator]  # FSDP2's, found by hasattr
     return nullcontext()
 
 
@@ -207,6 +209,7 @@ def scatter(objects: list | None):
     """objects[r] from rank 0 to rank r (what gather collected, handed back): objects matters on rank
     0 only. Small things only, as they are pickled."""
     if not dist.is_initialized():
+        assert objects is not None  # one process: it is rank 0, which has them
         return objects[0]
     box = [None]
     dist.scatter_object_list(box, objects if dist.get_rank() == 0 else None, src=0)

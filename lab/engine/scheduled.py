@@ -55,7 +55,7 @@ class Scheduled:
             if quantity not in TRAINER_QUANTITIES:
                 for module in model.modules():
                     if hasattr(module, "set_scheduled"):
-                        module.set_scheduled(quantity, share)
+                        module.set_scheduled(quantity, share)  # type: ignore[operator]  # found by hasattr
         return {f"schedule.{q}": v for q, v in shares.items()}
 
     def tokens(self, step: int, micro_batches: int) -> int:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from lab.engine import device as devices
 from lab.engine import distributed
-from lab.engine.peak import device_peak
+from lab.engine.peak import Peak, device_peak
 from lab.engine.precision import pick_dtype
 from lab.engine.scheduled import Scheduled, split_sequences
 from lab.errors import LabError
@@ -194,6 +194,7 @@ class Trainer:
                 f"{self.tokenizer.vocab_size} tokens of tokenizer '{recipe.parts['tokenizer'].name}'; "
                 f"set model.vocab_size to at least {self.tokenizer.vocab_size}"
             )
+        assert isinstance(recipe.model.vocab_size, int)  # "auto" was resolved when the recipe was read
         context = DataContext(
             block_size=recipe.model.block_size,
             vocab_size=recipe.model.vocab_size,
@@ -219,7 +220,7 @@ class Trainer:
         self.parallel = "ddp" if self.cfg.parallel == "auto" else self.cfg.parallel
         # What the steps run: DDP around the model, or the model itself sharded by FSDP2. self.model
         # stays the model (for FSDP2, the sharded one), for the optimizer, checkpoints and sampling.
-        self.wrapped = self.model
+        self.wrapped: torch.nn.Module = self.model
         if layout.world_size > 1:
             self.wrapped = distributed.parallelize(self.model, self.parallel, self.device, self.dtype)
         self.prompt = self.prompt_ids()  # a sampling setting that cannot work fails now, not after training
@@ -237,11 +238,11 @@ class Trainer:
             self.cfg.batch_size * recipe.model.block_size * self.grad_accum * layout.world_size
         )  # at the full batch; a batch_size schedule trains on fewer at first
         self.step_tokens, self.tokens_seen = self.tokens_per_step, 0
-        self.peak = device_peak(self.device, self.dtype) if self.main else None
-        self.resumed_rng = None
-        self.val_bytes = None  # UTF-8 bytes the val batches' targets spell, per process (see evaluate)
-        self.saved_step = None  # the step of the checkpoint this process last saved or resumed from
-        self.log = None  # metrics.jsonl, rank 0's
+        self.peak: Peak | None = device_peak(self.device, self.dtype) if self.main else None  # rank 0's
+        self.resumed_rng: dict | None = None
+        self.val_bytes: float | None = None  # UTF-8 bytes the val batches' targets spell, per process
+        self.saved_step: int | None = None  # the step of the checkpoint this process last saved or resumed
+        self.log: MetricsLog | None = None  # metrics.jsonl, rank 0's
         # The recipe's loggers, built now: one whose package is missing stops the run before it starts.
         self.loggers = [part.build() for part in recipe.loggers] if self.main else []
         if self.main:
@@ -272,6 +273,7 @@ class Trainer:
                 + f"; at step {self.step}: "
                 + ", ".join(f"{q} x{v:.3g}" for q, v in self.scheduled.shares(self.step).items())
             )
+        assert self.peak is not None  # describe runs on rank 0 alone
         print(f"MFU is measured against the {self.peak.source}" + (" (per process)" if world > 1 else ""))
 
     def resume(self, ckpt: Path) -> None:
@@ -280,7 +282,8 @@ class Trainer:
         numbers from the start (same seed, same draws), so that is where each of them was. It also
         means the processes' dropout masks repeat each other's on their own rows; and another layout
         draws other masks, so with dropout > 0 only a resume on the same layout is exact."""
-        weights, state = distributed.on_main(self.read_checkpoint, ckpt) or ({}, {})
+        found: tuple[dict, dict] = distributed.on_main(self.read_checkpoint, ckpt) or ({}, {})
+        weights, state = found
         if not distributed.share("optimizer" in state if self.main else None):
             return self.start_from_weights(ckpt, weights)
         # The optimizer's moments come from the checkpoint; its settings (betas, weight decay, fused
@@ -336,7 +339,7 @@ class Trainer:
         cfg, started = self.cfg, time.perf_counter()
         resumed = self.resumed_rng is not None
         distributed.on_main(self.open_run_folder, resumed)
-        if resumed:
+        if self.resumed_rng is not None:
             checkpoint.set_rng_state(self.resumed_rng, self.device)
         self.bar = tqdm(
             total=self.max_steps,
@@ -415,9 +418,9 @@ class Trainer:
                 sums[name] = sums[name] + value if name in sums else value
         # The norm of the whole gradient, the same on every process: DDP's gradients are already
         # averaged; FSDP2's are DTensor shards, whose norm clip_grad_norm_ reduces over the processes.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
         means = dict(zip(sums, distributed.mean(torch.stack(list(sums.values())) / accum).tolist()))
-        loss, grad_norm = means.pop("loss"), grad_norm.item()
+        loss, grad_norm = means.pop("loss"), norm.item()
         self.check_extras(means)  # a component's own term first: its message names the component
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.stop_on_nonfinite(loss, grad_norm)  # before the update: the weights stay good
@@ -441,9 +444,10 @@ class Trainer:
                 kept = checkpoint.latest(self.run_dir)
                 raise LabError(
                     f"{owner} gave the extra {'loss term' if name.startswith('loss.') else 'scalar'} "
-                    f"'{name.removeprefix('loss.')}' = {value} at step {self.step + 1}: the run stopped without "
-                    f"updating the weights or saving ({f'{kept} is kept' if kept else 'no checkpoint yet'}). "
-                    "Fix the component so it gives a finite number (e.g. add an eps before a log or a division)"
+                    f"'{name.removeprefix('loss.')}' = {value} at step {self.step + 1}: the run stopped "
+                    "without updating the weights or saving "
+                    f"({f'{kept} is kept' if kept else 'no checkpoint yet'}). Fix the component so it gives "
+                    "a finite number (e.g. add an eps before a log or a division)"
                 )
 
     def record(
@@ -452,6 +456,7 @@ class Trainer:
         """The step's line in metrics.jsonl, the progress bar, and every log_interval a log line."""
         if not self.main:
             return
+        assert self.peak is not None and self.log is not None  # rank 0's, made before the first step
         tokens_per_s = self.step_tokens / seconds
         # MFU against one device's peak, so per process: every process runs its share of the tokens.
         mfu = self.peak.mfu(self.flops_per_token, tokens_per_s / self.layout.world_size)
@@ -523,6 +528,7 @@ class Trainer:
             ).item()
         val_bpb = bits_per_byte(val_loss, sum(y.numel() for y in targets), self.val_bytes)
         if self.main:
+            assert self.log is not None
             self.log.write(
                 {
                     "step": self.step,
@@ -623,6 +629,7 @@ class Trainer:
         return ids
 
     def summarize(self, seconds: float) -> None:
+        assert self.log is not None  # rank 0 summarizes, once the run folder is open
         vals = [r["val_loss"] for r in self.log.records if "val_loss" in r]
         print(
             f"done: step {self.step}, val loss {vals[0]:.4f} -> {vals[-1]:.4f}, "
@@ -656,11 +663,11 @@ class StopOnSignal:
         "without saving)",
         signal.SIGTERM: "SIGTERM: finishing this step and saving a checkpoint",
     }
-    received = None  # the first signal caught
+    received: signal.Signals | None = None  # the first signal caught
 
     def __init__(self, say: bool = True):
         self.say = say
-        self.previous = {}
+        self.previous: dict = {}
 
     @property
     def requested(self) -> bool:
@@ -669,6 +676,7 @@ class StopOnSignal:
     @property
     def exit_status(self) -> int:
         """128 + the signal's number, as a shell reports a process the signal ended: 130, 143."""
+        assert self.received is not None  # asked only once a signal stopped the run
         return 128 + int(self.received)
 
     def __enter__(self):

@@ -51,7 +51,8 @@ def lay_out_for_decoding(model: nn.Module, rows: int = 1, margin: float = 0.9) -
         if faster:
             module.__class__ = DecodingLinear  # same parameters and state dict; another forward
             module.register_buffer("weight_t", w.detach().t().contiguous(), persistent=False)
-            module.rows = rows
+            # ignore: a plain int, which nn.Module.__setattr__'s typing (tensors and modules) does not allow
+            module.rows = rows  # type: ignore[assignment]
         choices[name] = "copy" if faster else "as trained"
     return choices
 

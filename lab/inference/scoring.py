@@ -19,7 +19,7 @@ from lab.errors import LabError
 from lab.fused_loss import padded_rows, soft_cap
 
 
-def bits_per_byte(loss_nats: float, tokens: int, num_bytes: int) -> float:
+def bits_per_byte(loss_nats: float, tokens: int, num_bytes: float) -> float:
     """Mean loss per token (nats) over `tokens` tokens that spell `num_bytes` bytes -> bits per byte."""
     return loss_nats / math.log(2) * tokens / num_bytes
 

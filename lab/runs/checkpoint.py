@@ -35,6 +35,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -326,6 +327,7 @@ def restore(
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(model, weights, options=options)
     if optimizer is not None:  # None: the weights alone, for a fresh optimizer
+        assert optimizer_state is not None  # given with the optimizer
         set_optimizer_state_dict(
             model, optimizer, _by_name(optimizer_state, model, optimizer), options=options
         )
@@ -396,7 +398,9 @@ def rng_state(device: torch.device | None = None) -> dict:
     """Every random generator training draws from (python, numpy, torch, CUDA), as tensors and lists.
     device: the GPU training runs on, whose stream a process of a resumed distributed run continues."""
     version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # The global generator is MT19937, whose legacy state is this tuple (numpy's stub allows a dict too)
+    state_tuple = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, pos, has_gauss, cached = state_tuple
     state = {
         "python": [version, list(mt), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],

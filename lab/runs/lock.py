@@ -25,7 +25,7 @@ from lab.runs.layout import LOCK
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # no flock on Windows: the lock is advisory there
 
 
 class RunLock:
@@ -36,7 +36,7 @@ class RunLock:
         """name: the lock file (one folder may have locks for separate writers); why and fix: what the
         message says a second writer would break, and how to avoid it (defaults: a run's)."""
         self.run_dir, self.command, self.name, self.why, self.fix = Path(run_dir), command, name, why, fix
-        self.fd = None
+        self.fd: int | None = None
         self.created = False
 
     def __enter__(self) -> "RunLock":
@@ -66,6 +66,7 @@ class RunLock:
             "command": self.command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
+        assert self.fd is not None  # called from __enter__, once the lock file is open
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)

@@ -7,8 +7,8 @@ compares runs whose tokenizers differ). Step k is the k-th optimizer update; the
 sees the model after it (step 0: before any training). tokens: the tokens trained on up to step k (all
 processes together); elapsed: wall-clock seconds of training so far, summed over the run's sessions,
 so a resumed run's seconds axis continues where it stopped. A recipe's [schedule.QUANTITY] tables add
-"schedule.QUANTITY" to each step: the share of the quantity used (lab.engine.scheduled). A resumed run first drops the lines after
-its checkpoint's step, so the file holds each step once.
+"schedule.QUANTITY" to each step: the share of the quantity used (lab.engine.scheduled). A resumed run
+first drops the lines after its checkpoint's step, so the file holds each step once.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def plot_losses(records: list[dict], path, title: str = "") -> None:
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(lines, [line.get_label() for line in lines])
+    ax.legend(lines, [str(line.get_label()) for line in lines])
     fig.tight_layout()
     try:
         with replacing(path, "wb") as f:  # a reader never sees half a picture

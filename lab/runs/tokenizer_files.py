@@ -26,7 +26,7 @@ def keep(tokenizer: Tokenizer, folder) -> None:
     if not files:
         return  # its files ship with its package
     folder.mkdir(parents=True, exist_ok=True)
-    names = {}
+    names: dict[str, str] = {}
     for setting, path in sorted(files.items()):
         name = Path(path).name
         if name in names.values() or name == TOKENIZER_MANIFEST:
@@ -61,8 +61,8 @@ def use_kept(raw: dict, run_dir, source: str | None = None) -> None:
             if sha256(Path(given)) != sha256(kept):
                 raise LabError(
                     f"{source} [tokenizer] {setting} = '{given}' is not the tokenizer {run_dir} was trained "
-                    f"with (a copy of that one is kept in {kept}). A run keeps its tokenizer: start a new run "
-                    f"with --set train.out_dir=..., or point [tokenizer] {setting} at {kept}"
+                    f"with (a copy of that one is kept in {kept}). A run keeps its tokenizer: start a new "
+                    f"run with --set train.out_dir=..., or point [tokenizer] {setting} at {kept}"
                 )
             continue  # the same file: the recipe stays as the user wrote it
         table[setting] = str(kept)

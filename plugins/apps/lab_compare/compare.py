@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 from lab.errors import LabError
 from lab.files import replacing
@@ -26,7 +27,7 @@ def run_table(runs: list[Run]) -> list[dict]:
         recipe, steps, evals = flatten(run.recipe), run.steps, run.evals
         val = [r["val_loss"] for r in evals]
         last = run.records[-1] if run.records else {}
-        row = {"run": str(run.path)}
+        row: dict[str, Any] = {"run": str(run.path)}
         row.update({key: recipe.get(key) for key in differing})
         row.update(
             {

@@ -59,7 +59,8 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        """From the records (they hold the layout's real figure); the recipe's on one process for older runs."""
+        """From the records (they hold the layout's real figure); the recipe's on one process for older
+        runs."""
         for r in self.records:
             if r.get("tokens") and r["step"]:
                 return r["tokens"] // r["step"]
@@ -149,7 +150,8 @@ def differences(runs: list[Run]) -> list[str]:
 
 
 def extra_keys(runs: list[Run]) -> list[str]:
-    """Numbers the records carry beyond the usual ones (extra loss terms, val_bpb...), in order of appearance."""
+    """Numbers the records carry beyond the usual ones (extra loss terms, val_bpb...), in order of
+    appearance."""
     keys = dict.fromkeys(
         k
         for run in runs

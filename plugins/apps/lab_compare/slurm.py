@@ -57,7 +57,8 @@ def submit(grid, todo, args) -> bool:
     )
     if cluster == "slurm":
         print(
-            f"when they finish: lab compare {grid.out} (and the same `lab sweep` command continues any that stopped)"
+            f"when they finish: lab compare {grid.out} "
+            "(and the same `lab sweep` command continues any that stopped)"
         )
         return False
     failed = [cell for cell, job in zip(todo, jobs) if job.exception() is not None]  # local: wait for them

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lab.data.prepare import cpu_count
 from lab.errors import LabError
@@ -290,7 +291,7 @@ class Pool:
     def __init__(self, jobs: int):
         self.envs = slots(jobs)
         self.running: dict[subprocess.Popen, tuple[Cell, int, float]] = {}  # process -> (cell, slot, start)
-        self.stop = None  # the signal that asked the sweep to stop
+        self.stop: signal.Signals | None = None  # the signal that asked the sweep to stop
 
     def run(self, grid: Grid, todo: list[Cell]) -> int:
         previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -311,7 +312,8 @@ class Pool:
                 signal.signal(sig, handler)
         if self.stop is not None:
             print(
-                f"sweep stopped; the runs saved checkpoints. Continue with the same command:\n  {grid.command()}"
+                "sweep stopped; the runs saved checkpoints. Continue with the same command:\n"
+                f"  {grid.command()}"
             )
             return 128 + int(self.stop)
         if failed:
@@ -417,23 +419,24 @@ def summarize(folder: Path, axis: str = "tokens", output: Path | None = None, qu
 def variant_table(grid: Grid, groups: dict[str, list[Run]]) -> list[dict]:
     """Per variant, over its finished seeds: mean ± std of the final val loss, the difference from the
     baseline with Welch's p-value, and the rank (1: lowest mean)."""
-    finals = {
+    # list[Any]: a finished run's final val loss is a float (it evaluated at its last step)
+    finals: dict[str, list[Any]] = {
         label: [r.final_val_loss for r in groups.get(label, []) if r.finished] for label, _ in grid.variants
     }
     baseline = grid.variants[0][0]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, _ in grid.variants:
         values, started = finals[label], len(groups.get(label, []))
         mean, std = stats.mean_std(values) if values else (None, None)
         base = finals[baseline]
-        row = {
+        row: dict[str, Any] = {
             "variant": label,
             "baseline": label == baseline,
             "seeds_done": len(values),
             "seeds_running": started - len(values),
             "final_val_loss_mean": mean,
             "final_val_loss_std": std,
-            "diff_vs_baseline": mean - stats.mean_std(base)[0]
+            "diff_vs_baseline": mean - stats.mean_std(base)[0]  # type: ignore[operator]  # a float when values
             if values and base and label != baseline
             else None,
             "p_welch": stats.welch_p(values, base) if label != baseline else None,

@@ -44,7 +44,8 @@ def cli_eval(args) -> int:
         score = score_text(model, tokenizer, seqs, stride, args.batch_size, desc=Path(path).name).to_dict()
         results["text"][path] = {**score, "stride": stride}
         print(
-            f"{path}: loss {score['loss']:.4f} | perplexity {score['perplexity']:.2f} | bpb {score['bpb']:.4f} "
+            f"{path}: loss {score['loss']:.4f} | perplexity {score['perplexity']:.2f} | "
+            f"bpb {score['bpb']:.4f} "
             f"({score['tokens']:,} tokens, {score['bytes']:,} bytes)"
         )
     for path, items in tasks.items():
@@ -73,7 +74,8 @@ def text_stride(stride: int | None, block_size: int) -> int:
     if not 1 <= stride <= block_size:
         raise LabError(
             f"--stride {stride} must be between 1 and the model's block_size, {block_size}: windows "
-            f"further apart than a block would leave tokens unscored (e.g. --stride {max(1, block_size // 2)})"
+            "further apart than a block would leave tokens unscored "
+            f"(e.g. --stride {max(1, block_size // 2)})"
         )
     return stride
 

@@ -11,6 +11,7 @@ so a task scored here and by `lab eval --tasks` gives the same numbers.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -149,7 +150,7 @@ def cut_at_stops(text: str, until: list[str]) -> str:
     return text
 
 
-def find_tasks(tasks: str, include_path: str | None):
+def find_tasks(tasks: str, include_path: str | None) -> tuple[list[str], Any]:
     """(task names, lm-eval's TaskManager that knows them): checked before any model is loaded."""
     from lm_eval.tasks import TaskManager
 

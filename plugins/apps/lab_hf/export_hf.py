@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 
@@ -111,7 +112,8 @@ def gpt2_refusals(recipe: Recipe) -> list[str]:
         reasons.append(f"model.logit_softcap = {recipe.model.logit_softcap} (GPT-2's logits are not capped)")
     if recipe.model.kv_heads != recipe.model.n_head:
         reasons.append(
-            f"model.n_kv_head = {recipe.model.n_kv_head} (GPT-2 gives every query head its own keys and values)"
+            f"model.n_kv_head = {recipe.model.n_kv_head} "
+            "(GPT-2 gives every query head its own keys and values)"
         )
     if recipe.model.qk_norm:
         reasons.append("model.qk_norm = true (GPT-2 has no norm on queries and keys)")
@@ -120,7 +122,9 @@ def gpt2_refusals(recipe: Recipe) -> list[str]:
 
 def hf_config(recipe: Recipe, eot: int | None) -> dict:
     m = recipe.model
-    mlp, norm = recipe.parts["mlp"].config, recipe.parts["norm"].config
+    # Any: the gelu MLP's and layernorm's own Configs, which the checks above made sure of
+    mlp: Any = recipe.parts["mlp"].config
+    norm: Any = recipe.parts["norm"].config
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

@@ -10,6 +10,8 @@ in one projection and SwiGLU's gate and up in one matrix: transformers has one o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lab.errors import LabError
@@ -34,7 +36,7 @@ def refusals(recipe: Recipe) -> list[str]:
         reasons.append(f"model.logit_softcap = {m.logit_softcap} (Llama's logits are not capped)")
     if getattr(m, "qk_norm", False):
         reasons.append("model.qk_norm = true (Llama has no norm on queries and keys)")
-    position = recipe.parts["position"]
+    position: Any = recipe.parts["position"]  # its config is rope's own when the name is rope
     if position.name == "rope" and position.config.fraction != 1.0:
         reasons.append(f"model.position.fraction = {position.config.fraction} (Llama rotates every dim)")
     return reasons
@@ -42,7 +44,10 @@ def refusals(recipe: Recipe) -> list[str]:
 
 def hf_config(recipe: Recipe, eot: int | None) -> dict:
     m = recipe.model
-    mlp, norm, rope = recipe.parts["mlp"], recipe.parts["norm"].config, recipe.parts["position"].config
+    # Any: the swiglu's, rmsnorm's and rope's own Configs, which the checks made sure of
+    mlp: Any = recipe.parts["mlp"]
+    norm: Any = recipe.parts["norm"].config
+    rope: Any = recipe.parts["position"].config
     from lab_mlp.swiglu import hidden_width
 
     return {

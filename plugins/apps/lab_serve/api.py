@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lab.errors import LabError
 from lab_serve.batcher import Job
-from lab_serve.runs import Busy, ModelPool, RunTable
+from lab_serve.runs import Busy, ModelPool, RunTable, Served
 
 log = logging.getLogger("lab_serve")
 STATIC = Path(__file__).parent / "static"
@@ -265,7 +265,7 @@ def held_back(text: str, stops: list[str]) -> int:
 
 @dataclass
 class Prepared:
-    served: object
+    served: Served
     prompts: list[list[int]]
     settings: dict
     n: int
@@ -406,7 +406,8 @@ def usage(p: Prepared, tokens: int) -> dict:
 async def collect(queue, jobs, request: Request) -> tuple[dict[int, str], dict[int, str]]:
     """(texts, finish reasons) by choice index, once every job has ended; cancels them if the client
     goes away first."""
-    texts, ends = {}, {}
+    texts: dict[int, str] = {}
+    ends: dict[int, str] = {}
     try:
         while len(ends) < len(jobs):
             try:

@@ -29,7 +29,7 @@ import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -79,8 +79,9 @@ class Reader:
     def __init__(self, files: list[Path], position=(0, 0, 1), reading: Reading | None = None):
         self.files, self.reading = files, reading or Reading()
         self.file, self.offset, self.line = position
-        self.handle = None
-        self.rows = None  # a .parquet file's (row, text, bytes) from the row at offset on
+        self.handle: BinaryIO | None = None
+        # A .parquet file's (row, text, bytes) from the row at offset on.
+        self.rows: Iterator[tuple[int, str, int]] | None = None
 
     @property
     def position(self) -> list[int]:
@@ -123,11 +124,13 @@ class Reader:
         return Unit(text.encode(), self.files[self.file], number + 1, self.file, number, number + 1)
 
     def next_line(self) -> bytes:
+        assert self.handle is not None  # next() opened the file
         return self.handle.readline()
 
     def next_piece(self) -> bytes:
         """About PIECE_BYTES, cut after a seam (lab.data.text.last_seam: tokenizing the pieces apart gives
         the ids of the whole); the rest of the file at its end."""
+        assert self.handle is not None  # next() opened the file
         raw = b""
         while True:
             block = self.handle.read(PIECE_BYTES)
@@ -296,7 +299,8 @@ class JsonlData(DataSource):
             windows = [self.train.window() for _ in rows]
         else:
             windows = [self.val_window(step * len(rows) + i) for i in range(len(rows))]
-        tokens = torch.from_numpy(np.stack(windows))
+        # The train split repeats, so its window() never gives None
+        tokens = torch.from_numpy(np.stack(windows))  # type: ignore[arg-type]
         x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # y is x one token later
         if self.documents:
             return x, y, {"doc_ids": document_ids(x, self.eot_id, self.max_document_tokens)}

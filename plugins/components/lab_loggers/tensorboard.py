@@ -22,7 +22,8 @@ class TensorBoard(Logger):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise LabError("needs the tensorboard package: pip install 'lab[tensorboard]'") from None
-        self.config, self.SummaryWriter, self.writer = config, SummaryWriter, None
+        self.config, self.SummaryWriter = config, SummaryWriter
+        self.writer: SummaryWriter | None = None  # made by open()
 
     def open(self, run_dir: Path, recipe: dict, first_step: int) -> None:
         # purge_step: a resumed run logs the steps after its checkpoint again; TensorBoard drops the
@@ -36,6 +37,7 @@ class TensorBoard(Logger):
     def log(self, record: dict) -> None:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert self.writer is not None  # open() runs before the first record
                 self.writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:

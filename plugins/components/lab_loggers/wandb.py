@@ -31,7 +31,8 @@ class WandB(Logger):
             import wandb
         except ImportError:
             raise LabError("needs the wandb package: pip install 'lab[wandb]'") from None
-        self.config, self.wandb, self.run = config, wandb, None
+        self.config, self.wandb = config, wandb
+        self.run: wandb.Run | None = None  # made by open()
 
     def open(self, run_dir: Path, recipe: dict, first_step: int) -> None:
         run_dir, c = Path(run_dir), self.config
@@ -53,6 +54,7 @@ class WandB(Logger):
     def log(self, record: dict) -> None:
         # W&B's steps only move forward: of the steps a resumed run logs again (those after its
         # checkpoint), it keeps the first session's values and warns; metrics.jsonl has this session's.
+        assert self.run is not None  # open() runs before the first record
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ decay would pull against the step the optimizer chose.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat
@@ -102,7 +102,7 @@ def adamw(config: AdamWConfig, params, model) -> torch.optim.Optimizer:
         },
         {"name": "no_decay", "params": [p.param for p in params if p.role in no_decay], "weight_decay": 0.0},
     ]
-    settings = {"lr": config.lr, "betas": config.betas, "eps": config.eps}
+    settings: dict[str, Any] = {"lr": config.lr, "betas": config.betas, "eps": config.eps}
     if config.cautious_weight_decay:
         return LoopAdamW(groups, **settings, cautious=True)
     impl = config.implementation

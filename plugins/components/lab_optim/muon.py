@@ -15,7 +15,7 @@ component: Muon, then each neuron's update divided by the root of its running me
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -187,20 +187,20 @@ class NorMuonConfig(MuonConfig):
 def muon(config: MuonConfig, params, model) -> Muon:
     """Muon for the hidden matrices, AdamW for the rest, grouped by role, each group named for the log."""
     muon_roles = set(config.muon_roles)
-    groups = {"muon": [], "embedding": [], "head": [], "adamw": []}
+    groups: dict[str, list] = {"muon": [], "embedding": [], "head": [], "adamw": []}
     for p in params:
         if p.role in muon_roles and p.param.dim() >= 2:
             groups["muon"].append(p.param)
         else:
             groups[p.role if p.role in ("embedding", "head") else "adamw"].append(p.param)
-    adamw = {
+    adamw: dict[str, Any] = {
         "use_muon": False,
         "betas": config.adamw_betas,
         "eps": config.adamw_eps,
         "weight_decay": config.adamw_weight_decay,
         "cautious": config.cautious_weight_decay,
     }
-    matrices = {
+    matrices: dict[str, Any] = {
         "use_muon": True,
         "lr": config.lr,
         "momentum": config.momentum,
@@ -212,7 +212,7 @@ def muon(config: MuonConfig, params, model) -> Muon:
     }
     if isinstance(config, NorMuonConfig):
         matrices.update(normalize=True, beta2=config.beta2)
-    settings = {
+    settings: dict[str, dict[str, Any]] = {
         "muon": matrices,
         "embedding": {**adamw, "lr": config.embedding_lr},
         "head": {**adamw, "lr": config.head_lr},
