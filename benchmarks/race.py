@@ -10,7 +10,12 @@ A, B...) so that the machine's load falls on both alike; then, side by side, the
     python -m benchmarks.race recipes/gpt_small.toml recipes/modern_small.toml --seeds 1 2 3
 
 Each run goes to runs/race/<recipe>-seed<S> (an existing finished run is read, not re-trained:
-delete the folder to measure again). Evaluations every --eval-interval steps (10) for both recipes,
+delete the folder to measure again). An ablation races variants of the challenger too, each with
+its own overrides, and prints a row per variant (the challenger without each technique in turn):
+
+    python -m benchmarks.race recipes/modern_small.toml recipes/speedrun_small.toml --seeds 1 \
+        --ablate no_normuon optimizer.name=muon --ablate no_window_warmup schedule.window.start=1
+ Evaluations every --eval-interval steps (10) for both recipes,
 the same val batches as the recipe's. The load average is printed with each run: on a shared machine
 wall-clock times are noisy, so compare the step counts too.
 """
@@ -26,13 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-import tomllib
 
-
-def run(recipe: str, seed: int, args) -> Path:
-    out = Path(args.out) / f"{Path(recipe).stem}-seed{seed}"
-    done = out / "metrics.jsonl"
-    if done.exists() and any(r.get("step") == max_steps(out) and "val_loss" in r for r in read(out)):
+def run(recipe: str, seed: int, args, name: str = "", sets: tuple[str, ...] = ()) -> Path:
+    out = Path(args.out) / f"{Path(recipe).stem}{'-' + name if name else ''}-seed{seed}"
+    if finished(out):
         return out
     command = [
         sys.executable,
@@ -48,7 +50,7 @@ def run(recipe: str, seed: int, args) -> Path:
         f"train.eval_interval={args.eval_interval}",
         "--set",
         "train.checkpoint_interval=100000",
-        *sum((["--set", s] for s in args.set), []),
+        *sum((["--set", s] for s in [*args.set, *sets]), []),
     ]
     load = os.getloadavg()[0]
     started = time.perf_counter()
@@ -65,22 +67,25 @@ def read(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def max_steps(out: Path) -> int:
-    return (
-        tomllib.loads((out / "recipe.toml").read_text())["train"]["max_steps"]
-        if (out / "recipe.toml").exists()
-        else -1
-    )
+def finished(out: Path) -> bool:
+    """The run trained to its end: generated.txt is written after the last step (a run stopped early
+    has none), and its metrics hold the final evaluation."""
+    if not (out / "generated.txt").exists() or not (out / "metrics.jsonl").exists():
+        return False
+    records = read(out)
+    last = max((r["step"] for r in records if "loss" in r), default=-1)
+    return any(r.get("step") == last and "val_loss" in r for r in records)
 
 
 def curve(out: Path) -> list[tuple[int, float, float]]:
-    """(step, training seconds so far, val loss) at every evaluation."""
-    r = tomllib.loads((out / "recipe.toml").read_text())
-    tokens = r["train"]["batch_size"] * r["train"]["grad_accum"] * r["model"]["block_size"]
-    seconds, points = {0: 0.0}, []
+    """(step, training seconds so far, val loss) at every evaluation. A step's seconds are its tokens
+    (the growth of the logged `tokens`, which a batch-size schedule varies) over its tokens/s."""
+    tokens, seconds, points = {0: 0}, {0: 0.0}, []
     for rec in read(out):
         if "tokens_per_s" in rec:
-            seconds[rec["step"]] = seconds.get(rec["step"] - 1, 0.0) + tokens / rec["tokens_per_s"]
+            step_tokens = rec["tokens"] - tokens.get(rec["step"] - 1, 0)
+            tokens[rec["step"]] = rec["tokens"]
+            seconds[rec["step"]] = seconds.get(rec["step"] - 1, 0.0) + step_tokens / rec["tokens_per_s"]
         if "val_loss" in rec:
             points.append((rec["step"], seconds[rec["step"]], rec["val_loss"]))
     return points
@@ -110,7 +115,19 @@ def main(argv=None) -> int:
     p.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--out", default="runs/race")
     p.add_argument("--set", action="append", default=[], help="an override for both recipes")
+    p.add_argument(
+        "--ablate",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar=("NAME", "SET"),
+        help="a variant of the challenger: a name, then its overrides (key=value ...); repeat for more",
+    )
     args = p.parse_args(argv)
+    if any(len(a) < 2 for a in args.ablate):
+        p.error(
+            "--ablate takes a name and at least one override, e.g. --ablate no_normuon optimizer.name=muon"
+        )
     rows = []
     for seed in args.seeds:
         ref, new = (curve(run(r, seed, args)) for r in (args.reference, args.challenger))
@@ -145,7 +162,29 @@ def main(argv=None) -> int:
         f"{fmt(med['reach_ratio'], '{:.2f}x')} | {fmt(med['new_at_ref_time'], '{:.4f}')} | "
         f"{fmt(med['new_at_ref_steps'], '{:.4f}')}"
     )
+    if args.ablate:
+        ablation(args, b)
     return 0
+
+
+def ablation(args, challenger: str) -> None:
+    """Each --ablate variant of the challenger raced against the reference, per seed, interleaved."""
+    print(
+        f"\nablation of {challenger}: each variant's final val loss (vs all techniques), training time, "
+        "and when it reaches the reference's final loss"
+    )
+    for seed in args.seeds:
+        ref = curve(run(args.reference, seed, args))
+        full = curve(run(args.challenger, seed, args))
+        rows = [("(all)", full)] + [
+            (name, curve(run(args.challenger, seed, args, name, tuple(sets)))) for name, *sets in args.ablate
+        ]
+        for name, points in rows:
+            reach = time_to_reach(points, ref[-1][2])
+            print(
+                f"seed {seed} | {name} | {points[-1][2]:.4f} ({points[-1][2] - full[-1][2]:+.4f}), "
+                f"{points[-1][1]:.0f} s | {fmt(None if reach is None else reach / ref[-1][1], '{:.2f}x')}"
+            )
 
 
 def median(values):

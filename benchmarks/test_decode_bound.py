@@ -3,7 +3,7 @@
 A step at batch 1 multiplies one row by every weight matrix once: it cannot be faster than reading
 those bytes from memory. The bound is measured on this machine as a sum over the same matrices (the
 reference), then the step with the weights as trained and with the layout lab generate picks
-(lab/decoding.py). time/ref is then how far each step is from the memory limit (1.5 is the target).
+(lab/inference/decode_layout.py). time/ref is then how far each step is from the memory limit (1.5 is the target).
 The step keeps the cache at a fixed length, so every round does the same work.
 """
 

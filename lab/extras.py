@@ -9,7 +9,9 @@ and needs no change to its forward's signature. The model collects what its comp
 one forward (terms of one name are summed over the layers that add them; scalars of one name are
 averaged); the trainer backpropagates cross-entropy + sum(weight * term), scaled by 1 / grad_accum
 like the loss, and averages every term and scalar over the micro-batches and processes into
-metrics.jsonl (`loss.NAME`, `NAME`) and the log line. Validation reports the cross-entropy as the
+metrics.jsonl (`loss.NAME`, `NAME`) and the log line. A scalar's name may not be one metrics.jsonl
+keeps for lab's own numbers (lab.runs.metrics.is_lab_field: step, tokens, val_...): the trainer
+stops at the first step with a message naming the component. Validation reports the cross-entropy as the
 val loss, with the terms beside it (`val_loss.NAME`).
 
 Outside a model's forward (a component used on its own, as the conformance checks do) both calls do
@@ -18,14 +20,12 @@ nothing, unless the component is inside `collecting(module)`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from lab.errors import LabError
-
-RESERVED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"}
 
 
 class Extras:
@@ -53,11 +53,6 @@ class Extras:
         self.owners[name] = owner
 
     def log_scalar(self, owner: str, name: str, value) -> None:
-        if name in RESERVED or name.startswith(("loss.", "lr.", "val_")):
-            raise LabError(
-                f"{owner} logs a scalar called '{name}', a name metrics.jsonl keeps for lab's own "
-                "numbers; give it a name of its own (e.g. 'router_entropy')"
-            )
         value = (
             value.detach().float().reshape(())
             if isinstance(value, torch.Tensor)
@@ -116,3 +111,15 @@ def collecting(module: nn.Module):
     finally:
         for sub in module.modules():
             sub.__dict__.pop("_lab_extras", None)
+
+
+def micro_backward(forward, model, x, y, accum: int, autocast=None, meta=None) -> dict:
+    """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
+    components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
+    the processes: the mean over the global batch). meta: the data source's per-row metadata.
+    Returns the detached loss and extras."""
+    with autocast or nullcontext():
+        _, loss = forward(x, y, meta=meta) if meta else forward(x, y)
+    extras = model.extras  # what the components added during this forward
+    ((loss + extras.loss()) / accum).backward()
+    return {"loss": loss.detach(), **extras.values()}

@@ -19,6 +19,8 @@ def replacing(path, mode: str = "w"):
     """`with replacing(path, "wb") as f:` a new file beside path, which replaces it (fsynced, with the
     usual permissions) when the block ends; if the block fails it is removed and path is untouched.
     So path holds the old contents or the new, never part of either."""
+    if Path(path).is_dir():  # checked first: the work is not done only to fail at the rename
+        raise LabError(f"{path} is a folder; give a file name to write to")
     fd, tmp = temporary(path)
     try:
         with os.fdopen(fd, mode) as f:

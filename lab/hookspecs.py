@@ -9,7 +9,7 @@ hookspec = pluggy.HookspecMarker("lab")
 def lab_components(register):
     """Register components by calling `register(slot, name, factory, Config, description)`.
 
-    slot:        one of lab.interfaces.SLOTS ("attention", "mlp", "norm", ...)
+    slot:        one of lab.slots.SLOTS ("attention", "mlp", "norm", ...)
     name:        what a recipe writes, e.g. `[model.attention] name = "..."`
     factory:     builds the component; its arguments depend on the slot (see lab.interfaces)
     Config:      a pydantic model of the component's settings, with defaults and a doc per field

@@ -1,17 +1,6 @@
-"""The slots a recipe fills, and the small interface each component meets.
-
-Every component is built by the factory its plugin registered. What the factory is handed depends
-on the slot:
-
-    attention, mlp, norm, position   factory(config, model)       model: lab.recipe.ModelConfig
-    tokenizer                        factory(config)
-    data                             factory(config, context)     context: DataContext
-    optimizer                        factory(config, params, model)  params: [lab.roles.Param(name, param, role)]
-    schedule                         factory(config, max_steps)
-    logger                           factory(config)              any number: [logger.NAME] tables
-    extension                        factory(config, model)       any number: [extension.NAME] tables
-
-`config` is the plugin's own pydantic Config, validated from the recipe's table.
+"""The small interface each slot's components meet (lab/slots.py is the table of slots: what each
+factory is handed, where its recipe table sits, its optional hooks and conformance checks).
+mlp and norm are plain nn.Modules, (B, T, C) -> (B, T, C); the optimizer is a torch.optim.Optimizer.
 """
 
 from __future__ import annotations
@@ -296,22 +285,6 @@ class Logger:
 
     def close(self) -> None:
         """Flush and close; called when the run ends or stops."""
-
-
-# slot -> what its factory returns. mlp and norm are plain modules: (B, T, C) -> (B, T, C).
-# The optimizer is a torch.optim.Optimizer over the model's parameters.
-SLOTS: dict[str, type] = {
-    "attention": Attention,
-    "mlp": nn.Module,
-    "norm": nn.Module,
-    "position": Position,
-    "schedule": Schedule,
-    "optimizer": torch.optim.Optimizer,
-    "data": DataSource,
-    "tokenizer": Tokenizer,
-    "logger": Logger,
-    "extension": Extension,
-}
 
 
 def dropout(p: float) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -26,32 +27,68 @@ from pydantic import (
 )
 from torch import nn
 
-from lab.errors import LabError, did_you_mean
-from lab.interfaces import SLOTS
+from lab.errors import LabError, PluginError, did_you_mean
 from lab.plugins import Component, Registry, registry
+from lab.slots import SLOTS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Where each slot's table sits in a recipe.
-TABLES: dict[str, tuple[str, ...]] = {
-    "attention": ("model", "attention"),
-    "mlp": ("model", "mlp"),
-    "norm": ("model", "norm"),
-    "position": ("model", "position"),
-    "tokenizer": ("tokenizer",),
-    "data": ("data",),
-    "optimizer": ("optimizer",),
-    "schedule": ("schedule",),
+# Where each slot's table sits in a recipe (lab/slots.py). Slots that take any number (MANY) have
+# one sub-table per component, named by it: [logger.tensorboard] (the table holds its settings).
+TABLES: dict[str, tuple[str, ...]] = {s.name: s.table for s in SLOTS.values() if not s.many}
+MANY: dict[str, str] = {s.name: s.table[0] for s in SLOTS.values() if s.many}
+# Quantities besides the learning rate that a schedule component can drive, one sub-table of [schedule]
+# each ([schedule.batch_size] name = "ramp" ...): at step s the run uses the share schedule(s) of the
+# recipe's value (capped at 1: the recipe's value is the most). The trainer applies these two; a
+# component takes others (a sliding window) by naming them in its Config's `scheduled` ClassVar.
+TRAINER_QUANTITIES: dict[str, str] = {
+    "batch_size": "sequences per micro-batch (train.batch_size the most): a batch-size warmup",
+    "seq_len": "tokens per training sequence (model.block_size the most; each window is cut into "
+    "sequences of a divisor of it, so the tokens per step stay the same): a sequence-length schedule",
 }
-# Slots a recipe fills with any number of components, one table each under this one, named by the
-# component: [logger.tensorboard], [logger.wandb] (the table holds its settings, and may be empty).
-MANY: dict[str, str] = {"logger": "logger", "extension": "extension"}
-assert set(TABLES) | set(MANY) == set(SLOTS)
 # The slots a recipe may set per layer, in [model.layers.N.SLOT] (N: 3, "0-2", "1,3", -1 for the last).
-LAYER_SLOTS = ("attention", "mlp", "norm")
+LAYER_SLOTS = tuple(s.name for s in SLOTS.values() if s.per_layer)
+
+
+# Settings that name files or folders a run reads. A component marks one with
+# `Field(..., json_schema_extra=PATH)` (a str, or a list of them). Written in a recipe file, a relative
+# path is resolved against the recipe's folder (so a recipe works from any folder, and beside the data it
+# names); given with --set, against the current folder. "pkg:PACKAGE/PATH" names a file that ships inside
+# an installed package (e.g. "pkg:lab_tokenizers/shakespeare/char/vocab.json"), found from anywhere.
+# The component gets the resolved path.
+PATH = {"lab_path": True}
+PACKAGE_FILE = "pkg:"
+_overridden: ContextVar[frozenset] = ContextVar("overridden", default=frozenset())  # keys set by --set
+
+
+def resolve_path(value: str, recipe_file: str | None, where: str) -> str:
+    """A path setting as a component gets it (see PATH). recipe_file: None for a --set value."""
+    if value.startswith(PACKAGE_FILE):
+        return str(package_file(value, where))
+    if not value or recipe_file is None or Path(value).expanduser().is_absolute():
+        return value
+    beside = Path(recipe_file).resolve().parent / value
+    if not beside.exists() and Path(value).exists():
+        return value  # a recipe written before paths were the recipe's: relative to the current folder
+    return str(beside)
+
+
+def package_file(value: str, where: str) -> Path:
+    """ "pkg:PACKAGE/PATH" -> the file PATH inside the installed package PACKAGE."""
+    from importlib.resources import files
+
+    package, _, inside = value[len(PACKAGE_FILE) :].partition("/")
+    try:
+        root = files(package)
+    except (ImportError, ValueError, TypeError):
+        raise LabError(
+            f"{where} = '{value}': no installed package '{package}' (the form is "
+            f'"{PACKAGE_FILE}PACKAGE/PATH/IN/IT")'
+        ) from None
+    return Path(str(root)) / inside
 
 
 # What torch.manual_seed takes.
@@ -241,11 +278,13 @@ class EvalConfig(Section):
 
     text: list[str] = Field(
         [],
+        json_schema_extra=PATH,
         description='text files, .jsonl files (a "text" field per line) or data '
         "folders from lab prepare: loss, perplexity and bits per byte of each",
     )
     tasks: list[str] = Field(
         [],
+        json_schema_extra=PATH,
         description="multiple-choice .jsonl files ({context, choices, label} or "
         "HellaSwag's format): acc and acc_norm of each",
     )
@@ -286,11 +325,15 @@ class Part:
             args = (parameters(args[0]), args[0])
         try:
             built = self.component.factory(self.config, *args)
+        except PluginError:
+            raise
         except LabError as e:
             if str(e).startswith(self.label):
                 raise
             raise LabError(f"{self.label}: {e}") from None
-        expected = SLOTS[self.component.slot]
+        except Exception as e:  # a bug in the plugin: said with its package, the traceback kept
+            raise PluginError(self.component.package, f"building {self.label}", e) from e
+        expected = SLOTS[self.component.slot].interface
         if not isinstance(built, expected) and not (self.component.slot == "schedule" and callable(built)):
             raise TypeError(
                 f"{self.label} built a {type(built).__name__}, which is not a {expected.__module__}.{expected.__name__}"
@@ -312,6 +355,7 @@ class Recipe:
     layer_parts: dict[int, dict[str, Part]] = field(default_factory=dict)  # layer -> slot -> its own Part
     notes: list[str] = field(default_factory=list)  # what reading it changed that the user should know
     loggers: list[Part] = field(default_factory=list)  # [logger.NAME] tables, in the file's order
+    schedules: dict[str, Part] = field(default_factory=dict)  # [schedule.QUANTITY] tables: quantity -> Part
     extensions: list[Part] = field(default_factory=list)  # [extension.NAME] tables, in the file's order
 
     def layer(self, index: int) -> dict[str, Part]:
@@ -338,6 +382,8 @@ class Recipe:
                     "name": part.name,
                     **part.config.model_dump(mode="json"),
                 }
+        for quantity, part in self.schedules.items():
+            out["schedule"][quantity] = {"name": part.name, **part.config.model_dump(mode="json")}
         if self.loggers:
             out["logger"] = {part.name: part.config.model_dump(mode="json") for part in self.loggers}
         if self.extensions:
@@ -397,13 +443,15 @@ def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
         if keys[-1] == "name" and _is_component_table(keys[:-1]):
             old = _get(raw, keys[:-1])
             if isinstance(old, dict) and old.get("name") != value:
-                dropped = [k for k in old if k != "name"]
+                kept = {k: v for k, v in old.items() if keys[:-1] == ["schedule"] and isinstance(v, dict)}
+                dropped = [k for k in old if k != "name" and k not in kept]
                 if dropped and notes is not None:
                     notes.append(
                         f"--set {text}: [{'.'.join(keys[:-1])}] starts from {value}'s defaults; "
                         f"dropped {old.get('name')}'s {', '.join(dropped)}"
                     )
                 old.clear()
+                old.update(kept)  # [schedule.QUANTITY] tables are their own components: they stay
     for text, keys, value in parsed:
         table = raw
         for i, k in enumerate(keys[:-1]):
@@ -432,8 +480,17 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
     plugins = plugins or registry()
     notes: list[str] = []
     raw = apply_overrides(_copy(raw), overrides, notes)
+    token = _overridden.set(frozenset(".".join(parse_override(o)[0]) for o in overrides))
+    try:
+        return _resolve(raw, source, plugins, notes)
+    finally:
+        _overridden.reset(token)
+
+
+def _resolve(raw: dict, source: str, plugins: Registry, notes: list[str]) -> Recipe:
     name = raw.pop("name", None) or Path(source).stem
     base_tables = {slot: _copy(_get(raw, list(TABLES[slot])) or {}) for slot in LAYER_SLOTS}
+    schedules = _resolve_schedules(raw, source, plugins)
     parts = {slot: _resolve_part(raw, slot, source, plugins) for slot in TABLES}
     layers = raw.get("model", {}).pop("layers", {}) if isinstance(raw.get("model"), dict) else {}
     loggers = _resolve_many(raw, "logger", source, plugins)
@@ -456,10 +513,12 @@ def resolve(raw: dict, source: str, overrides=(), plugins: Registry | None = Non
         layer_parts=layer_parts,
         notes=notes,
         loggers=loggers,
+        schedules=schedules,
         extensions=extensions,
         **sections,
     )
     check_parts(recipe)
+    check_schedules(recipe)
     return recipe
 
 
@@ -477,6 +536,46 @@ def _resolve_many(raw: dict, slot: str, source: str, plugins: Registry) -> list[
         component = plugins.get(slot, name, where=f"{source} [{key}.{name}]")
         parts.append(Part(component, _validate(component.Config, table, source, f"{key}.{name}", component)))
     return parts
+
+
+def _resolve_schedules(raw: dict, source: str, plugins: Registry) -> dict[str, Part]:
+    """The sub-tables of [schedule], taken out of it: {quantity: the schedule component that drives it}."""
+    table = raw.get("schedule")
+    if not isinstance(table, dict):
+        return {}
+    out = {}
+    for quantity in [k for k, v in table.items() if isinstance(v, dict)]:
+        sub, where = dict(table.pop(quantity)), f"schedule.{quantity}"
+        if "name" not in sub:
+            available = ", ".join(sorted(plugins.components["schedule"]))
+            raise LabError(
+                f"{source} [{where}] needs a name: the schedule component that drives {quantity}, e.g.\n"
+                f'  [{where}]\n  name = "ramp"\navailable: {available}'
+            )
+        component = plugins.get("schedule", str(sub.pop("name")), where=f"{source} [{where}]")
+        out[quantity] = Part(component, _validate(component.Config, sub, source, where, component))
+    return out
+
+
+def schedulable(recipe: Recipe) -> dict[str, str]:
+    """{quantity: who takes it}: the trainer's quantities and those the recipe's components declare."""
+    out = dict(TRAINER_QUANTITIES)
+    parts = list(recipe.parts.values()) + [p for layer in recipe.layer_parts.values() for p in layer.values()]
+    for part in parts:
+        for quantity in part.config.scheduled:
+            out.setdefault(quantity, f"{part.component.slot} '{part.name}'")
+    return out
+
+
+def check_schedules(recipe: Recipe) -> None:
+    known = schedulable(recipe)
+    for quantity in recipe.schedules:
+        if quantity not in known:
+            raise LabError(
+                f"{recipe.source} [schedule.{quantity}]: nothing in this recipe takes a scheduled "
+                f"'{quantity}'.{did_you_mean(quantity, known)} Schedulable here: "
+                + "; ".join(f"{q} ({who})" for q, who in known.items())
+            )
 
 
 def _resolve_layers(layers, base_tables: dict, n_layer: int, source: str, plugins: Registry) -> dict:
@@ -541,8 +640,8 @@ def _layer_indices(spec: str, n_layer: int, where: str) -> list[int]:
 
 def check_parts(recipe: Recipe) -> None:
     """Each component's settings checked against the rest of the recipe (the model's shape, the
-    training layout) now, when the recipe is read, not when the model is built. A component's Config
-    may define `check_recipe(self, recipe)`, raising ValueError("what is wrong and how to fix it")."""
+    training layout) now, when the recipe is read, not when the model is built: each Config's
+    `check_recipe(self, recipe)` (lab.slots.ComponentConfig) raises ValueError("what is wrong and how to fix it")."""
     every = [(f"[{'.'.join(TABLES[slot])}]", part) for slot, part in recipe.parts.items()]
     every += [
         (f"[model.layers.{i}.{slot}]", part)
@@ -552,14 +651,14 @@ def check_parts(recipe: Recipe) -> None:
     every += [(f"[extension.{part.name}]", part) for part in recipe.extensions]
     for table, part in every:
         where = f"{recipe.source} {table} ({part.label})"
-        check = getattr(part.config, "check_recipe", None)
-        if check is not None:
-            try:
-                check(recipe)
-            except ValueError as e:
-                raise LabError(f"{where}: {e}") from None
+        try:
+            part.config.check_recipe(recipe)
+        except (ValueError, LabError) as e:
+            raise LabError(f"{where}: {e}") from None
+        except Exception as e:  # a bug in the plugin: said with its package, the traceback kept
+            raise PluginError(part.component.package, f"check_recipe of {part.label}", e) from e
     optimizer = recipe.parts["optimizer"]
-    if recipe.train.parallel == "fsdp" and not getattr(optimizer.config, "works_on_shards", True):
+    if recipe.train.parallel == "fsdp" and not optimizer.config.works_on_shards:
         raise LabError(
             f'{recipe.source} [train] parallel = "fsdp": {optimizer.label} needs whole parameters, '
             'and FSDP2 hands each process a shard of every one. Set train.parallel = "ddp", or '
@@ -613,9 +712,26 @@ def _validate(cls: type[BaseModel], table: Any, source: str, where: str, compone
                 f"Fix it in the file or with --set {where}.{key}=..."
             )
     try:
-        return cls.model_validate(table)
+        config = cls.model_validate(table)
     except ValidationError as err:
         raise LabError(_explain(err, source, where)) from None
+    _resolve_paths(config, source, where)
+    return config
+
+
+def _resolve_paths(config: BaseModel, source: str, where: str) -> None:
+    """Each PATH setting of config as its component gets it (see resolve_path)."""
+    for key, info in type(config).model_fields.items():
+        value = getattr(config, key)
+        if not (isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("lab_path")):
+            continue
+        recipe_file = None if f"{where}.{key}" in _overridden.get() else source
+        label = f"{source} [{where}] {key}"
+        if isinstance(value, str):
+            object.__setattr__(config, key, resolve_path(value, recipe_file, label))
+        elif isinstance(value, list):
+            resolved = [resolve_path(v, recipe_file, label) if isinstance(v, str) else v for v in value]
+            object.__setattr__(config, key, resolved)
 
 
 def _finite(value) -> bool:
@@ -634,6 +750,9 @@ def _explain(err: ValidationError, source: str, where: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "string_type" and isinstance(e["input"], (int, float)) and key:
+            # TOML (and --set, which reads its value as TOML) takes a bare 2024 or inf as a number
+            msg += f'; to give text that looks like a number, quote it: {key} = "{e["input"]}"'
         if key:
             lines.append(
                 f"{source} [{where}] {key} = {e['input']!r}: {msg}. "

@@ -40,6 +40,7 @@ from lab.extras import collecting
 from lab.interfaces import DataContext, Extension, Position
 from lab.plugins import Component, Registry, registry
 from lab.recipe import ModelConfig, Part
+from lab.slots import SLOTS
 
 # Small enough to run every check in well under a second on a CPU.
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
@@ -510,6 +511,56 @@ def optimizer_state_round_trip(component):
         assert torch.equal(a, b), f"after loading the state, parameter {name} took a different step"
 
 
+# --- scheduled quantities ([schedule.QUANTITY] tables), for attention, mlp and norm ----------------
+
+
+@_seeded
+def scheduled_quantities(component):
+    """A component whose Config names quantities in its `scheduled` ClassVar gets them through its
+    module's set_scheduled(quantity, share), before each step: at a small share it still gives a finite
+    output of the right shape (an attention stays causal), and share 1 gives back the component as built."""
+    quantities = component.Config.scheduled
+    if not quantities:
+        raise unittest.SkipTest(f"{component.slot} '{component.name}' takes no scheduled quantity")
+    module = build(component, MODEL).eval()
+    assert hasattr(module, "set_scheduled"), (
+        f"its Config names the scheduled quantities {quantities}, but the module it builds has no "
+        "set_scheduled(quantity, share) method"
+    )
+    x, pos = _attention_input()
+    attention = component.slot == "attention"
+
+    def run(inputs):
+        return (
+            _run_attention(module, inputs, pos, Position(), component.name) if attention else module(inputs)
+        )
+
+    full = run(x)
+    for quantity in quantities:
+        module.set_scheduled(quantity, 1 / 64)
+        small = run(x)
+        assert small.shape == full.shape and torch.isfinite(small).all(), (
+            f"at a share of 1/64 of '{quantity}' the output is {tuple(small.shape)} or not finite"
+        )
+        if attention:
+            x2 = x.clone()
+            x2[:, T // 2] = torch.randn(B, MODEL.n_embd)
+            later = run(x2)[:, : T // 2]
+            assert_close_to_scale(
+                later,
+                small[:, : T // 2],
+                1e-5,
+                f"at a small '{quantity}' a future token changed an earlier output",
+            )
+        module.set_scheduled(quantity, 1.0)
+        assert_close_to_scale(
+            run(x),
+            full,
+            1e-6,
+            f"after set_scheduled('{quantity}', 1.0) the output is not the component's as built",
+        )
+
+
 # --- extra loss terms (lab/extras.py), for mlp, norm and attention -------------------------------
 
 
@@ -518,7 +569,7 @@ def extra_loss_gradients(component):
     """A component that adds loss terms, in its slot of a tiny GPT: each term is a finite scalar, its
     gradient reaches the component's own parameters, and two micro-batches through the trainer's
     step give (sum of the micro-batches' cross-entropy + weight * term gradients) / 2."""
-    from lab.engine.trainer import micro_backward
+    from lab.extras import micro_backward
 
     slot = component.slot
     model = tiny_gpt(swap=component)
@@ -893,39 +944,8 @@ def data_processes_share(component, plugins: Registry):
 
 # --- which checks run for what -----------------------------------------------------------------
 
-CHECKS: dict[str, list[Callable]] = {
-    "attention": [
-        attention_shapes,
-        attention_causality,
-        attention_gradients,
-        attention_dtypes,
-        attention_cached_decoding,
-        attention_grouped_query,
-        extra_loss_gradients,
-    ],
-    "position": [
-        position_shapes,
-        position_grouped_heads,
-        position_rotate_preserves_norms,
-        position_token_by_token,
-        position_max_len,
-        position_gradients,
-    ],
-    "mlp": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
-    "norm": [token_map_shapes_and_dtypes, token_map_per_token, token_map_gradients, extra_loss_gradients],
-    "schedule": [schedule_pure, schedule_finite_non_negative],
-    "optimizer": [optimizer_roles, optimizer_reduces_loss, optimizer_state_round_trip],
-    "tokenizer": [tokenizer_round_trip],
-    "data": [data_batches, data_resume, data_processes_share],
-    "logger": [logger_records_a_run],
-    "extension": [
-        extension_cached_decoding,
-        extension_interleaved_batches,
-        extension_gradients,
-        extension_resume,
-        extension_context_metadata,
-    ],
-}
+# Each slot's checks, as lab/slots.py names them.
+CHECKS: dict[str, list[Callable]] = {s.name: [globals()[c] for c in s.checks] for s in SLOTS.values()}
 
 
 def cases(
@@ -944,11 +964,7 @@ def cases(
     for s, components in plugins.components.items():
         for n, component in sorted(components.items()):
             if slot in (None, s) and name in (None, n):
-                variants = (
-                    [settings]
-                    if settings is not None
-                    else [{}, *getattr(component.Config, "extra_settings", [])]
-                )
+                variants = [settings] if settings is not None else [{}, *component.Config.extra_settings]
                 for variant in variants:
                     found += _cases_for(with_settings(component, variant), plugins)
     return found

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from tiny import HF_SHAPE, TRAIN, tiny_recipe, write_tiny_run
 
 # Two cores: more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -44,3 +45,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    """transformers' GPT-2 at tiny.HF_SHAPE with GPT-2's initialisation, but large weights past the
+    token embedding: then greedy decoding says something other than one token over and over, and
+    position mistakes would show."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**HF_SHAPE)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "wte" not in name and "lm_head" not in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """write(rest=TRAIN, model_extra="", out="run") -> the path of a tiny recipe (tests/tiny.py: two
+    layers, 32 wide) on counting tokens, training 4 steps into tmp_path/out: the recipe a test that
+    needs a run writes, instead of a copy of its own."""
+
+    def write(rest: str = TRAIN, model_extra: str = "", out: str = "run") -> str:
+        return write_tiny_run(tmp_path, tiny_recipe("tiny", rest, model_extra=model_extra), out=out)
+
+    return write

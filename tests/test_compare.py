@@ -125,7 +125,7 @@ def test_a_folder_that_is_not_a_run(two_runs, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "notes"), str(two_runs / "base")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(
-        f"error: {tmp_path / 'notes'} is not a run folder (no metrics.jsonl and recipe.toml)"
+        f"error: {tmp_path / 'notes'} is not a run folder (no metrics.jsonl or checkpoints)"
     )
     assert "Traceback" not in err and (tmp_path / "notes" / "a.txt").read_text() == "mine"
     assert not (tmp_path / "compare.png").exists()

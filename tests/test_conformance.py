@@ -2,6 +2,8 @@
 the cases come from the registry, so a newly installed plugin is checked without a new test.
 Then the checks themselves, shown to catch a component that breaks each rule."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from lab import hookimpl
 from lab.attention import SelfAttention
 from lab.interfaces import DataSource, Logger, Position, Schedule, Tokenizer
 from lab.plugins import build_registry
+from lab.slots import ComponentConfig
 from lab.testing import cases
 
 
@@ -152,12 +155,33 @@ class StepsOnly(Logger):
         self.seen.append(record["loss"])
 
 
+class ShrinkingConfig(ComponentConfig):
+    scheduled: ClassVar[tuple[str, ...]] = ("window",)
+
+
+class Shrinking(Causal):
+    """Takes a scheduled window, but a share applies to the window it has now, never to the one it was
+    built with: after a small share, share 1 does not give the whole window back."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.window = 16
+
+    def set_scheduled(self, quantity, share):
+        self.window = max(1, round(self.window * share))
+
+    def attend(self, q, k, v, q_pos, k_pos, bias):
+        seen = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < self.window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+
+
 class Broken:
     @hookimpl
     def lab_components(self, register):
         register("attention", "peeking", Peeking, Empty, "")
         register("attention", "forgetful", Forgetful, Empty, "")
         register("attention", "upcasting", Upcasting, Empty, "")
+        register("attention", "shrinking", Shrinking, ShrinkingConfig, "")
         register("position", "stretching", Stretching, Empty, "")
         register("position", "one_head_count", OneHeadCount, Empty, "")
         register("norm", "over_time", norm_over_time, Empty, "")
@@ -181,6 +205,7 @@ def broken():
         ("attention", "peeking", "attention_causality"),
         ("attention", "forgetful", "attention_cached_decoding"),
         ("attention", "upcasting", "attention_dtypes"),
+        ("attention", "shrinking", "scheduled_quantities"),
         ("position", "stretching", "position_rotate_preserves_norms"),
         ("position", "one_head_count", "position_grouped_heads"),
         ("norm", "over_time", "token_map_per_token"),

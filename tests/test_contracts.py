@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
-from tiny import counting_tokens, tiny_recipe
+from tiny import TRAIN
 from torch import nn
 
 from lab import hookimpl
@@ -70,6 +70,8 @@ class MoE(nn.Module):
         elif self.config.broken == "vector":
             balance = probs.mean((0, 1))
         add_loss(self, "balance", balance, self.config.balance)
+        if self.config.broken in ("tokens", "val_acc"):  # names metrics.jsonl keeps for lab's own numbers
+            log_scalar(self, self.config.broken, 1.0)
         log_scalar(self, "router_entropy", -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean())
         return y
 
@@ -183,40 +185,9 @@ def plugins():
 
 
 @pytest.fixture
-def run_recipe(tmp_path):
-    """write(extra TOML, model_extra) -> the path of a tiny recipe on counting data."""
-    data = tmp_path / "data"
-    counting_tokens(data)
-
-    def write(rest="", **fmt):
-        path = tmp_path / "moe.toml"
-        path.write_text(
-            tiny_recipe(
-                "moe",
-                """
-[schedule]
-name = "cosine"
-warmup_steps = 1
-[train]
-batch_size = 4
-precision = "fp32"
-max_steps = 4
-eval_interval = 2
-eval_batches = 2
-log_interval = 2
-checkpoint_interval = 4
-out_dir = "{out}"
-device = "cpu"
-[generate]
-num_samples = 1
-max_new_tokens = 2
-"""
-                + rest,
-            ).format(data=data, out=tmp_path / "run")
-        )
-        return str(path)
-
-    return write
+def run_recipe(tiny_run):
+    """write(extra TOML) -> the path of a tiny recipe on counting data, 4 steps (conftest's tiny_run)."""
+    return lambda rest="": tiny_run(TRAIN + rest)
 
 
 def edit(path, old, new):
@@ -368,6 +339,9 @@ def test_extra_loss_terms_and_scalars_reach_metrics(plugins, run_recipe, tmp_pat
             "vector",
             r"mlp 'toy_moe' from package 'lab-toy' added the extra loss 'balance' as \(4,\), not a scalar",
         ),
+        # The token count `lab compare` plots against: a scalar of that name would overwrite it.
+        ("tokens", r"mlp 'toy_moe' from package 'lab-toy' logs a scalar called 'tokens', a name metrics"),
+        ("val_acc", r"mlp 'toy_moe' from package 'lab-toy' logs a scalar called 'val_acc', a name metrics"),
     ],
 )
 def test_a_bad_extra_loss_stops_with_a_message_and_touches_no_checkpoint(

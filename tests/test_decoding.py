@@ -1,4 +1,4 @@
-"""Weights laid out for decoding (lab/decoding.py): another read of the same weights, same numbers."""
+"""Weights laid out for decoding (lab/inference/decode_layout.py): another read of the same weights, same numbers."""
 
 import copy
 

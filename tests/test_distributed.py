@@ -124,6 +124,7 @@ def one_process(folder):
     return folder / "one"
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_two_ddp_processes_log_one_process_losses_and_the_run_resumes_in_one(folder, one_process):
     done = torchrun(folder, "ddp", "train.max_steps=3")
     assert done.returncode == 0, done.stderr
@@ -137,6 +138,7 @@ def test_two_ddp_processes_log_one_process_losses_and_the_run_resumes_in_one(fol
     assert_same_losses(folder / "ddp", one_process)
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_a_one_process_run_continues_on_two_fsdp2_processes_with_accumulation(folder, one_process):
     """batch_size 2: one process accumulates 4 micro-batches, each of two processes 2 (gradient sync
     skipped on the first). FSDP2 shards the tied embedding / head with the rest of the root module."""
@@ -157,11 +159,12 @@ def test_a_one_process_run_continues_on_two_fsdp2_processes_with_accumulation(fo
         assert_close_to_scale(sharded[name], tensor, 1e-4, name)
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_a_global_batch_that_does_not_split_is_one_message_from_rank_0(folder):
     done = torchrun(folder, "bad", "train.global_batch_size=6")
     assert done.returncode != 0
     # One message, rank 0's, and no traceback of lab's (torchrun then reports the failure its own way).
-    assert done.stderr.count("error: ") == 1 and "lab/train.py" not in done.stderr
+    assert done.stderr.count("error: ") == 1 and "lab/engine/trainer.py" not in done.stderr
     assert (
         "tiny.toml [train] global batch 6 cannot be split into micro-batches of 4 over 2 process(es); "
         "set global_batch_size to a multiple of 8 (e.g. 8), or batch_size to a divisor of 3 (e.g. 3)"

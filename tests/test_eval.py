@@ -8,7 +8,6 @@ import socket
 
 import pytest
 import torch
-from test_hf import hf_model  # noqa: F401  (a fixture: transformers' GPT-2, shrunk to block 48)
 from tiny import tiny_recipe
 
 import lab.runs
@@ -395,6 +394,7 @@ def test_lm_eval_not_installed(gpt2_run, capsys, monkeypatch):
     assert_one_message(status, err, "pip install 'lab[eval]'")
 
 
+@pytest.mark.slow  # imports lm-eval's task registry
 def test_an_unknown_harness_task(gpt2_run, capsys, no_network):
     pytest.importorskip("lm_eval")
     assert_one_message(

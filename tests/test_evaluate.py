@@ -1,4 +1,4 @@
-"""lab/evaluate.py: bits per byte, checked by hand."""
+"""lab/inference/scoring.py: bits per byte, checked by hand."""
 
 import math
 

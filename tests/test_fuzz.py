@@ -9,8 +9,10 @@ LAB_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py explores further."""
 
 import contextlib
 import io
+import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +28,12 @@ from lab.model import GPT
 from lab.recipe import load_recipe
 from lab.runs import checkpoint
 
+pytestmark = (
+    pytest.mark.slow
+)  # property-based fuzzing of every command; each command's own tests cover its messages
+
 EXAMPLES = int(os.environ.get("LAB_FUZZ_EXAMPLES", "0"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fuzz(examples: int):
@@ -374,3 +381,145 @@ def test_commands_that_plugins_add_parse_their_arguments(world, args):
                 build_parser().parse_args([name, *args])
         except SystemExit as e:
             assert e.code in (0, 2)
+
+
+# Files lab wrote, then damaged: random bytes appended, the file cut short, or bytes replaced. Every
+# command that reads one warns and goes on, or says which file in one message; never a traceback.
+def damage(data: bytes, how: str, extra: bytes, at: int) -> bytes:
+    at = at % (len(data) + 1)
+    if how == "append":
+        return data + extra
+    if how == "truncate":
+        return data[:at]
+    return data[:at] + extra + data[at + len(extra) :]
+
+
+DAMAGE = st.tuples(
+    st.sampled_from(["append", "truncate", "replace"]),
+    st.binary(min_size=1, max_size=12),
+    st.integers(0, 10**6),
+)
+
+
+@pytest.fixture(scope="module")
+def damaged_world(world, tmp_path_factory):
+    """A run folder with every file lab writes and reads back: metrics.jsonl, eval.json, a kept
+    tokenizer (its manifest and files), a prepared data folder (meta.json), a sweep folder."""
+    from serving import make_run
+
+    from lab.runs import tokenizer_files
+
+    root = tmp_path_factory.mktemp("damaged")
+    run = make_run(root / "run")
+    (run / "eval.json").write_text(
+        json.dumps({"text": {"t.txt": {"loss": 1.0, "checkpoint": "x", "step": 6}}})
+    )
+    recipe = load_recipe(
+        ROOT / "recipes" / "shakespeare_char.toml", ["model.n_layer=1", "model.n_embd=16", "model.n_head=2"]
+    )
+    assert main(["prepare", str(world / "text.txt"), "--out", str(root / "data")]) == 0
+    char = root / "char"  # a run whose tokenizer's files it keeps (tokenizer/files.json, vocab.json)
+    checkpoint.save(char, 0, GPT(recipe), recipe.to_toml(), {"step": 0})
+    (char / "recipe.toml").write_text(recipe.to_toml())
+    tokenizer_files.keep(recipe.parts["tokenizer"].build(), char / tokenizer_files.FOLDER)
+    sweep = root / "sweep"
+    sweep.mkdir()
+    shutil.copytree(run, sweep / "cell")
+    (sweep / "sweep.json").write_text(
+        json.dumps({"recipe": "r.toml", "vary": [], "seeds": [0], "set": [], "resolved": {}})
+    )
+    return root
+
+
+# file -> the commands that read it ({root}: the damaged copy of damaged_world).
+READERS = {
+    "run/metrics.jsonl": [["compare", "{root}/run", "-o", "{root}/c.png"], ["compare", "{root}/sweep"]],
+    "sweep/cell/metrics.jsonl": [["compare", "{root}/sweep"]],
+    "run/eval.json": [["eval", "{root}/run", "--text", "{root}/text.txt"]],
+    "sweep/sweep.json": [["compare", "{root}/sweep"]],
+    "data/meta.json": [["eval", "{root}/run", "--text", "{root}/data"]],
+    "char/tokenizer/files.json": [["generate", "{root}/char", "--max-new-tokens", "2", "--num-samples", "1"]],
+    "char/tokenizer/vocab.json": [["generate", "{root}/char", "--max-new-tokens", "2", "--num-samples", "1"]],
+    "char/recipe.toml": [["compare", "{root}/char"]],
+}
+
+
+@fuzz(4)
+@given(damage_=DAMAGE)
+@pytest.mark.parametrize("file", sorted(READERS))
+def test_damaged_files(world, damaged_world, file, damage_):
+    root = Path(tempfile.mkdtemp(dir=world))
+    for name in ("run", "char", "data", "sweep"):
+        shutil.copytree(damaged_world / name, root / name)
+    shutil.copy(world / "text.txt", root / "text.txt")
+    path = root / file
+    path.write_bytes(damage(path.read_bytes(), *damage_))
+    for argv in READERS[file]:
+        check(world, [a.format(root=root) for a in argv])
+
+
+def takes_text(annotation) -> bool:
+    """A setting whose type admits a str (str, str | None, list[str], Literal of words...)."""
+    import typing
+
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) is typing.Literal:
+        return any(isinstance(a, str) for a in typing.get_args(annotation))
+    return any(takes_text(a) for a in typing.get_args(annotation))
+
+
+def string_settings() -> list[list[str]]:
+    """--set arguments that reach each string setting of the core and of every installed component:
+    [the component's name, if the table must name it, then KEY]."""
+    from lab.plugins import registry
+    from lab.recipe import MANY, SECTIONS, TABLES
+
+    found = [
+        [f"{section}.{key}"]
+        for section, cls in SECTIONS.items()
+        for key, info in cls.model_fields.items()
+        if takes_text(info.annotation)
+    ]
+    for slot, components in registry().components.items():
+        for name, c in sorted(components.items()):
+            table = ".".join(TABLES[slot]) if slot in TABLES else f"{MANY[slot]}.{name}"
+            named = [f"{table}.name={name}"] if slot in TABLES else []
+            for key, info in c.Config.model_fields.items():
+                if takes_text(info.annotation):
+                    found.append([*named, f"{table}.{key}"])
+    return found
+
+
+# Values TOML reads as numbers (or booleans) where a setting wants text.
+NOT_TEXT = st.sampled_from(
+    ["2024", "inf", "-inf", "nan", "-0.5", "1e999", "0x10", "true", str(10**30), "[1]", "{a = 1}"]
+)
+
+
+@fuzz(40)
+@given(
+    setting=st.sampled_from(string_settings()),
+    value=NOT_TEXT,
+    command=st.sampled_from(["recipe", "plugins", "run"]),
+)
+def test_numbers_where_strings_belong(world, setting, value, command):
+    *named, key = setting
+    sets = [a for s in [*named, f"{key}={value}"] for a in ("--set", s)]
+    if command == "recipe":
+        check(world, ["recipe", "recipe.toml", *sets])
+    else:
+        out = tempfile.mkdtemp(dir=world)
+        check(world, small_sizes([command, "recipe.toml", "--set", f"train.out_dir={out}/r", *sets]))
+
+
+def test_every_string_setting_is_reached():
+    keys = {s[-1] for s in string_settings()}
+    assert {
+        "train.out_dir",
+        "train.device",
+        "generate.prompt",
+        "tokenizer.vocab",
+        "data.path",
+        "logger.wandb.project",
+    } <= keys

@@ -223,7 +223,7 @@ def test_text_that_is_not_utf8_is_named(tmp_path):
     "settings, message",
     [
         ({"path": "nowhere.jsonl"}, r"\[data\] path: nowhere.jsonl not found"),
-        ({"path": "."}, r"\[data\] path: folder . holds no .jsonl or .txt files"),
+        ({"path": "."}, r"\[data\] path: folder . holds no .txt or .jsonl files"),
         ({"val_fraction": 0.0}, r"val_fraction = 0 and no val_path"),
     ],
 )

@@ -18,6 +18,10 @@ from tiny import tiny_recipe
 
 from lab.runs import checkpoint
 
+# runs stopped by signals, one and two processes; test_jsonl and the data_resume conformance check are the
+# fast tier's
+pytestmark = pytest.mark.slow
+
 # Dropout on, so a resume that forgot the RNG state would show; the data crosses the end of the
 # files (an epoch) during the run, so a resume also has to know the pass it is in.
 RECIPE = tiny_recipe(
@@ -146,6 +150,6 @@ def test_another_number_of_processes_is_refused_and_the_checkpoint_kept(straight
         "another number of processes"
     )
     assert message in err and err.count("error: ") == 1, err  # rank 0's message alone
-    assert "lab/train.py" not in err and "lab/checkpoint.py" not in err  # no traceback of lab's
+    assert "lab/engine/trainer.py" not in err and "lab/runs/checkpoint.py" not in err  # no traceback of lab's
     assert processes == 1 or "Traceback" not in err
     assert {str(p): p.stat().st_mtime_ns for p in (folder / "straight" / "checkpoints").rglob("*")} == files

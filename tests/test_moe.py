@@ -100,7 +100,7 @@ def test_top_k_above_n_experts_is_a_recipe_error(gpt_small_path):
 # --- in a run: the balance loss in metrics.jsonl, exact resume, cached generation, MFU -------------
 
 
-from tiny import counting_tokens, tiny_recipe  # noqa: E402
+from tiny import tiny_recipe, write_tiny_run  # noqa: E402
 
 from lab.commands.cli import main  # noqa: E402
 from lab.inference.sampling import generate  # noqa: E402
@@ -132,10 +132,7 @@ max_new_tokens = 4
 
 @pytest.fixture
 def run_recipe(tmp_path):
-    data = tmp_path / "data"
-    counting_tokens(data)
-    (tmp_path / "moe.toml").write_text(RECIPE.format(data=data))
-    return str(tmp_path / "moe.toml")
+    return write_tiny_run(tmp_path, RECIPE, file="moe.toml")
 
 
 def records(run_dir):

@@ -151,6 +151,7 @@ def folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_muon_resumes_exactly_and_two_ddp_processes_log_one_process_losses(folder, one_thread):
     lab_run(folder, "one")  # 6 steps straight, grad_accum 2
     lab_run(folder, "resumed", "train.max_steps=3")

@@ -13,7 +13,7 @@ import lab.plugins as plugins
 from lab import hookimpl
 from lab.commands.cli import main
 from lab.errors import LabError
-from lab.interfaces import SLOTS
+from lab.slots import SLOTS
 
 LAB = pathlib.Path(__file__).resolve().parents[1] / "lab"
 
@@ -101,3 +101,42 @@ def test_the_core_names_no_concrete_component():
     for path in LAB.rglob("*.py"):
         leaked = names & _string_constants(path)
         assert not leaked, f"{path.relative_to(LAB.parent)} names component(s) {sorted(leaked)}"
+
+
+def test_a_config_written_as_a_plain_pydantic_model_gets_the_hook_defaults_and_stays_strict():
+    """Packages written before lab.slots.ComponentConfig keep working: their Config is given the
+    optional hooks' defaults (no getattr probing in the core) and refuses unknown keys like every
+    other component's."""
+    from lab.recipe import read_toml, resolve
+    from lab.slots import ComponentConfig
+
+    class OldConfig(BaseModel):
+        width: int = 3
+
+    @hookimpl
+    def lab_components(register):
+        register("schedule", "old", lambda config, max_steps: lambda step: 1.0, OldConfig, "old style")
+
+    found = plugins.build_registry(
+        extra_plugins={"lab-old": types.SimpleNamespace(lab_components=lab_components)}
+    )
+    Config = found.get("schedule", "old").Config
+    assert issubclass(Config, ComponentConfig) and Config.works_on_shards and Config.extra_settings == []
+    assert Config(width=5).width == 5 and Config().check_recipe(None) is None
+    with pytest.raises(Exception, match="extra"):
+        Config(widht=5)
+    raw = {**read_toml(str(LAB.parent / "recipes" / "tiny.toml")), "schedule": {"name": "old", "width": 7}}
+    assert resolve(raw, "tiny.toml", plugins=found).parts["schedule"].config.width == 7
+
+
+def test_the_slot_table_is_what_recipes_plugins_and_conformance_use():
+    """One table: every slot has an interface, a recipe table and conformance checks that exist."""
+    import lab.testing
+    from lab.recipe import LAYER_SLOTS, MANY, TABLES
+
+    for slot in SLOTS.values():
+        assert isinstance(slot.interface, type) and slot.table and slot.checks, slot.name
+        assert [c.__name__ for c in lab.testing.CHECKS[slot.name]] == list(slot.checks)
+        assert (slot.name in MANY) == slot.many and (slot.name in TABLES) != slot.many
+        assert (slot.name in LAYER_SLOTS) == slot.per_layer
+    assert set(plugins.registry().components) == set(SLOTS)

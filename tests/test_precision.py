@@ -35,6 +35,7 @@ def train_losses(recipe, dtype, steps=20):
     return losses
 
 
+@pytest.mark.slow  # long training twice; test_fused_loss_under_autocast covers autocast's numerics
 def test_bf16_autocast_trains_like_fp32(gpt_small_path):
     recipe = load_recipe(gpt_small_path, SMALL + ["optimizer.lr=1e-3"])
     fp32 = train_losses(recipe, torch.float32)

@@ -185,9 +185,9 @@ def test_lab_prepare_writes_the_folder_and_says_what_it_wrote(tmp_path, capsys, 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["missing.txt"], r"input not found: .*missing\.txt\. lab prepare takes text files, folders"),
+        (["missing.txt"], r"missing\.txt not found\. Give text files, \.jsonl files .*or folders of them"),
         (["empty.txt"], r"no text in .*empty\.txt: the inputs are empty"),
-        (["emptydir"], r"input folder .*emptydir holds no \.txt files"),
+        (["emptydir"], r"folder .*emptydir holds no \.txt or \.jsonl files"),
         (["play.txt", "--val-fraction", "1"], r"--val-fraction 1\.0 is outside \[0, 1\)"),
         (["play.txt", "--val-fraction", "-0.1"], r"--val-fraction -0\.1 is outside \[0, 1\)"),
         (["broken.jsonl"], r"broken\.jsonl line 1 is not valid JSON"),

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import counting_tokens, tiny_recipe
+from tiny import tiny_recipe, write_tiny_run
 
 from lab import files
 from lab.commands.cli import main
 from lab.errors import LabError
 from lab.runs import checkpoint
-from lab.runs.lock import LOCK, RunLock
+from lab.runs.layout import LOCK
+from lab.runs.lock import RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,11 +52,7 @@ max_new_tokens = 4
 
 
 def write_recipe(folder, out="run") -> str:
-    data = folder / "data"
-    counting_tokens(data)
-    path = folder / "tiny.toml"
-    path.write_text(TINY.format(data=data, out=folder / out))
-    return str(path)
+    return write_tiny_run(folder, TINY, out=out)
 
 
 def run_lab(capsys, *args):
@@ -317,6 +314,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)])
 
 
+@pytest.mark.slow  # mounts a tmpfs; the tests above fake the same errors
 def test_a_real_full_disk_stops_the_run_and_the_next_one_continues(tmp_path, capsys, small_disk):
     recipe = write_recipe(tmp_path, out="disk/run")
     status, out, err = run_lab(capsys, "run", recipe)

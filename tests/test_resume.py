@@ -101,11 +101,13 @@ def straight(tmp_path_factory):
     return losses(folder, "run")
 
 
+@pytest.mark.slow  # subprocess training; test_moe and test_train resume in process
 def test_the_straight_run_logs_every_step_once(straight):
     assert [s for s, what, _ in straight if what == "loss"] == list(range(1, 17))
     assert [s for s, what, _ in straight if what == "val_loss"] == [0, 4, 8, 12, 16]
 
 
+@pytest.mark.slow  # signals to a training subprocess
 @pytest.mark.parametrize(
     "sig, status, notice",
     [
@@ -136,6 +138,7 @@ def test_a_stop_signal_saves_says_how_to_continue_and_resumes_exactly(
     assert losses(tmp_path, "run") == straight
 
 
+@pytest.mark.slow  # a killed training subprocess
 def test_sigkill_then_the_same_command_resumes_exactly(tmp_path, straight):
     recipe = write_recipe(tmp_path, "run")
     proc = lab_run(tmp_path, recipe)

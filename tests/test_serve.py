@@ -358,13 +358,20 @@ def test_lab_serve_says_how_to_install_the_extra(runs, monkeypatch, capsys):
 
 
 def test_lab_serve_warns_when_it_listens_beyond_this_machine(runs, monkeypatch, capsys):
+    import socket
+
     import uvicorn
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
-    assert main(["serve", str(runs), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets: seen.update(address=sockets[0].getsockname())
+    )
+    with socket.socket() as s:  # a port free now
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", str(runs), "--host", "0.0.0.0", "--port", str(port)]) == 0
     err = capsys.readouterr().err
-    assert seen["host"] == "0.0.0.0" and seen["port"] == 8123
+    assert seen["address"] == ("0.0.0.0", port)  # bound and listening before the URL was announced
     assert "other machines can reach" in err and "API is open" in err
     assert main(["serve", str(runs)]) == 0
     assert "warning" not in capsys.readouterr().err

@@ -13,6 +13,8 @@ from serving import Server, make_run
 
 from lab_serve.server import build
 
+pytestmark = pytest.mark.slow  # a real browser; tests/test_serve.py covers the API the page uses
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LAB_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
 

@@ -65,6 +65,7 @@ def lab(*args) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # a sweep's runs as subprocesses
 def test_a_sweep_trains_every_cell_summarizes_and_skips_them_when_run_again(folder, capsys):
     assert main(["sweep", "tiny.toml", *GRID, "--jobs", "2"]) == 0
     out = capsys.readouterr().out
@@ -104,6 +105,7 @@ def test_a_sweep_trains_every_cell_summarizes_and_skips_them_when_run_again(fold
     assert json.loads(capsys.readouterr().out)["variants"] == summary["variants"]
 
 
+@pytest.mark.slow  # a sweep's subprocesses stopped and continued
 def test_ctrl_c_stops_the_runs_with_a_checkpoint_and_the_same_command_finishes_them(folder):
     (folder / "tiny.toml").write_text(RECIPE.format(steps=60))  # long enough to be stopped midway
     command = [

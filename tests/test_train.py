@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from tiny import counting_tokens, tiny_recipe
+from tiny import tiny_recipe as tiny_recipe_text
+from tiny import write_tiny_run
 
 import lab.model
 import lab.runs
@@ -18,7 +19,7 @@ from lab.runs.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = tiny_recipe(
+TINY = tiny_recipe_text(
     "tiny",
     """
 [schedule]
@@ -45,11 +46,7 @@ max_new_tokens = 6
 
 def tiny_recipe(tmp_path, out="run") -> str:
     """A two-layer model on token files that count up (next token = this one + 1): it learns fast."""
-    data = tmp_path / "data"
-    counting_tokens(data)
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(data=data, out=tmp_path / out))
-    return str(path)
+    return write_tiny_run(tmp_path, TINY, out=out)
 
 
 def test_a_run_leaves_a_folder_a_user_can_read(tmp_path, capsys):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from lab.errors import LabError, SaidByRank0
+from lab.errors import DEBUG_ENV, LabError, PluginError, SaidByRank0, debugging
+from lab.plugins import lazy_command, registry
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -23,6 +25,11 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description="A laboratory for GPT-style language models.")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of an error in plugin code (also: {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="list every slot's components and the packages they come from")
@@ -37,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a model from a recipe (resumes if its run folder has a checkpoint)")
     p.add_argument("recipe")
     _add_set(p)
-    p.set_defaults(func=lambda a: _lazy("lab.commands.run", "cli_run")(a))
+    p.set_defaults(func=lazy_command("lab.commands.run", "cli_run"))
 
     p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin / meta.json")
     p.add_argument(
@@ -74,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokenizing processes (default: one per core on large inputs)",
     )
-    p.set_defaults(func=lambda a: _lazy("lab.commands.prepare", "cli_prepare")(a))
+    p.set_defaults(func=lazy_command("lab.commands.prepare", "cli_prepare"))
 
     p = sub.add_parser("generate", help="sample text from a trained run folder")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -90,30 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", default=None, metavar="FILE")
-    p.set_defaults(func=lambda a: _lazy("lab.commands.generate", "cli_generate")(a))
+    p.set_defaults(func=lazy_command("lab.commands.generate", "cli_generate"))
 
-    from lab.plugins import registry
-
-    registry().hook.lab_commands(subparsers=sub)  # commands that plugins add
+    registry().call_each("lab_commands", "its lab_commands hook", subparsers=sub)  # commands plugins add
     return parser
 
 
-def _lazy(module: str, name: str):
-    """Import a command's module only when it runs: `lab plugins` needn't load the training loop."""
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
 def cmd_plugins(args) -> int:
-    from lab.plugins import registry
     from lab.recipe import load_recipe
 
     plugins = registry()
     used: dict[tuple[str, str], list[int] | None] = {}  # (slot, name) -> the layers it is on; None: all
     if args.recipe:
         recipe = load_recipe(args.recipe, plugins=plugins)
-        for part in [*recipe.parts.values(), *recipe.loggers, *recipe.extensions]:
+        for part in [*recipe.parts.values(), *recipe.loggers, *recipe.schedules.values(), *recipe.extensions]:
             used[part.component.slot, part.name] = None
         for layer in range(recipe.model.n_layer):
             for slot, part in recipe.layer_parts.get(layer, {}).items():
@@ -147,11 +144,48 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def installed_lab() -> Path | None:
+    """The folder of the lab package that pip installed (its source folder, installed editable)."""
+    import json
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("lab")
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError, OSError):
+        return None
+    url = direct.get("url", "")
+    if direct.get("dir_info", {}).get("editable") and url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(url).path)) / "lab"
+    return Path(dist.locate_file("lab"))
+
+
+def warn_if_shadowed() -> None:
+    """Say so when this lab is not the installed one: `python -m lab` (or `import lab`) run in a
+    folder holding another lab/ picks that one up first, and its errors would make no sense."""
+    import lab
+
+    here, installed = Path(lab.__file__).resolve().parent, installed_lab()
+    if installed is not None and installed.exists() and here != installed.resolve():
+        print(
+            f"warning: lab is imported from {here}, not from the installed lab ({installed}): the folder "
+            f"{here.parent} (the current folder?) holds a lab/ that shadows it. Run from another folder, "
+            "use the `lab` command, or `python -P -m lab` (Python 3.11+)",
+            file=sys.stderr,
+        )
+
+
 def main(argv=None) -> int:
+    warn_if_shadowed()
+    debug = debugging() or "--debug" in (sys.argv[1:] if argv is None else argv)[:1]
     try:
         args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except LabError as e:
+        if isinstance(e, PluginError) and debug:
+            print(e.traceback, end="", file=sys.stderr)
         if not isinstance(e, SaidByRank0):
             print(f"error: {e}", file=sys.stderr)
         return 2

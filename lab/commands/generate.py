@@ -121,6 +121,12 @@ def _show_more(text: str, shown: str) -> str:
     return text
 
 
+# Bounds on the work one command asks for (as lab serve bounds a request): a typo of a few zeros
+# is an error, not hours of decoding.
+MAX_NEW_TOKENS = 65536
+MAX_SAMPLES = 4096
+
+
 def settings(args, defaults) -> Settings:
     """Merge the flags over the recipe's [generate] table and check what the flags brought."""
     if args.prompt is not None and args.prompt_file is not None:
@@ -151,10 +157,14 @@ def settings(args, defaults) -> Settings:
     )
     if not SEEDS[0] <= s.seed <= SEEDS[1]:
         raise LabError(f"--seed must be between {SEEDS[0]} and {SEEDS[1]}, got {s.seed}")
-    if s.num_samples < 1:
-        raise LabError(f"--num-samples must be at least 1, got {s.num_samples}")
-    if s.max_new_tokens < 1:
-        raise LabError(f"--max-new-tokens must be at least 1, got {s.max_new_tokens}")
+    if not 1 <= s.num_samples <= MAX_SAMPLES:
+        raise LabError(f"--num-samples must be between 1 and {MAX_SAMPLES}, got {s.num_samples}")
+    if not 1 <= s.max_new_tokens <= MAX_NEW_TOKENS:
+        raise LabError(
+            f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS}, got {s.max_new_tokens}: past that "
+            "a sample (with --no-cache, or a model with rotary positions) runs for hours; for longer text, "
+            "give a sample back as --prompt-file"
+        )
     check_sampling(s.temperature, s.top_k, s.top_p)
     return s
 

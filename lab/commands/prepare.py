@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lab.data.prepare import SPLITS, build_tokenizer, prepare, refuse_foreign_files
+from lab.data.prepare import build_tokenizer, prepare, refuse_foreign_files
+from lab.data.tokens import SPLITS
 from lab.files import cannot_write
 
 

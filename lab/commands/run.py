@@ -37,5 +37,6 @@ def read_recipe(path: str, overrides) -> Recipe:
     raw = apply_overrides(read_toml(path), overrides)
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     run_dir = train.get("out_dir") or f"runs/{raw.get('name') or Path(path).stem}"  # as run_folder() has it
-    tokenizer_files.use_kept(raw, run_dir, source=path)
+    if isinstance(run_dir, str):  # anything else is not a folder: resolve() says so, naming the key
+        tokenizer_files.use_kept(raw, run_dir, source=path)
     return resolve(raw, path)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lab.data.text import decode, jsonl_documents
+from lab.data.tokens import check_meta_matches, read_meta
 from lab.errors import LabError
 
 TEXT_HELP = (
@@ -50,26 +51,15 @@ def read_text_file(path: Path) -> str:
 
 
 def prepared_val_tokens(folder: Path, tokenizer) -> list[int]:
-    """val.bin of a folder `lab prepare` made, checked against its meta.json."""
-    val, meta_path = folder / "val.bin", folder / "meta.json"
-    if not val.is_file() or not meta_path.is_file():
+    """val.bin of a folder `lab prepare` made, checked against its meta.json as the data sources do."""
+    meta = read_meta(folder)
+    if meta is None or not (folder / "val.bin").is_file():
         raise LabError(
             f"{folder} is a folder without val.bin and meta.json, not a data folder made by "
             f"`lab prepare`; {TEXT_HELP}"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-        tokens_of, dtype = meta["tokenizer"], np.dtype(meta["dtype"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise LabError(
-            f"{meta_path} is not a meta.json written by `lab prepare` ({e}); prepare the folder again"
-        ) from None
-    if tokens_of != tokenizer.name:
-        raise LabError(
-            f"{folder} was tokenized with '{tokens_of}', but the run's tokenizer is "
-            f"'{tokenizer.name}'; prepare it again with --tokenizer {tokenizer.name}"
-        )
-    return np.fromfile(val, dtype=dtype).astype(np.int64).tolist()
+    check_meta_matches(meta, folder, tokenizer)
+    return np.fromfile(folder / "val.bin", dtype=np.dtype(meta["dtype"])).astype(np.int64).tolist()
 
 
 def read_task(path) -> list[Item]:

@@ -49,12 +49,13 @@ from lab.data.text import (
     line_cut,
     read_text,
 )
+from lab.data.tokens import SPLITS, token_dtype
 from lab.errors import LabError
 from lab.files import fsync, remove_stale_temporaries, temporary, usual_mode, write_text_atomically
 from lab.interfaces import Tokenizer
 from lab.runs import tokenizer_files
+from lab.runs.layout import TOKENIZER
 
-SPLITS = ("train", "val")
 PARALLEL_BYTES = 8 << 20  # inputs at least this big are tokenized by one process per core
 
 
@@ -94,11 +95,6 @@ def build_tokenizer(name: str | None, recipe: str | None = None, overrides=()) -
             f"[tokenizer] table and give --recipe RECIPE instead of --tokenizer {name}"
         )
     return component.factory(component.Config())
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest type that holds every id: half the disk and memory bandwidth for GPT-2's 50257."""
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def prepare(
@@ -146,7 +142,7 @@ def prepare(
         if output.tokens == 0:
             raise LabError(f"no text in {', '.join(inputs)}: the inputs are empty. {INPUT_HELP}")
         output.keep_both_splits()
-        tokenizer_files.keep(tokenizer, out / tokenizer_files.FOLDER)  # the vocabulary travels with the data
+        tokenizer_files.keep(tokenizer, out / TOKENIZER)  # the vocabulary travels with the data
         meta = output.meta(inputs=inputs, input_bytes=total_bytes)
         output.finish(meta)
     finally:

@@ -17,26 +17,29 @@ from typing import Iterator
 from lab.errors import LabError
 
 PIECE_BYTES = 1 << 20  # text handed to the tokenizer at once: big enough to amortise, small enough to stream
-INPUT_HELP = (
-    'lab prepare takes text files, folders of .txt files, and .jsonl files with a "text" field per line'
-)
+INPUT_HELP = 'Give text files, .jsonl files with a "text" field per line, or folders of them'
 
 
-def find_input_files(inputs: list[str]) -> list[Path]:
+SUFFIXES = (".txt", ".jsonl")  # what a folder of inputs is searched for
+
+
+def find_input_files(inputs: list[str], where: str = "", fix: str = INPUT_HELP) -> list[Path]:
+    """The files of `inputs`: files as given, folders searched recursively for .txt and .jsonl.
+    where: how a message names the inputs (e.g. "[data] path: "); fix: what it suggests."""
     files = []
     for name in inputs:
         path = Path(name).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
             if not found:
                 raise LabError(
-                    f"input folder {name} holds no .txt files (searched recursively). {INPUT_HELP}"
+                    f"{where}folder {name} holds no .txt or .jsonl files (searched recursively). {fix}"
                 )
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise LabError(f"input not found: {name}. {INPUT_HELP}")
+            raise LabError(f"{where}{name} not found. {fix}")
     return files
 
 

@@ -8,7 +8,7 @@ checkpoint_interval steps and at the end.
 
 With torchrun (`torchrun --nproc_per_node=N -m lab run RECIPE`) N processes train together: the
 global batch is batch_size x grad_accum x N sequences, each process computes its rows of it
-(micro_rows), DDP or FSDP2 averages the gradients (lab/distributed.py), the logged losses and grad
+(micro_rows), DDP or FSDP2 averages the gradients (lab/engine/distributed.py), the logged losses and grad
 norm are those of the whole global batch, and rank 0 alone prints and writes the run folder. The
 same recipe logs the same losses on any layout with the same global batch (up to float rounding).
 
@@ -34,7 +34,9 @@ from lab.engine import device as devices
 from lab.engine import distributed
 from lab.engine.peak import device_peak
 from lab.engine.precision import pick_dtype
+from lab.engine.scheduled import Scheduled, split_sequences
 from lab.errors import LabError
+from lab.extras import micro_backward
 from lab.files import writing
 from lab.inference.sampling import check_sampling, generate
 from lab.inference.scoring import Evaluator, bits_per_byte, describe, utf8_bytes
@@ -42,9 +44,10 @@ from lab.interfaces import DataContext
 from lab.model import GPT
 from lab.recipe import Recipe, read_toml
 from lab.roles import build_optimizer
-from lab.runs import checkpoint, tokenizer_files
-from lab.runs.lock import LOCK, RunLock
-from lab.runs.metrics import METRICS, MetricsLog
+from lab.runs import checkpoint, is_run, tokenizer_files
+from lab.runs.layout import LOCK, RECIPE, SAMPLES, TOKENIZER
+from lab.runs.lock import RunLock
+from lab.runs.metrics import MetricsLog, is_lab_field
 
 
 def train(recipe: Recipe, command: str = "") -> int:
@@ -104,11 +107,7 @@ def run_folder(recipe: Recipe) -> Path:
             f"{where}: '{run_dir}' is a file, not a folder. Set train.out_dir to a folder "
             f"(e.g. --set train.out_dir=runs/{recipe.name}), or move the file away"
         )
-    if (
-        run_dir.is_dir()
-        and any(p.name != LOCK for p in run_dir.iterdir())
-        and not ((run_dir / METRICS).exists() or (run_dir / "checkpoints").exists())
-    ):
+    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()) and not is_run(run_dir):
         raise LabError(
             f"{where}: '{run_dir}' is a folder of other files, not a run folder; the run "
             f"would write into it. Set train.out_dir to a new or empty folder "
@@ -141,18 +140,6 @@ def micro_rows(micro: int, batch_size: int, rank: int = 0, world_size: int = 1) 
     global batch."""
     start = (micro * world_size + rank) * batch_size
     return range(start, start + batch_size)
-
-
-def micro_backward(forward, model, x, y, accum: int, autocast=None, meta=None) -> dict:
-    """Forward and backward of one of `accum` micro-batches: the gradient of (cross-entropy + the
-    components' sum(weight * term)) / accum, as one big batch gives (DDP and FSDP2 then average it over
-    the processes: the mean over the global batch). meta: the data source's per-row metadata.
-    Returns the detached loss and extras."""
-    with autocast or nullcontext():
-        _, loss = forward(x, y, meta=meta) if meta else forward(x, y)
-    extras = model.extras  # what the components added during this forward (lab/extras.py)
-    ((loss + extras.loss()) / accum).backward()
-    return {"loss": loss.detach(), **extras.values()}
 
 
 def total_steps(recipe: Recipe, world_size: int) -> int:
@@ -243,11 +230,13 @@ class Trainer:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
         self.schedule = recipe.parts["schedule"].build(self.max_steps)
+        self.scheduled = Scheduled(recipe, self.max_steps)  # [schedule.QUANTITY]: batch, seq_len, window...
         use_compile = self.device.type == "cuda" if self.cfg.compile == "auto" else self.cfg.compile
         self.forward = torch.compile(self.wrapped) if use_compile else self.wrapped
         self.tokens_per_step = (
             self.cfg.batch_size * recipe.model.block_size * self.grad_accum * layout.world_size
-        )
+        )  # at the full batch; a batch_size schedule trains on fewer at first
+        self.step_tokens, self.tokens_seen = self.tokens_per_step, 0
         self.peak = device_peak(self.device, self.dtype) if self.main else None
         self.resumed_rng = None
         self.val_bytes = None  # UTF-8 bytes the val batches' targets spell, per process (see evaluate)
@@ -276,6 +265,13 @@ class Trainer:
             f"compile {'on' if use_compile else 'off'}; batch {c.batch_size} x {r.model.block_size} tokens "
             f"x {self.grad_accum} accum x {processes} = {self.tokens_per_step:,} tokens per step"
         )
+        if self.scheduled:
+            print(
+                "scheduled: "
+                + ", ".join(f"{q} ({p.name})" for q, p in r.schedules.items())
+                + f"; at step {self.step}: "
+                + ", ".join(f"{q} x{v:.3g}" for q, v in self.scheduled.shares(self.step).items())
+            )
         print(f"MFU is measured against the {self.peak.source}" + (" (per process)" if world > 1 else ""))
 
     def resume(self, ckpt: Path) -> None:
@@ -299,10 +295,11 @@ class Trainer:
         self.data.load_state_dict(distributed.scatter(state.get("data") if self.main else None))
         state = distributed.share({key: state[key] for key in ("step", "rng")} if self.main else None)
         self.step = self.saved_step = state["step"]
+        self.tokens_seen = self.scheduled.tokens_before(self.step, self.grad_accum * self.layout.world_size)
         self.resumed_rng = state["rng"]  # restored just before the first step, after everything that draws
         if self.main:
             print(f"resuming from step {self.step} ({ckpt})")
-            changed = changed_settings(read_toml(str(ckpt / "recipe.toml")), self.recipe.to_dict())
+            changed = changed_settings(read_toml(str(ckpt / RECIPE)), self.recipe.to_dict())
             if changed:  # allowed (a longer run, a lower lr...), but never silently
                 print(f"the recipe differs from the checkpoint's: {', '.join(changed)}")
 
@@ -388,10 +385,10 @@ class Trainer:
             loggers=self.loggers,
             recipe=self.recipe.to_dict(),
         )
-        with writing(self.run_dir / "recipe.toml"):
-            (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
-        with writing(self.run_dir / tokenizer_files.FOLDER):
-            tokenizer_files.keep(self.tokenizer, self.run_dir / tokenizer_files.FOLDER)
+        with writing(self.run_dir / RECIPE):
+            (self.run_dir / RECIPE).write_text(self.recipe.to_toml())
+        with writing(self.run_dir / TOKENIZER):
+            tokenizer_files.keep(self.tokenizer, self.run_dir / TOKENIZER)
 
     def train_step(self) -> tuple[float, float, dict, float, dict]:
         """One optimizer update: (loss, grad norm, {group: lr}, seconds, extras), the loss (the
@@ -401,10 +398,17 @@ class Trainer:
         lr_scale = self.schedule(self.step)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * lr_scale
+        shares = self.scheduled.apply(self.model, self.step)  # the step's window... (schedule.NAME)
+        batch_size, seq_len = self.scheduled.rows(self.step), self.scheduled.seq_len(self.step)
+        self.step_tokens = self.scheduled.tokens(self.step, accum * self.layout.world_size)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            rows = micro_rows(micro, self.cfg.batch_size, self.layout.rank, self.layout.world_size)
+            rows = micro_rows(micro, batch_size, self.layout.rank, self.layout.world_size)
             x, y, meta = self.batch("train", self.step, rows)
+            x, y = split_sequences(x, seq_len), split_sequences(y, seq_len)
+            if meta:  # per-row metadata (doc_ids, (B, T)) is cut as the rows are
+                meta = {k: split_sequences(v, seq_len) if torch.is_tensor(v) and v.dim() == 2 else v
+                        for k, v in meta.items()}  # fmt: skip
             with distributed.gradient_sync(self.wrapped, sync=micro == accum - 1):
                 values = micro_backward(self.forward, self.model, x, y, accum, self.autocast(), meta)
             for name, value in values.items():
@@ -420,11 +424,18 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.tokens_seen += self.step_tokens
         lrs = {name: base_lr * lr_scale for name, base_lr in zip(self.group_names, self.base_lrs)}
-        return loss, grad_norm, lrs, time.perf_counter() - started, means
+        return loss, grad_norm, lrs, time.perf_counter() - started, {**means, **shares}
 
     def check_extras(self, means: dict) -> None:
         for name, value in means.items():
+            if not name.startswith("loss.") and is_lab_field(name):
+                raise LabError(
+                    f"{self.model.extras.owners.get(name, 'a component')} logs a scalar called '{name}', a "
+                    "name metrics.jsonl keeps for lab's own numbers (lab.runs.metrics.FIELDS); give it a "
+                    "name of its own (e.g. 'router_entropy')"
+                )
             if not math.isfinite(value):
                 owner = self.model.extras.owners.get(name.removeprefix("loss."), "a component")
                 kept = checkpoint.latest(self.run_dir)
@@ -441,7 +452,7 @@ class Trainer:
         """The step's line in metrics.jsonl, the progress bar, and every log_interval a log line."""
         if not self.main:
             return
-        tokens_per_s = self.tokens_per_step / seconds
+        tokens_per_s = self.step_tokens / seconds
         # MFU against one device's peak, so per process: every process runs its share of the tokens.
         mfu = self.peak.mfu(self.flops_per_token, tokens_per_s / self.layout.world_size)
         lr = next(iter(lrs.values()))
@@ -456,7 +467,7 @@ class Trainer:
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu,
-                "tokens": self.step * self.tokens_per_step,
+                "tokens": self.tokens_seen,
                 **extras,
             }
         )
@@ -488,6 +499,7 @@ class Trainer:
         Every process runs as many (FSDP2 needs them all in every forward), so eval_batches is rounded
         up to a multiple of the processes."""
         self.model.eval()
+        self.scheduled.apply(self.model, self.step)  # the model as it trains now (its window...)
         losses, targets = [], []
         world = self.layout.world_size
         for step in range(self.layout.rank, math.ceil(self.cfg.eval_batches / world) * world, world):
@@ -518,7 +530,7 @@ class Trainer:
                     "val_bpb": val_bpb,
                     **terms,
                     **scores,
-                    "tokens": self.step * self.tokens_per_step,
+                    "tokens": self.tokens_seen,
                 }
             )
             self.log.plot()
@@ -583,8 +595,8 @@ class Trainer:
             return
         texts = [self.tokenizer.decode(row.tolist()) for row in out]
         report = "".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts))
-        with writing(self.run_dir / "generated.txt"):
-            (self.run_dir / "generated.txt").write_text(report)
+        with writing(self.run_dir / SAMPLES):
+            (self.run_dir / SAMPLES).write_text(report)
         print(report, end="")
 
     def prompt_ids(self) -> list[int]:

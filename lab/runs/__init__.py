@@ -1,13 +1,7 @@
 """The run folder: what `lab run` writes and every other command reads (generate, eval, serve,
-compare, export-hf). One place names its files, tells a run folder from any other, and loads a run.
-
-    recipe.toml      the resolved recipe
-    metrics.jsonl    one JSON line per logged step and per evaluation (lab.runs.metrics)
-    loss.png         the curves
-    checkpoints/     step_NNNNNNN/, each complete once its COMPLETE marker is written (lab.runs.checkpoint)
-    tokenizer/       copies of a trained tokenizer's files (lab.runs.tokenizer_files)
-    generated.txt    the sample written at the end of training
-    .lock            held by the one process writing the folder (lab.runs.lock)
+compare, export-hf). lab.runs.layout names its files; here: telling a run folder from any other
+folder, and loading a run's model. lab.runs.checkpoint, .lock, .metrics and .tokenizer_files
+read and write the parts.
 """
 
 from __future__ import annotations
@@ -18,11 +12,8 @@ from lab.errors import LabError
 from lab.model import GPT
 from lab.recipe import read_toml, resolve
 from lab.runs import tokenizer_files
-from lab.runs.checkpoint import CHECKPOINTS, MARKER, load_weights, newest_intact
-from lab.runs.metrics import METRICS
-
-RECIPE = "recipe.toml"
-SAMPLES = "generated.txt"
+from lab.runs.checkpoint import load_weights, newest_intact
+from lab.runs.layout import CHECKPOINTS, MARKER, METRICS, RECIPE
 
 
 def is_run(path) -> bool:
@@ -41,7 +32,7 @@ def load(run_dir, device="cpu"):
         )
 
     def build(ckpt):
-        recipe_file = ckpt / "recipe.toml"
+        recipe_file = ckpt / RECIPE
         raw = read_toml(str(recipe_file))
         tokenizer_files.use_kept(raw, run_dir)  # the run's own copy: the original may have moved
         recipe = resolve(raw, str(recipe_file))

@@ -45,10 +45,9 @@ from torch import nn
 
 from lab.errors import LabError
 from lab.files import cannot_write, disk_error, fsync, remove_stale_temporaries, sha256, usual_mode
+from lab.runs.layout import CHECKPOINTS, MARKER, RECIPE
 
-CHECKPOINTS = "checkpoints"  # the folder of a run folder that holds them
-MARKER = "COMPLETE"
-FILES = ("model.safetensors", "state.pt", "recipe.toml")  # what a checkpoint cannot do without
+FILES = ("model.safetensors", "state.pt", RECIPE)  # what a checkpoint cannot do without
 
 
 def checkpoint_dirs(run_dir) -> list[Path]:
@@ -107,7 +106,7 @@ def write_files(folder: Path, step: int, weights: dict, recipe_toml: str, state:
     save_file(_one_name_per_tensor(weights), str(folder / "model.safetensors"))
     usual_mode(folder / "model.safetensors")
     torch.save(state, folder / "state.pt")
-    (folder / "recipe.toml").write_text(recipe_toml)
+    (folder / RECIPE).write_text(recipe_toml)
     for name in FILES:
         fsync(folder / name)
     (folder / MARKER).write_text(json.dumps({"step": step, "files": manifest(folder)}, indent=1) + "\n")
@@ -358,7 +357,7 @@ def check_same_shape(ckpt_dir, recipe, run_dir) -> None:
     (read_weights still catches what this misses, e.g. a position component with other weights.)"""
     from lab.recipe import read_toml
 
-    saved = read_toml(str(Path(ckpt_dir) / "recipe.toml")).get("model", {})
+    saved = read_toml(str(Path(ckpt_dir) / RECIPE)).get("model", {})
     now = recipe.model.model_dump()
     differ = [
         f"{key} {saved[key]!r} there, {now[key]!r} in the recipe"

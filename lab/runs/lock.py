@@ -20,13 +20,12 @@ from pathlib import Path
 
 from lab.errors import LabError
 from lab.files import cannot_write
+from lab.runs.layout import LOCK
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
-
-LOCK = ".lock"
 
 
 class RunLock:

@@ -6,20 +6,36 @@ metrics.jsonl holds one JSON object per line: {"step", "loss", "lr", "grad_norm"
 compares runs whose tokenizers differ). Step k is the k-th optimizer update; the evaluation at step k
 sees the model after it (step 0: before any training). tokens: the tokens trained on up to step k (all
 processes together); elapsed: wall-clock seconds of training so far, summed over the run's sessions,
-so a resumed run's seconds axis continues where it stopped. A resumed run first drops the lines after
+so a resumed run's seconds axis continues where it stopped. A recipe's [schedule.QUANTITY] tables add
+"schedule.QUANTITY" to each step: the share of the quantity used (lab.engine.scheduled). A resumed run first drops the lines after
 its checkpoint's step, so the file holds each step once.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
+from lab.errors import LabError
 from lab.files import cannot_write, replacing, write_text_atomically
+from lab.runs.layout import METRICS, PLOT
 
-METRICS = "metrics.jsonl"
-PLOT = "loss.png"
+# The schema: what lab writes in each record. A component's extra numbers (lab.extras) are written
+# beside them as "loss.NAME" (a loss term) and "NAME" (a scalar): a scalar may not take one of these
+# names or prefixes, or it would overwrite what `lab compare` and the plots read.
+STEP_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "elapsed")
+EVAL_FIELDS = ("step", "val_loss", "val_bpb", "tokens", "elapsed")
+FIELDS = frozenset(STEP_FIELDS + EVAL_FIELDS)
+# loss terms, each optimizer group's lr, what validation reports, the scheduled quantities' shares
+PREFIXES = ("loss.", "lr.", "val_", "schedule.")
+
+
+def is_lab_field(name: str) -> bool:
+    """A name metrics.jsonl keeps for lab's own numbers."""
+    return name in FIELDS or name.startswith(PREFIXES)
 
 
 class MetricsLog:
@@ -29,8 +45,12 @@ class MetricsLog:
     def __init__(self, run_dir, keep_through: int, loggers=(), recipe: dict | None = None):
         self.path = Path(run_dir) / METRICS
         self.plot_path = Path(run_dir) / PLOT
-        self.records = [r for r in read_metrics(self.path) if r["step"] <= keep_through]
+        records, damaged = _read(self.path)
+        self.records = [r for r in records if r["step"] <= keep_through]
         try:
+            if damaged:  # the file is rewritten below: keep the damaged one as it was, beside it
+                shutil.copyfile(self.path, self.path.with_name(METRICS + ".damaged"))
+                _warn_once(self.path, damaged, f"; the file as it was is kept as {METRICS}.damaged")
             write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
             self.file = open(self.path, "a")
         except OSError as e:
@@ -71,19 +91,70 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl (none if it does not exist), skipping a torn last line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
+    """The records of a metrics.jsonl (none if it does not exist). A torn last line (a kill
+    mid-write) is skipped silently; any other line that is not a JSON record (bytes that are not
+    UTF-8, a damaged or hand-edited line) is skipped with one warning naming the file and the lines,
+    so a damaged file never stops a resume, `lab compare` or `lab serve`."""
+    records, damaged = _read(Path(path))
+    if damaged:
+        _warn_once(Path(path), damaged)
     return records
+
+
+def _read(path: Path) -> tuple[list[dict], list[int]]:
+    """(records, numbers of the damaged lines)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], []
+    except IsADirectoryError:
+        raise LabError(f"{path} is a folder, not a metrics file; move it out of the run folder") from None
+    except OSError as e:
+        raise LabError(f"cannot read {path}: {e.strerror}") from None
+    lines = data.split(b"\n")
+    records, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        record = _record(line)
+        if record is not None:
+            records.append(record)
+        elif line.strip() and not (number == len(lines) and _is_text(line)):
+            damaged.append(number)  # but a last line with no newline, cut short by a kill, is expected
+    return records, damaged
+
+
+def _is_text(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+_warned: set = set()  # (file, damaged lines) already reported: the server reads a file on every poll
+
+
+def _warn_once(path: Path, damaged: list[int], more: str = "") -> None:
+    key = (str(path.resolve()), tuple(damaged))
+    if key in _warned:
+        return
+    _warned.add(key)
+    shown = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+    lines = "line" if len(damaged) == 1 else "lines"
+    print(f"warning: {path}: skipped damaged {lines} {shown} (not a JSON record){more}", file=sys.stderr)
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: deep nesting
+        return None
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get("step"), int)
+        and not isinstance(record["step"], bool)
+    ):
+        return record
+    return None
 
 
 def plot_losses(records: list[dict], path, title: str = "") -> None:

@@ -16,9 +16,7 @@ from pathlib import Path
 from lab.errors import LabError
 from lab.files import fsync, replacing, sha256, write_text_atomically
 from lab.interfaces import Tokenizer
-
-FOLDER = "tokenizer"
-MANIFEST = "files.json"
+from lab.runs.layout import TOKENIZER, TOKENIZER_MANIFEST
 
 
 def keep(tokenizer: Tokenizer, folder) -> None:
@@ -31,12 +29,12 @@ def keep(tokenizer: Tokenizer, folder) -> None:
     names = {}
     for setting, path in sorted(files.items()):
         name = Path(path).name
-        if name in names.values() or name == MANIFEST:
+        if name in names.values() or name == TOKENIZER_MANIFEST:
             name = f"{setting}-{name}"
         _copy_atomically(Path(path), folder / name)
         names[setting] = name
     manifest = {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint(), "files": names}
-    write_text_atomically(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomically(folder / TOKENIZER_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     fsync(folder)
 
 
@@ -49,9 +47,9 @@ def use_kept(raw: dict, run_dir, source: str | None = None) -> None:
     """Point a raw recipe's [tokenizer] settings at the copies kept in run_dir/tokenizer/ (if the run
     kept any, for the same tokenizer). source: the recipe file a resumed run was started with; its
     tokenizer files, where they still exist, must be the run's own."""
-    folder = Path(run_dir) / FOLDER
+    folder = Path(run_dir) / TOKENIZER
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / TOKENIZER_MANIFEST).read_text())
     except (OSError, ValueError):
         return
     table = raw.get("tokenizer")

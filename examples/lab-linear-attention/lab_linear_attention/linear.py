@@ -9,14 +9,15 @@ fixed size, however long the context.
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
 from lab.errors import LabError
 from lab.interfaces import Attention, dropout, mark_residual
+from lab.slots import ComponentConfig
 
 
-class LinearConfig(BaseModel):
+class LinearConfig(ComponentConfig):
     chunk: PositiveInt = Field(
         64, description="tokens per chunk in training: quadratic within, running sums across"
     )

@@ -1,9 +1,8 @@
 """`lab compare` and `lab sweep`: is a variant better, at equal budget, beyond noise? Applications on top
 of the core: they read run folders and start `lab run`s, and the core knows nothing of them."""
 
-import importlib
-
 from lab import hookimpl
+from lab.plugins import lazy_command
 
 AXES = ("steps", "tokens", "seconds", "flops")
 
@@ -21,7 +20,7 @@ def lab_commands(subparsers):
     )
     _add_axis(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON instead of Markdown")
-    p.set_defaults(func=_lazy("lab_compare.compare", "cli_compare"))
+    p.set_defaults(func=lazy_command("lab_compare.cli", "cli_compare"))
 
     p = subparsers.add_parser(
         "sweep", help="train a recipe over a grid of values x seeds, then compare the variants"
@@ -76,7 +75,7 @@ def lab_commands(subparsers):
         help="a submitit/SLURM parameter, e.g. slurm_partition=gpu, timeout_min=60, gpus_per_node=1",
     )
     p.add_argument("--slurm-cluster", default=None, help=argparse_suppress())  # tests: submitit's 'local'
-    p.set_defaults(func=_lazy("lab_compare.sweep", "cli_sweep"))
+    p.set_defaults(func=lazy_command("lab_compare.sweep", "cli_sweep"))
 
 
 def _add_axis(p) -> None:
@@ -87,8 +86,3 @@ def argparse_suppress():
     import argparse
 
     return argparse.SUPPRESS
-
-
-def _lazy(module: str, name: str):
-    """Import a command's module only when it runs: every `lab` command loads this plugin."""
-    return lambda args: getattr(importlib.import_module(module), name)(args)

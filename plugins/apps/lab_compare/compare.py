@@ -3,28 +3,13 @@ and one figure overlaying their train and val curves. Given a sweep folder, the 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
+from lab.errors import LabError
+from lab.files import replacing
 from lab_compare.runs import Run, differences, extra_keys, flatten
-
-
-def cli_compare(args) -> int:
-    from lab_compare import sweep
-
-    folders = [Path(f) for f in args.run_dirs]
-    if len(folders) == 1 and sweep.is_sweep(folders[0]):
-        return sweep.cli_summary(folders[0], args)
-    runs = [Run.read(f) for f in folders]
-    table = run_table(runs)
-    print(json.dumps(table, indent=2) if args.json else markdown(table, differences(runs)))
-    figure = Path(args.output or "compare.png")
-    plot_curves({run_label(run, runs): [run] for run in runs}, figure, args.x)
-    if not args.json:
-        print(f"\nfigure: {figure}")
-    return 0
 
 
 def run_label(run: Run, runs: list[Run]) -> str:
@@ -140,9 +125,14 @@ def plot_curves(groups: dict[str, list[Run]], path: Path, axis: str = "tokens") 
         ax.grid(alpha=0.3)
     val_ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path, "wb") as f:  # a folder given as -o is one message; never half a picture
+            fig.savefig(f, format="png", dpi=100)
+    except OSError as e:
+        raise LabError(f"cannot write the figure {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
 
 
 def points(run: Run, records: list[dict], key: str, axis: str) -> list[tuple[float, float]]:

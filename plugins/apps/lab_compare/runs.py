@@ -13,15 +13,13 @@ from pathlib import Path
 
 from lab.errors import LabError
 from lab.recipe import read_toml
-from lab.runs.metrics import METRICS, read_metrics
+from lab.runs import is_run
+from lab.runs.layout import METRICS, RECIPE
+from lab.runs.metrics import FIELDS, read_metrics
 
-# The keys every metrics.jsonl record has (and lr.GROUP, each optimizer group's lr); any other number
-# in a record (an extra loss term a component logs, bits per byte...) is shown in a column of its own.
-KNOWN = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "elapsed", "val_loss"}
-
-
-def is_run(folder: Path) -> bool:
-    return (folder / METRICS).is_file() and (folder / "recipe.toml").is_file()
+# The keys of lab's own that the table shows as such (and lr.GROUP, each optimizer group's lr); any
+# other number in a record (an extra loss term a component logs, bits per byte...) gets a column.
+KNOWN = FIELDS - {"val_bpb"}
 
 
 @dataclass
@@ -42,10 +40,10 @@ class Run:
             inside = sorted(str(p.parent) for p in folder.glob(f"**/{METRICS}"))[:4]
             hint = f" It holds run folders: lab compare {' '.join(inside)}" if inside else ""
             raise LabError(
-                f"{folder} is not a run folder (no {METRICS} and recipe.toml); give the folders "
+                f"{folder} is not a run folder (no {METRICS} or checkpoints); give the folders "
                 f"`lab run` or `lab sweep` wrote.{hint}"
             )
-        return cls(folder, read_toml(str(folder / "recipe.toml")), read_metrics(folder / METRICS))
+        return cls(folder, read_toml(str(folder / RECIPE)), read_metrics(folder / METRICS))
 
     @property
     def steps(self) -> list[dict]:
@@ -105,7 +103,7 @@ class Run:
         from lab.recipe import resolve
 
         try:
-            recipe = resolve(self.recipe, str(self.path / "recipe.toml"))
+            recipe = resolve(self.recipe, str(self.path / RECIPE))
             with torch.device("meta"):
                 model = GPT(recipe)
             return model.num_params(), model.flops_per_token(recipe.model.block_size)

@@ -6,33 +6,33 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from lab.errors import LabError
 from lab.recipe import parse_override
+from lab_compare.child import lab_argv
 
 
 def run_cell(argv: list[str], cwd: str, log: str) -> int:
     """One array task: `lab run ...` in the folder the sweep was started from, its output in the log."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
-        code = subprocess.call(
-            [sys.executable, "-m", "lab", *argv[1:]], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-        )
+        code = subprocess.call(lab_argv(*argv[1:]), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     if code:
         raise RuntimeError(f"{' '.join(argv)} exited with status {code}; see {log}")
     return code
 
 
-def submit(grid, todo, args) -> int:
+def submit(grid, todo, args) -> bool:
+    """Hand the runs to SLURM as one job array; True when they also finished here (submitit's local
+    executor waits for them), so the caller can summarize."""
     try:
         import submitit
     except ImportError:
         raise LabError("lab sweep --slurm needs submitit: pip install 'lab[slurm]'") from None
     if not todo:
         print(f"every run of {grid.out} is finished; the summary: lab compare {grid.out}")
-        return 0
+        return False
     cluster = args.slurm_cluster or "slurm"
     try:
         executor = submitit.AutoExecutor(folder=Path(grid.out) / "slurm", cluster=cluster)
@@ -59,14 +59,11 @@ def submit(grid, todo, args) -> int:
         print(
             f"when they finish: lab compare {grid.out} (and the same `lab sweep` command continues any that stopped)"
         )
-        return 0
+        return False
     failed = [cell for cell, job in zip(todo, jobs) if job.exception() is not None]  # local: wait for them
     if failed:
         raise LabError(f"{len(failed)} run(s) failed: " + ", ".join(str(c.log) for c in failed) + " say why")
-    from lab_compare.sweep import summarize
-
-    summarize(Path(grid.out), args.x)
-    return 0
+    return True
 
 
 def parse_option(text: str) -> tuple[str, object]:

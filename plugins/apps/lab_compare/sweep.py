@@ -30,9 +30,11 @@ from pathlib import Path
 from lab.data.prepare import cpu_count
 from lab.errors import LabError
 from lab.recipe import load_recipe
-from lab_compare import stats
+from lab.runs import is_run
+from lab_compare import slurm, stats
+from lab_compare.child import lab_argv
 from lab_compare.compare import MEASURED, markdown, plot_curves, run_table
-from lab_compare.runs import Run, flatten, is_run
+from lab_compare.runs import Run, flatten
 
 GRID = "sweep.json"
 RESERVED = {"train.seed": "use --seeds N", "train.out_dir": "each run's folder is the sweep's: use --out DIR"}
@@ -187,7 +189,7 @@ def remember(grid: Grid) -> None:
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError, OSError):  # not JSON, not UTF-8, unreadable
             raise LabError(f"{path} is not valid JSON; move it away or choose another --out") from None
         if old != grid.remembered():
             raise LabError(
@@ -240,9 +242,9 @@ def cli_sweep(args) -> int:
             print(shlex.join(cell.argv(grid)))
         return 0
     if args.slurm or args.slurm_cluster:
-        from lab_compare.slurm import submit
-
-        return submit(grid, todo, args)
+        if slurm.submit(grid, todo, args):
+            summarize(Path(grid.out), args.x)
+        return 0
     print(
         f"sweep {grid.out}: {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) = {len(cells)} runs; "
         f"{len(cells) - len(todo)} finished already, {len(todo)} to run, {args.jobs} at a time"
@@ -323,7 +325,7 @@ class Pool:
     def start(self, grid: Grid, cell: Cell) -> None:
         slot = min(set(range(len(self.envs))) - {s for _, s, _ in self.running.values()})
         cell.log.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "lab", *cell.argv(grid)[1:]]
+        argv = lab_argv(*cell.argv(grid)[1:])  # the installed lab, never ./lab
         with open(cell.log, "a") as log:  # the child holds its own handle
             proc = subprocess.Popen(
                 argv,
@@ -385,7 +387,7 @@ def read_grid(folder: Path) -> Grid:
             str(folder),
             saved["resolved"],
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError, OSError):  # damaged, or not lab's grid
         raise LabError(
             f"{folder / GRID} is not a grid lab sweep wrote; compare its runs by name instead"
         ) from None

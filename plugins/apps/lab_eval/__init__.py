@@ -1,10 +1,9 @@
 """`lab eval`: perplexity and bits per byte of a run on text, multiple-choice tasks from local
 files, and lm-evaluation-harness tasks. An application on top of the core's scoring
-(lab/evaluate.py), added through the `lab_commands` hook; lm-eval is the optional extra `eval`."""
-
-import importlib
+(lab/inference/scoring.py), added through the `lab_commands` hook; lm-eval is the optional extra `eval`."""
 
 from lab import hookimpl
+from lab.plugins import lazy_command
 
 
 @hookimpl
@@ -50,4 +49,4 @@ def lab_commands(subparsers):
         "--batch-size", type=int, default=8, metavar="B", help="windows or choices per forward pass"
     )
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=lambda args: importlib.import_module("lab_eval.command").cli_eval(args))
+    p.set_defaults(func=lazy_command("lab_eval.command", "cli_eval"))

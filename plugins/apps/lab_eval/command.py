@@ -14,8 +14,7 @@ from lab.errors import LabError
 from lab.files import write_text_atomically
 from lab.inference.scoring import score_choices, score_text
 from lab.runs import checkpoint
-
-RESULTS = "eval.json"
+from lab.runs.layout import EVAL
 
 
 def cli_eval(args) -> int:
@@ -81,13 +80,15 @@ def text_stride(stride: int | None, block_size: int) -> int:
 
 def read_results(run_dir: Path) -> dict:
     """What RUN_DIR/eval.json holds already (read before scoring: a damaged file is said at once)."""
-    path = run_dir / RESULTS
+    path = run_dir / EVAL
     if not path.exists():
         return {}
     try:
         saved = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past json's limit
         saved = e
+    except OSError as e:  # a folder named eval.json, a file it cannot read
+        raise LabError(f"cannot read {path}: {e.strerror}; move it away and run lab eval again") from None
     if not isinstance(saved, dict):
         raise LabError(f"{path} is not the JSON object lab eval writes; move it away and run lab eval again")
     return saved
@@ -95,7 +96,7 @@ def read_results(run_dir: Path) -> dict:
 
 def save_results(run_dir: Path, ckpt: Path, saved: dict, results: dict) -> Path:
     """Merge into RUN_DIR/eval.json: each file's, task's or harness task's newest score, its checkpoint."""
-    path = run_dir / RESULTS
+    path = run_dir / EVAL
     step = checkpoint.step_of(ckpt)
     for kind, scores in results.items():
         for name, score in scores.items():

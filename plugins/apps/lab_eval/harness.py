@@ -4,7 +4,7 @@
     lm_eval.simple_evaluate(model="lab", model_args="run_dir=runs/gpt_small", tasks=["hellaswag"])
 
 and `lab eval RUN_DIR --harness TASKS [--include-path DIR]` does the same from the command line
-(lm-eval's own CLI cannot load models from other packages). Scoring is lab's own (lab/evaluate.py),
+(lm-eval's own CLI cannot load models from other packages). Scoring is lab's own (lab/inference/scoring.py),
 so a task scored here and by `lab eval --tasks` gives the same numbers.
 """
 

@@ -12,6 +12,7 @@ import lab.runs
 from lab.errors import LabError
 from lab.files import usual_mode
 from lab.recipe import Recipe
+from lab.runs.layout import RECIPE
 from lab_hf import llama
 from lab_hf.names import to_hf
 from lab_tokenizers.gpt2 import HERE as GPT2_FILES
@@ -30,7 +31,7 @@ ACTIVATION = {"tanh": "gelu_new", "none": "gelu"}
 def export_hf(run_dir, out) -> Path:
     recipe, model, ckpt = lab.runs.load(run_dir)
     tokenizer = recipe.parts["tokenizer"].build()  # from the run's own copy (lab.runs.tokenizer_files)
-    family = pick_family(recipe, tokenizer, ckpt / "recipe.toml")
+    family = pick_family(recipe, tokenizer, ckpt / RECIPE)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LabError(f"{out} exists and is not an empty folder; choose a new --out folder")

@@ -15,7 +15,8 @@ from lab.files import write_text_atomically
 from lab.model import GPT
 from lab.recipe import Recipe, resolve
 from lab.runs.checkpoint import latest, save
-from lab.runs.lock import LOCK, RunLock
+from lab.runs.layout import LOCK, RECIPE
+from lab.runs.lock import RunLock
 from lab_hf import llama
 from lab_hf.names import to_lab
 
@@ -50,12 +51,26 @@ def import_hf(hf_dir, out) -> Path:
     model = GPT(recipe)
     load_hf_weights(model, weights, hf_dir, config["model_type"])
     recipe.train.out_dir = str(out)  # so that `lab run OUT/recipe.toml` fine-tunes in this folder
+    fit_samples(recipe, model)
     with RunLock(out, f"lab import-hf {hf_dir} --out {out}"):
         check_out(out)  # again, now that no other lab process can write there
         # The checkpoint holds weights and step 0 alone: `lab run` fine-tunes it with a fresh optimizer.
         ckpt = save(out, 0, model, recipe.to_toml(), state={"step": 0})
-        write_text_atomically(out / "recipe.toml", recipe.to_toml())
+        write_text_atomically(out / RECIPE, recipe.to_toml())
     return ckpt
+
+
+def fit_samples(recipe: Recipe, model: GPT) -> None:
+    """[generate] as lab run checks it: the prompt and the samples within the positions the model
+    knows (a GPT-2 with 64 positions cannot sample the default 100 tokens after its prompt)."""
+    limit = model.position.max_len
+    if limit is None:
+        return
+    prompt = len(recipe.parts["tokenizer"].build().encode(recipe.generate.prompt)) or 1
+    if prompt >= limit:
+        recipe.generate.prompt = ""  # then sampling starts from the end-of-text token alone
+        prompt = 1
+    recipe.generate.max_new_tokens = max(1, min(recipe.generate.max_new_tokens, limit - prompt))
 
 
 def check_out(out: Path) -> None:

@@ -1,10 +1,8 @@
 """`lab serve`: a web page and an OpenAI-compatible API for trained runs. A plugin, not the core,
 because it needs a web server (the `serve` extra: FastAPI and uvicorn) that training never does."""
 
-import importlib
-
 from lab import hookimpl
-from lab.errors import LabError
+from lab.plugins import lazy_command
 
 
 @hookimpl
@@ -40,15 +38,6 @@ def lab_commands(subparsers):
         default=64,
         help="completions in flight or waiting before new requests get 429 (default 64)",
     )
-    p.set_defaults(func=cli_serve)
-
-
-def cli_serve(args) -> int:
-    try:
-        importlib.import_module("fastapi")
-        importlib.import_module("uvicorn")
-    except ImportError:
-        raise LabError("lab serve needs FastAPI and uvicorn: pip install 'lab[serve]'") from None
-    from lab_serve.server import serve
-
-    return serve(args)
+    p.set_defaults(
+        func=lazy_command("lab_serve.server", "serve", needs=("fastapi", "uvicorn"), extra="serve")
+    )

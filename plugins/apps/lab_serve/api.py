@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -78,7 +78,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
         return "the request body must be a JSON object", None
     param = ".".join(loc) or None
-    return f"{param or 'body'}: {err.get('msg', 'invalid value')}", param
+    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{param or 'body'}: {message}", param
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -104,6 +105,30 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, "internal server error (see the server's log)", type="server_error")
+
+
+class KeyCheck:
+    """With an API key, every route but the page and its files answers 401 to a request without it,
+    before anything of the request (its body, its JSON, its size) is read: the outermost layer."""
+
+    PUBLIC = ("/", "/favicon.ico")
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.expected = app, None if api_key is None else f"Bearer {api_key}".encode()
+
+    def allows(self, scope) -> bool:
+        if self.expected is None or scope["path"] in self.PUBLIC or scope["path"].startswith("/static/"):
+            return True
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.allows(scope):
+            return await self.app(scope, receive, send)
+        response = error_response(
+            401, "a valid API key is needed: send `Authorization: Bearer KEY`", code="invalid_api_key"
+        )
+        await response(scope, receive, send)
 
 
 class BodyLimit:
@@ -141,6 +166,22 @@ class BodyLimit:
 
 # ---------------------------------------------------------------------------------- requests
 
+
+def in_range(lo: int, hi: int):
+    """An integer checked at the edge, so no number out of torch's range reaches it: the 400 names
+    the field (see _validation_message) and the range."""
+
+    def check(value: int) -> int:
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return Annotated[StrictInt, AfterValidator(check)]
+
+
+INT64 = (-(2**63), 2**63 - 1)  # a seed: torch.manual_seed takes int64 (seed + the choice's index too)
+Seed = in_range(INT64[0], INT64[1] - 64)
+Count = in_range(-(2**31), 2**31 - 1)  # counts (max_tokens, n) are checked against the limits later
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
@@ -155,13 +196,13 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: StrictStr
-    max_tokens: StrictInt | None = None
+    max_tokens: Count | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
-    n: StrictInt | None = None
+    top_k: in_range(0, 2**31 - 1) | None = None
+    n: Count | None = None
     stop: Stop = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
 
@@ -177,7 +218,7 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: Count | None = None
 
 
 # ------------------------------------------------------------------------------- completions
@@ -439,21 +480,12 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
     app = FastAPI(title="lab serve", docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(
-                401, "a valid API key is needed: send `Authorization: Bearer KEY`", code="invalid_api_key"
-            )
-
     def run_or_404(run_id: str) -> str:
         if table.folder(run_id) is None and run_id not in table.refresh():
             raise APIError(404, f"no run named '{run_id}'", code="run_not_found")
         return run_id
 
-    api = APIRouter(dependencies=[Depends(check_key)])  # every route but the page and its files
+    api = APIRouter()  # the API: KeyCheck guards it, before the body is read
 
     @api.get("/v1/models")
     async def models():
@@ -603,4 +635,4 @@ def make_app(table: RunTable, pool: ModelPool, limits: Limits | None = None, api
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.pool, app.state.table = pool, table
-    return BodyLimit(app, limits.max_body)
+    return KeyCheck(BodyLimit(app, limits.max_body), api_key)

@@ -15,17 +15,11 @@ from pathlib import Path
 
 import lab.runs
 from lab.errors import LabError
+from lab.runs import is_run
 from lab.runs.checkpoint import latest, step_of
-from lab.runs.metrics import METRICS, read_metrics
+from lab.runs.layout import METRICS, RECIPE, SAMPLES
+from lab.runs.metrics import read_metrics
 from lab_serve.batcher import Batcher
-
-RESOLVED_RECIPE = "recipe.toml"  # what lab run writes in the run folder
-GENERATED = "generated.txt"
-
-
-def is_run(folder: Path) -> bool:
-    """A folder lab run (or lab import-hf) wrote: it has checkpoints, or a run in progress's metrics."""
-    return (folder / "checkpoints").is_dir() or (folder / METRICS).is_file()
 
 
 class RunTable:
@@ -77,7 +71,7 @@ class RunTable:
             "servable": ckpt is not None,
             "step": step_of(ckpt) if ckpt else None,
             "has_metrics": (folder / METRICS).is_file(),
-            "has_generated": (folder / GENERATED).is_file(),
+            "has_generated": (folder / SAMPLES).is_file(),
         }
 
     def metrics(self, run_id: str) -> list[dict]:
@@ -87,13 +81,13 @@ class RunTable:
         """The resolved recipe: the run folder's, else its newest checkpoint's (an imported run)."""
         folder = self.runs[run_id]
         ckpt = latest(folder)
-        for f in (folder / RESOLVED_RECIPE, ckpt / "recipe.toml" if ckpt else None):
+        for f in (folder / RECIPE, ckpt / RECIPE if ckpt else None):
             if f is not None and f.is_file():
                 return f.read_text(encoding="utf-8", errors="replace")
         return ""
 
     def generated(self, run_id: str) -> str:
-        f = self.runs[run_id] / GENERATED
+        f = self.runs[run_id] / SAMPLES
         return f.read_text(encoding="utf-8", errors="replace") if f.is_file() else ""
 
 

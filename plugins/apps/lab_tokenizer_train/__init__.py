@@ -1,9 +1,8 @@
 """`lab tokenizer train`: a byte-level BPE trained with Hugging Face tokenizers on your text, or the
 characters of a text; the tokenizers it writes are loaded by lab_tokenizers' `bpe` and `char`."""
 
-import importlib
-
 from lab import hookimpl
+from lab.plugins import lazy_command
 
 
 @hookimpl
@@ -40,4 +39,4 @@ def lab_commands(subparsers):
         metavar="F",
         help="merge only pairs seen at least F times (default 2)",
     )
-    t.set_defaults(func=lambda args: importlib.import_module("lab_tokenizer_train.train").cli_train(args))
+    t.set_defaults(func=lazy_command("lab_tokenizer_train.train", "cli_train"))

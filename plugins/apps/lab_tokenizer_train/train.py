@@ -74,19 +74,26 @@ def texts(inputs: list[str], progress: bool = True, what: str = "reading") -> It
                 yield text
 
 
-def output_file(out, name: str) -> Path:
+def output_file(out, name: str, make: bool = True) -> Path:
+    """out/name, checked before any work: out is not a file, name is not there yet. make: create out
+    now (else the caller does, with make_folder, once there is something to write)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise LabError(f"--out {out} is a file, not a folder: give a folder for {name}")
     if (out / name).exists():
         raise LabError(f"{out / name} exists; choose another --out folder, or move that file away first")
+    if make:
+        make_folder(out)
+    return out / name
+
+
+def make_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LabError(
             f"cannot create the --out folder {out} ({e.strerror}); choose a folder you can write"
         ) from None
-    return out / name
 
 
 def train_bpe(
@@ -98,13 +105,36 @@ def train_bpe(
             f"--vocab-size {vocab_size} is smaller than the {SMALLEST} tokens a byte-level BPE starts "
             f"with (256 bytes + {ENDOFTEXT}); give at least {SMALLEST}, e.g. --vocab-size 4096"
         )
+    check_vocab_fits(vocab_size, inputs)
     tokenizer = untrained_bpe(pattern)
-    path = output_file(out, "tokenizer.json")
+    path = output_file(out, "tokenizer.json", make=False)
     seen = Counted(texts(inputs, progress))
     tokenizer.train_from_iterator(seen, trainer=bpe_trainer(vocab_size, min_frequency))
     refuse_empty(seen, inputs)
+    make_folder(path.parent)  # only now: a refused or failed training leaves no empty --out behind
     write_text_atomically(path, tokenizer.to_str(pretty=True))
     return path, tokenizer.get_vocab_size()
+
+
+# The token files of `lab prepare` hold uint32 ids at most.
+LARGEST = 2**32
+
+
+def check_vocab_fits(vocab_size: int, inputs) -> None:
+    """Refuse a vocabulary the token files cannot hold or the text cannot fill, before the trainer
+    (which sizes its tables by vocab_size, and aborts the process when it cannot allocate them) runs."""
+    if vocab_size > LARGEST:
+        raise LabError(
+            f"--vocab-size {vocab_size} is more than the {LARGEST} token ids lab's token files hold (uint32)"
+        )
+    nbytes = sum(f.stat().st_size for f in find_input_files([str(i) for i in inputs]))
+    most = SMALLEST + nbytes  # each merge shortens the text by at least one token
+    if vocab_size > most and nbytes:  # no text at all: refuse_empty says so
+        raise LabError(
+            f"--vocab-size {vocab_size} is more than this text can make: {nbytes} bytes give at most "
+            f"{nbytes} merges on top of the {SMALLEST} starting tokens; give at most {most} "
+            f"(e.g. --vocab-size {min(most, 4096)}), or train on more text"
+        )
 
 
 def untrained_bpe(pattern: str = GPT2_PATTERN):

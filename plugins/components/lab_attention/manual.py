@@ -3,12 +3,12 @@
 import math
 
 import torch.nn.functional as F
-from pydantic import BaseModel
 
 from lab.attention import SelfAttention, additive_mask, causal_mask
+from lab.slots import ComponentConfig
 
 
-class ManualConfig(BaseModel):
+class ManualConfig(ComponentConfig):
     pass
 
 

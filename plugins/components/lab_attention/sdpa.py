@@ -2,12 +2,12 @@
 fused kernel (flash, memory-efficient, cuDNN) for the device."""
 
 import torch.nn.functional as F
-from pydantic import BaseModel
 
 from lab.attention import SelfAttention, additive_mask, causal_mask
+from lab.slots import ComponentConfig
 
 
-class SDPAConfig(BaseModel):
+class SDPAConfig(ComponentConfig):
     pass
 
 

@@ -1,20 +1,27 @@
 """Sliding-window causal attention (Longformer, Mistral): each token sees itself and the
 window - 1 tokens before it. On CUDA the window runs as a FlexAttention block mask, which skips the
 blocks outside the window; elsewhere (FlexAttention on CPU has no backward in torch 2.13) and for
-cached decoding, it is SDPA with the window as a mask."""
+cached decoding, it is SDPA with the window as a mask.
 
+A recipe may warm the window up, as the NanoGPT speedrun does (short windows first, the whole one
+later): `[schedule.window]` names a schedule whose value at each step is the share of `window` used
+(rounded up to whole tokens)."""
+
+import math
 from functools import lru_cache
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import Field, PositiveInt
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from lab.attention import SelfAttention, additive_mask, causal_mask
+from lab.slots import ComponentConfig
 
 
-class SlidingConfig(BaseModel):
+class SlidingConfig(ComponentConfig):
+    scheduled: ClassVar[tuple[str, ...]] = ("window",)  # [schedule.window] drives the window's share
     window: PositiveInt = Field(256, description="keys each token sees, itself included")
     backend: Literal["auto", "sdpa"] = Field(
         "auto", description="auto: FlexAttention on CUDA, masked SDPA elsewhere; sdpa: always masked SDPA"
@@ -34,6 +41,13 @@ class SlidingAttention(SelfAttention):
     def __init__(self, config: SlidingConfig, model):
         super().__init__(model)
         self.window, self.backend = config.window, config.backend
+        self.full_window = config.window
+
+    def set_scheduled(self, quantity: str, share: float) -> None:
+        """[schedule.window]: see share of the window, at least one token (the trainer calls this before
+        each step and each evaluation)."""
+        if quantity == "window":
+            self.window = max(1, math.ceil(self.full_window * share))
 
     def score_flops(self, batch, seq_len):
         """Query i sees min(i + 1, window) keys."""

@@ -11,24 +11,28 @@ processes and how a run resumes exactly where it stopped.
 
 from typing import ClassVar
 
-from pydantic import BaseModel, Field, NonNegativeInt, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from lab import hookimpl
+from lab.recipe import PATH
+from lab.slots import ComponentConfig
 from lab_jsonl.stream import JsonlData
 
 
-class JsonlConfig(BaseModel):
+class JsonlConfig(ComponentConfig):
     # The conformance checks also run with document-aligned rows.
     extra_settings: ClassVar[list[dict]] = [{"documents": True, "max_document_tokens": 16}]
     path: str | list[str] = Field(
         "",
         description='.jsonl files (one JSON object with a "text" field per line), text files, or '
         "folders searched for *.jsonl and *.txt; empty: the sample that ships with lab",
+        json_schema_extra=PATH,
     )
     val_path: str | list[str] = Field(
         "",
         description="files or folders to validate on, in the same forms; empty: hold out "
         "val_fraction of the documents of path",
+        json_schema_extra=PATH,
     )
     val_fraction: float = Field(
         0.05,

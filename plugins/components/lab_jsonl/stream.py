@@ -32,13 +32,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lab.data.text import decode, jsonl_text, last_seam
+from lab.data.text import decode, find_input_files, jsonl_text, last_seam
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource, document_ids
 
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
-SUFFIXES = (".jsonl", ".txt")  # what a folder is searched for
 
 
 @dataclass
@@ -235,9 +234,12 @@ class JsonlData(DataSource):
                 f"[data] documents = true, but tokenizer '{context.tokenizer.name}' has no end-of-text "
                 "token to mark where documents start; use a tokenizer with one, or set documents = false"
             )
-        self.files = find_files(config.path, "path") if config.path else [SAMPLE]
+        self.files = find_input_files(as_list(config.path), "[data] path: ") if config.path else [SAMPLE]
         if config.val_path:
-            val_files, in_val = find_files(config.val_path, "val_path"), (lambda unit: True)
+            val_files, in_val = (
+                find_input_files(as_list(config.val_path), "[data] val_path: "),
+                (lambda unit: True),
+            )
         elif config.val_fraction > 0:
             val_files, in_val = self.files, (lambda unit: unit.draw() < config.val_fraction)
         else:
@@ -290,28 +292,6 @@ class JsonlData(DataSource):
         self.train.load_state_dict(state["train"])
 
 
-def find_files(spec: str | list[str], key: str) -> list[Path]:
-    """The files of [data] path (or val_path): files as given, folders searched for *.jsonl and *.txt."""
-    files = []
-    for name in [spec] if isinstance(spec, str) else spec:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-            if not found:
-                raise LabError(
-                    f"[data] {key}: folder {name} holds no .jsonl or .txt files (searched recursively)"
-                )
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise LabError(
-                f"[data] {key}: {name} not found; give .jsonl or .txt files, or folders of them "
-                "(relative to the current folder)"
-            )
-    return files
-
-
 def check_same_files(saved: list, files: list[Path]) -> None:
     """A stream resumes at byte offsets: the files must be the ones it was reading."""
     names = [name for name, _ in saved]
@@ -327,3 +307,7 @@ def check_same_files(saved: list, files: list[Path]) -> None:
                 "data changed under the run, so it cannot continue where it stopped. Restore the "
                 "file, or start a new run with another train.out_dir"
             )
+
+
+def as_list(spec: str | list[str]) -> list[str]:
+    return [spec] if isinstance(spec, str) else spec

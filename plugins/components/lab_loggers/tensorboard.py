@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from lab.errors import LabError
 from lab.interfaces import Logger
+from lab.slots import ComponentConfig
 
 
-class TensorBoardConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TensorBoardConfig(ComponentConfig):
     dir: str = Field("tensorboard", description="the event files' folder, inside the run folder")
     flush_secs: int = Field(10, ge=1, description="write to disk at least this often, in seconds")
 

@@ -7,16 +7,16 @@ import secrets
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from lab.errors import LabError
 from lab.interfaces import Logger
+from lab.slots import ComponentConfig
 
 ID_FILE = "wandb-id"  # in the run folder: a resumed run continues the same W&B run
 
 
-class WandBConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WandBConfig(ComponentConfig):
     project: str = Field("lab", description="the W&B project")
     entity: Optional[str] = Field(None, description="the W&B user or team; unset: your default")
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(

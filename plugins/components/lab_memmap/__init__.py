@@ -6,17 +6,20 @@ the user's cache (see embedded.py)."""
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, NonNegativeInt, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from lab import hookimpl
+from lab.recipe import PATH
+from lab.slots import ComponentConfig
 from lab_memmap.source import MemmapData
 
 
-class MemmapConfig(BaseModel):
+class MemmapConfig(ComponentConfig):
     path: str = Field(
         "",
         description="folder with train.bin, val.bin and meta.json (from `lab prepare`), relative to "
-        "the current folder; empty: the tinyshakespeare that ships with lab",
+        "the recipe file; empty: the tinyshakespeare that ships with lab",
+        json_schema_extra=PATH,
     )
     dtype: Literal["uint16", "uint32"] = Field(
         "uint16", description="token width of the .bin files when the folder has no meta.json"

@@ -11,7 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from lab.data.prepare import SPLITS, prepare, token_dtype
+from lab.data.prepare import prepare
+from lab.data.tokens import SPLITS, token_dtype
 from lab.errors import LabError
 from lab.files import cache_folder
 from lab.interfaces import Tokenizer

@@ -7,20 +7,18 @@ process of a distributed run takes its rows of the same global batch).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lab.data.prepare import SPLITS
+from lab.data.tokens import SPLITS, check_meta_matches, read_meta
 from lab.errors import LabError
 from lab.interfaces import DataContext, DataSource, document_ids
 from lab_memmap.embedded import tinyshakespeare
 
 SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
 SCAN_CHUNK = 1 << 24  # tokens per step of the largest-id scan: bounded memory on any file size
-META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
 
 
 class MemmapData(DataSource):
@@ -33,7 +31,7 @@ class MemmapData(DataSource):
         check_folder(folder)
         meta = read_meta(folder)
         if meta is not None:
-            check_meta_matches(meta, folder, context)
+            check_meta_matches(meta, folder, context.tokenizer)
         dtype = np.dtype(meta["dtype"] if meta else config.dtype)
         self.paths = {split: folder / f"{split}.bin" for split in SPLITS}
         self.tokens = {split: open_tokens(self.paths[split], dtype, meta) for split in SPLITS}
@@ -121,56 +119,6 @@ def check_folder(folder: Path) -> None:
             raise LabError(
                 f"{folder / split}.bin not found: a data folder holds train.bin and val.bin; {make_it}"
             )
-
-
-def read_meta(folder: Path) -> dict | None:
-    path = folder / "meta.json"
-    if not path.exists():
-        return None
-    redo = f"run lab prepare again, or delete {path} and set [data] dtype"
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise LabError(f"{path} is not valid JSON ({e}); {redo}") from None
-    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise LabError(f"{path} lacks {', '.join(missing)}; {redo}")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise LabError(f"{path} has dtype {meta['dtype']!r}; token files are uint16 or uint32. {redo}")
-    return meta
-
-
-def check_meta_matches(meta: dict, folder: Path, context: DataContext) -> None:
-    tokenizer = context.tokenizer
-    fingerprint = meta.get("tokenizer_fingerprint")  # written by lab prepare since tokenizers can be trained
-    if fingerprint is not None and (meta["tokenizer"], fingerprint) == (
-        tokenizer.name,
-        tokenizer.fingerprint(),
-    ):
-        return
-    if fingerprint is not None and meta["tokenizer"] == tokenizer.name:
-        made_by = describe(meta["tokenizer"], fingerprint, meta.get("tokenizer_files") or {})
-        recipe_has = describe(tokenizer.name, tokenizer.fingerprint(), tokenizer.files())
-        raise LabError(
-            f"{folder}/meta.json: the tokens were made by another tokenizer {made_by} than the recipe's "
-            f"[tokenizer] {recipe_has}; point [tokenizer] at the tokenizer the data was made with, or re-run "
-            f"lab prepare YOUR_TEXT --out {folder} --recipe RECIPE"
-        )
-    if (meta["tokenizer"], meta["vocab_size"]) != (tokenizer.name, tokenizer.vocab_size):
-        raise LabError(
-            f"{folder}/meta.json: the tokens were made by tokenizer '{meta['tokenizer']}' ({meta['vocab_size']} "
-            f"tokens) but the recipe's [tokenizer] is '{tokenizer.name}' ({tokenizer.vocab_size} tokens); "
-            f'set [tokenizer] name = "{meta["tokenizer"]}", or re-run: '
-            f"lab prepare YOUR_TEXT --out {folder} "
-            + (
-                "--recipe RECIPE" if tokenizer.files() else f"--tokenizer {tokenizer.name}"
-            )  # settings come from a recipe
-        )
-
-
-def describe(name: str, fingerprint: str, files: dict) -> str:
-    where = ", ".join(f"{setting} = {str(path)!r}" for setting, path in files.items())
-    return f"'{name}' ({where + ', ' if where else ''}fingerprint {fingerprint})"
 
 
 def open_tokens(path: Path, dtype: np.dtype, meta: dict | None) -> np.ndarray:

@@ -1,12 +1,13 @@
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from lab.interfaces import dropout, mark_residual
+from lab.slots import ComponentConfig
 
 
-class GeluConfig(BaseModel):
+class GeluConfig(ComponentConfig):
     expansion: PositiveInt = Field(4, description="hidden width as a multiple of n_embd")
     approximate: Literal["tanh", "none"] = Field(
         "tanh", description="GPT-2 uses the tanh approximation of GELU"

@@ -17,17 +17,18 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
 from lab.extras import add_loss, log_scalar
 from lab.interfaces import dropout
 from lab.roles import declare_role, set_role
+from lab.slots import ComponentConfig
 
 ROUTER = declare_role("router", "a mixture of experts' router: which experts each token goes to")
 
 
-class MoEConfig(BaseModel):
+class MoEConfig(ComponentConfig):
     # lab.testing checks these too, beside the defaults: Switch's top-1 with a z-loss, every expert.
     extra_settings: ClassVar[list[dict]] = [
         {"n_experts": 4, "top_k": 1, "normalize": False, "z_loss_coef": 1e-3, "activation": "relu2"},

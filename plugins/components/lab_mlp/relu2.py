@@ -2,13 +2,14 @@
 proj(relu(fc(x))^2). As cheap as ReLU, and it learned faster than GELU in Primer's search."""
 
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from lab.interfaces import dropout, mark_residual
+from lab.slots import ComponentConfig
 
 
-class ReLU2Config(BaseModel):
+class ReLU2Config(ComponentConfig):
     expansion: PositiveInt = Field(4, description="hidden width as a multiple of n_embd")
 
 

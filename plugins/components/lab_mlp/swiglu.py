@@ -1,13 +1,14 @@
 """SwiGLU (Shazeer 2020), LLaMA's feed-forward block: down(silu(gate(x)) * up(x))."""
 
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
 from lab.interfaces import dropout, mark_residual
+from lab.slots import ComponentConfig
 
 
-class SwiGLUConfig(BaseModel):
+class SwiGLUConfig(ComponentConfig):
     hidden: NonNegativeInt = Field(
         0, description="hidden width; 0: LLaMA's rule from expansion and multiple_of"
     )

@@ -1,10 +1,11 @@
-from pydantic import BaseModel, Field, PositiveFloat
+from pydantic import Field, PositiveFloat
 from torch import nn
 
 from lab.roles import set_role
+from lab.slots import ComponentConfig
 
 
-class LayerNormConfig(BaseModel):
+class LayerNormConfig(ComponentConfig):
     eps: PositiveFloat = Field(1e-5, description="added to the variance before the square root")
 
 

@@ -1,13 +1,14 @@
 """RMSNorm (Zhang & Sennrich 2019), as in LLaMA: scale by the root mean square, no centring, no bias."""
 
 import torch
-from pydantic import BaseModel, Field, PositiveFloat
+from pydantic import Field, PositiveFloat
 from torch import nn
 
 from lab.roles import set_role
+from lab.slots import ComponentConfig
 
 
-class RMSNormConfig(BaseModel):
+class RMSNormConfig(ComponentConfig):
     eps: PositiveFloat = Field(1e-5, description="added to the mean square before the square root")
 
 

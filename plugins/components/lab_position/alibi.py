@@ -4,12 +4,12 @@ its scores, so farther keys count less, at a rate that differs per head. No limi
 import math
 
 import torch
-from pydantic import BaseModel
 
 from lab.interfaces import Position
+from lab.slots import ComponentConfig
 
 
-class AlibiConfig(BaseModel):
+class AlibiConfig(ComponentConfig):
     pass
 
 

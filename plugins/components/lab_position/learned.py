@@ -1,10 +1,10 @@
-from pydantic import BaseModel
 from torch import nn
 
 from lab.interfaces import Position
+from lab.slots import ComponentConfig
 
 
-class LearnedConfig(BaseModel):
+class LearnedConfig(ComponentConfig):
     pass
 
 

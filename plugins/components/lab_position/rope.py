@@ -3,13 +3,14 @@ their position, so the score q_i . k_j depends only on i - j. Nothing is added t
 and there are no parameters, so any length works."""
 
 import torch
-from pydantic import BaseModel, Field, PositiveFloat
+from pydantic import Field, PositiveFloat
 
 from lab.errors import LabError
 from lab.interfaces import Position
+from lab.slots import ComponentConfig
 
 
-class RopeConfig(BaseModel):
+class RopeConfig(ComponentConfig):
     theta: PositiveFloat = Field(10000.0, description="base of the angle frequencies; larger reaches farther")
     fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="share of each head's dims that rotate (GPT-NeoX rotates 0.25)"

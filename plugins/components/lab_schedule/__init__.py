@@ -1,7 +1,9 @@
-"""Learning-rate schedules, each a pure function of the step."""
+"""Schedules, each a pure function of the step: of the learning rate, and of what [schedule.QUANTITY]
+tables drive (batch size, sequence length, a sliding window)."""
 
 from lab import hookimpl
 from lab_schedule.cosine import Cosine, CosineConfig
+from lab_schedule.ramp import Ramp, RampConfig
 from lab_schedule.wsd import WSD, WSDConfig
 
 
@@ -14,4 +16,11 @@ def lab_components(register):
         WSD,
         WSDConfig,
         "warmup-stable-decay: warmup, hold the peak, decay over the last fraction to a floor",
+    )
+    register(
+        "schedule",
+        "ramp",
+        Ramp,
+        RampConfig,
+        "a ramp from a share up to 1, smooth or in stages: batch-size, window and sequence-length warmups",
     )

@@ -1,12 +1,13 @@
 import math
 
-from pydantic import BaseModel, Field, NonNegativeInt
+from pydantic import Field, NonNegativeInt
 
 from lab.interfaces import Schedule
+from lab.slots import ComponentConfig
 from lab_schedule.long_warmup import warn_if_longer_than_the_run
 
 
-class CosineConfig(BaseModel):
+class CosineConfig(ComponentConfig):
     warmup_steps: NonNegativeInt = Field(100, description="steps of linear warmup from ~0")
     decay_steps: NonNegativeInt = Field(0, description="step where the decay reaches the floor; 0: max_steps")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="floor, as a fraction of the peak lr")

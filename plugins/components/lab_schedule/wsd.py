@@ -5,13 +5,14 @@ be extended, and a checkpoint from it cooled down, at any point."""
 import math
 from typing import Literal
 
-from pydantic import BaseModel, Field, NonNegativeInt
+from pydantic import Field, NonNegativeInt
 
 from lab.interfaces import Schedule
+from lab.slots import ComponentConfig
 from lab_schedule.long_warmup import warn_if_longer_than_the_run
 
 
-class WSDConfig(BaseModel):
+class WSDConfig(ComponentConfig):
     warmup_steps: NonNegativeInt = Field(100, description="steps of linear warmup from ~0")
     decay_fraction: float = Field(
         0.2, ge=0.0, le=1.0, description="share of max_steps spent decaying, at the end"

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from lab.errors import LabError
 from lab.interfaces import Tokenizer
+from lab.recipe import PATH
+from lab.slots import ComponentConfig
 
 ENDOFTEXT = "<|endoftext|>"
 # A 4096-token BPE of the shipped tinyshakespeare: recipes/shakespeare_bpe.toml's, and the example
@@ -17,11 +19,12 @@ SHAKESPEARE = Path(__file__).parent / "shakespeare" / "bpe4k" / "tokenizer.json"
 TRAIN_ONE = "train one with: lab tokenizer train YOUR_TEXT --vocab-size 4096 --out DIR"
 
 
-class BPEConfig(BaseModel):
+class BPEConfig(ComponentConfig):
     path: str = Field(
         description="a tokenizer.json (or a folder holding one) written by `lab tokenizer train`, "
-        "relative to the current folder",
+        "relative to the recipe file",
         examples=[str(SHAKESPEARE)],
+        json_schema_extra=PATH,
     )
 
 

@@ -9,21 +9,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from lab.errors import LabError
 from lab.interfaces import Tokenizer
+from lab.recipe import PATH
+from lab.slots import ComponentConfig
 
 # The 65 characters of the shipped tinyshakespeare: recipes/shakespeare_char.toml's vocabulary.
 SHAKESPEARE = Path(__file__).parent / "shakespeare" / "char" / "vocab.json"
 MAKE_ONE = "make one with: lab tokenizer train YOUR_TEXT --char --out DIR"
 
 
-class CharConfig(BaseModel):
+class CharConfig(ComponentConfig):
     vocab: str = Field(
         description="a vocab.json of characters (or a folder holding one) written by "
-        "`lab tokenizer train --char`, relative to the current folder",
+        "`lab tokenizer train --char`, relative to the recipe file",
         examples=[str(SHAKESPEARE)],
+        json_schema_extra=PATH,
     )
 
 

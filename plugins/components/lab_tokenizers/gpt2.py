@@ -5,10 +5,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
-from pydantic import BaseModel
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from lab.interfaces import Tokenizer
+from lab.slots import ComponentConfig
 
 HERE = Path(__file__).parent / "gpt2"  # vocab.bpe and encoder.json, as OpenAI published them
 ENDOFTEXT = "<|endoftext|>"
@@ -16,7 +16,7 @@ ENDOFTEXT = "<|endoftext|>"
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class GPT2Config(BaseModel):
+class GPT2Config(ComponentConfig):
     pass
 
 
