@@ -153,7 +153,13 @@ class Extension(nn.Module):
                                               the fused loss (lab.fused_loss.Chunk): values per row
     new_state(batch, max_len, device, dtype)  per-sequence decoding state, made with the caches and
         -> state                              handed back each step as ctx.state(self)
+
+    An extension that changes only the training loss, not what the model computes (a z-loss, extra
+    prediction heads), sets the class attribute `training_only = True`: `lab export-hf` may then
+    leave it out, where it refuses a model with any other extension.
     """
+
+    training_only = False
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ class GPT(nn.Module):
         )
 
     def chunk_hooks(self, ctx: ForwardContext) -> list:
-        """The extensions' chunk_loss methods, each bound to the context and to the model's extras."""
+        """(extension, hook) pairs: each extension's chunk_loss bound to this forward's context."""
         return [
             (ext, lambda chunk, ext=ext: ext.chunk_loss(chunk, ctx))
             for ext in self.extensions.values()

@@ -435,3 +435,28 @@ def test_every_technique_in_one_run_trains_resumes_exactly_and_decodes_with_the_
     cached = capsys.readouterr().out
     assert main([*generate, "--no-cache"]) == 0
     assert capsys.readouterr().out == cached
+
+
+def test_export_hf_refuses_extensions_that_change_the_model_but_not_training_only_ones():
+    from lab.recipe import resolve
+    from lab_hf.export_hf import extension_refusals
+
+    raw = {
+        "model": {
+            slot: {"name": name}
+            for slot, name in [
+                ("attention", "sdpa"),
+                ("mlp", "gelu"),
+                ("norm", "layernorm"),
+                ("position", "learned"),
+            ]
+        },
+        "tokenizer": {"name": "gpt2"},
+        "data": {"name": "memmap"},
+        "optimizer": {"name": "adamw"},
+        "schedule": {"name": "cosine"},
+        "extension": {"z_loss": {}, "mtp": {}, "smear": {}},
+    }
+    assert extension_refusals(resolve(raw, "r.toml")) == [
+        "extension 'smear' (neither GPT-2 nor Llama has it)"
+    ]

@@ -81,7 +81,7 @@ def tokenizer_refusals(recipe: Recipe, tokenizer) -> list[str]:
 def pick_family(recipe: Recipe, tokenizer, source) -> str:
     """ "gpt2" or "llama": the family the run belongs to, or one message with every part that keeps it
     out of the closer one (rotary positions make it a Llama candidate, anything else a GPT-2 one)."""
-    refused = tokenizer_refusals(recipe, tokenizer)
+    refused = tokenizer_refusals(recipe, tokenizer) + extension_refusals(recipe)
     llama_reasons, gpt2_reasons = llama.refusals(recipe) + refused, gpt2_refusals(recipe) + refused
     if not gpt2_reasons:
         return "gpt2"
@@ -95,6 +95,15 @@ def pick_family(recipe: Recipe, tokenizer, source) -> str:
         + "; ".join(reasons)
         + ". Export writes GPT-2 and Llama models; train a recipe without these parts"
     )
+
+
+def extension_refusals(recipe: Recipe) -> list[str]:
+    """Extensions that change what the model computes (a training-only one, a z-loss, does not)."""
+    return [
+        f"extension '{part.name}' (neither GPT-2 nor Llama has it)"
+        for part in recipe.extensions
+        if not getattr(part.component.factory, "training_only", False)
+    ]
 
 
 def gpt2_refusals(recipe: Recipe) -> list[str]:

@@ -180,6 +180,8 @@ class MultiTokenPrediction(Extension):
     ahead through the model's own LM head and fused loss. Its loss is an extra term (loss.mtp_d),
     made only when the forward has targets: decoding never pays for it."""
 
+    training_only = True  # the model computes the same function without it: export leaves it out
+
     def __init__(self, config: MTPConfig, model):
         super().__init__()
         self.weight = config.weight
@@ -210,6 +212,8 @@ class ZLoss(Extension):
     """z-loss (PaLM, Chowdhery et al. 2022): weight * mean over the scored tokens of log(Z)^2, Z the
     softmax's partition function, which keeps the logits from drifting. Computed on each chunk's
     log-sum-exp inside the fused loss: the full logits are never made."""
+
+    training_only = True
 
     def __init__(self, config: ZLossConfig, model):
         super().__init__()
