@@ -163,4 +163,4 @@ def copy_cache_rows(dst, src, dst_rows: list[int], src_rows: list[int]) -> None:
             continue  # bookkeeping (KVCache.length) is not per row
         target = getattr(dst, name)
         shared = tuple(slice(0, min(a, b)) for a, b in zip(value.shape[1:], target.shape[1:]))
-        target[(dst_rows, *shared)] = value[(src_rows, *shared)].to(target.dtype)
+        target[(dst_rows,) + shared] = value[(src_rows,) + shared].to(target.dtype)

@@ -236,6 +236,10 @@ class DataContext:
     rows_per_step: int = 1
 
 
+# What a data source's batch gives: (x, y), or (x, y, meta) with per-row metadata such as doc_ids.
+Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
 class DataSource:
     """Batches of token windows.
 
@@ -256,7 +260,7 @@ class DataSource:
 
     any_layout: bool = False
 
-    def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, split: str, step: int, rows: range) -> Batch:
         raise NotImplementedError
 
     def state_dict(self) -> dict:

@@ -219,7 +219,7 @@ def installed_lab() -> Path | None:
         from urllib.parse import unquote, urlparse
 
         return Path(unquote(urlparse(url).path)) / "lab"
-    return Path(dist.locate_file("lab"))
+    return Path(str(dist.locate_file("lab")))
 
 
 def warn_if_shadowed() -> None:

@@ -284,6 +284,7 @@ def submit(args, settings: Settings, out: Path) -> int:
                 f"{out / 'slurm'}. The same command continues from the parts that were done"
             )
         manifest = prepare_shards(settings, out, tokenizer, 1, None, progress=False)  # every part is done
+    assert manifest is not None
     print(summary(out, manifest))
     return 0
 

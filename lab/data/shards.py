@@ -205,7 +205,8 @@ def prepare_part(
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(out, split, part.index, settings.shard_tokens, dtype) for split in SPLITS}
     val_first = settings.val_tokens if part.index == 0 else 0  # the input's first documents are val
-    current, written = None, 0
+    current: ShardWriter | None = None
+    written = 0
     try:
         segments = (s for doc in part.documents(settings, reading) for s in document_segments(doc, None))
         bar = tqdm(
@@ -218,6 +219,7 @@ def prepare_part(
                         current = writers[choose_split(settings, writers, val_first, draw)]
                         ids = np.concatenate([np.array([tokenizer.eot_id], dtype=ids.dtype), ids])
                         current.documents += 1
+                    assert current is not None  # a part's first segment starts a document
                     if budget and written + len(ids) > budget:
                         ids = ids[: budget - written]
                     current.write(ids)
@@ -265,6 +267,7 @@ class ShardWriter:
         while len(ids):
             if self.current is None or self.current.tokens == self.shard_tokens:
                 self.next_shard()
+            assert self.current is not None  # next_shard made it
             room = self.shard_tokens - self.current.tokens
             self.current.write(ids[:room])
             self.tokens += len(ids[:room])
@@ -310,7 +313,7 @@ def write_manifest(
             f"{missing[0].describe()}); run the same command again (or the --task commands still to run)"
         )
     done = [records[p.index] for p in parts if p.index in records]
-    shards = {split: [] for split in SPLITS}
+    shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for record in done:
         for split in SPLITS:
             for shard in record["shards"][split]:

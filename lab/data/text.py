@@ -106,7 +106,7 @@ def documents(files: list[Path], reading: Reading | None = None) -> Iterator[Doc
             if path.stat().st_size < reading.min_chars:  # a whole file is one document, read in pieces:
                 reading.dropped_short += 1  # judged by its bytes (never fewer than its characters)
                 continue
-            docs = [Document(path, None, path.stat().st_size)]
+            docs = iter([Document(path, None, path.stat().st_size)])
         else:
             continue
         for doc in docs:

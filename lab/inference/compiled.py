@@ -123,6 +123,7 @@ class DecodeStep:
     @torch.inference_mode()
     def _compile(self, tokens, start, caches, shape) -> torch.Tensor:
         began = time.perf_counter()
+        assert self.compiled is not None  # only a compiled step is compiled
         logits = self.compiled(tokens, start, caches)
         seconds = time.perf_counter() - began
         with self.lock:

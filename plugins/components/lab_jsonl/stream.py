@@ -36,7 +36,7 @@ import torch
 
 from lab.data.text import Reading, decode, find_input_files, jsonl_text, last_seam, parquet_texts
 from lab.errors import LabError
-from lab.interfaces import DataContext, DataSource, document_ids
+from lab.interfaces import Batch, DataContext, DataSource, document_ids
 
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 PIECE_BYTES = 1 << 16  # a text file's unit: small, as a process's unused tokens are saved in checkpoints
@@ -294,7 +294,7 @@ class JsonlData(DataSource):
             "[data] val_path " if config.val_path else f"[data] val_fraction {config.val_fraction} of "
         )
 
-    def batch(self, split: str, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, split: str, step: int, rows: range) -> Batch:
         if split == "train":
             windows = [self.train.window() for _ in rows]
         else:
@@ -303,6 +303,7 @@ class JsonlData(DataSource):
         tokens = torch.from_numpy(np.stack(windows))  # type: ignore[arg-type]
         x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # y is x one token later
         if self.documents:
+            assert self.eot_id is not None  # documents = true refuses a tokenizer without one
             return x, y, {"doc_ids": document_ids(x, self.eot_id, self.max_document_tokens)}
         return x, y
 
