@@ -8,6 +8,7 @@ the file, the table, the key and the fix.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ def resolve_path(value: str, recipe_file: str | None, where: str) -> str:
         return str(package_file(value, where))
     if not value or recipe_file is None or Path(value).expanduser().is_absolute():
         return value
-    beside = Path(recipe_file).resolve().parent / value
+    beside = Path(os.path.normpath(Path(recipe_file).resolve().parent / value))  # no "recipes/../"
     if not beside.exists() and Path(value).exists():
         return value  # a recipe written before paths were the recipe's: relative to the current folder
     return str(beside)

@@ -443,10 +443,11 @@ def test_training_on_shards_resumes_exactly_and_a_changed_shard_is_named(corpus,
     data[0] ^= 1
     shard.write_bytes(bytes(data))
     status, _, err = lab(capsys, "run", "r.toml", "--set", "train.out_dir=again")
-    assert status == 2 and f"shard {name} was changed after lab prepare wrote it" in err
+    # The recipe's data path resolves against the recipe's folder: the message names the shard in full.
+    assert status == 2 and f"shard {shard} was changed after lab prepare wrote it" in err
     shard.unlink()
     status, _, err = lab(capsys, "run", "r.toml", "--set", "train.out_dir=again")
-    assert status == 2 and f"shard {name} is missing" in err and "Traceback" not in err
+    assert status == 2 and f"shard {shard} is missing" in err and "Traceback" not in err
 
 
 def test_the_jsonl_source_streams_parquet_and_resumes_exactly(corpus, tmp_path, capsys):
@@ -517,7 +518,9 @@ def test_the_fineweb_recipes_resolve_and_train_on_a_fineweb_shaped_fixture(corpu
     assert "--shard-tokens 100M --val-tokens 10485760" in header
     status, out, err = lab(capsys, "recipe", path)
     assert status == 0, err
-    assert 'path = "data/fineweb-edu10B"' in out
+    # Relative to the recipe file: the folder `lab prepare --out data/fineweb-edu10B` writes from the clone.
+    repo = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
+    assert f'path = "{os.path.join(repo, "data", "fineweb-edu10B")}"' in out
     assert (
         lab(
             capsys,
@@ -533,7 +536,11 @@ def test_the_fineweb_recipes_resolve_and_train_on_a_fineweb_shaped_fixture(corpu
         == 0
     )
     sets = [a for s in [*SMALL, f"train.out_dir={tmp_path / 'run'}"] for a in ("--set", s)]
-    status, out, err = lab(capsys, "run", path, *sets)
+    # As in a clone: recipes/ beside data/, the recipe's ../data/fineweb-edu10B is what prepare wrote.
+    (tmp_path / "recipes").mkdir(exist_ok=True)
+    local = tmp_path / "recipes" / f"{recipe}.toml"
+    local.write_text(header)
+    status, out, err = lab(capsys, "run", str(local), *sets)
     assert status == 0, err
     assert '"val_loss"' in (tmp_path / "run" / "metrics.jsonl").read_text()
 
