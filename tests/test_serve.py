@@ -377,3 +377,19 @@ def test_lab_serve_warns_when_it_listens_beyond_this_machine(runs, monkeypatch, 
     assert "warning" not in capsys.readouterr().err
     assert main(["serve", str(runs / "not-a-run")]) == 2
     assert "no run folders" in capsys.readouterr().err
+
+
+def test_lab_serve_compiles_by_default_and_no_compile_decodes_eagerly(runs, monkeypatch, capsys):
+    import uvicorn
+
+    import lab_serve.server
+
+    built = []
+    real_build = lab_serve.server.build
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(lab_serve.server, "build", lambda *a, **kw: built.append(kw) or real_build(*a, **kw))
+    assert main(["serve", str(runs)]) == 0
+    assert "compiled decoding (torch.compile)" in capsys.readouterr().err
+    assert main(["serve", str(runs), "--no-compile"]) == 0
+    assert "eager decoding (--no-compile)" in capsys.readouterr().err
+    assert [kw["compile"] for kw in built] == [True, False]
