@@ -37,6 +37,15 @@ SHRINK = [
 KEEP = {
     "local_global": ["model.n_layer=4", "model.attention.window=8"],
     "modern_small": ["optimizer.lr=0.04", "optimizer.embedding_lr=0.05", "optimizer.adamw_lr=0.05"],
+    # Their data is FineWeb's 10B-token download: here the corpus that ships with lab stands in
+    # (tests/test_corpora.py trains them on a Parquet fixture in FineWeb's schema).
+    "gpt2_124m_fineweb": ["data.path=''"],
+    "modern_124m_fineweb": [
+        "data.path=''",
+        "optimizer.lr=0.04",
+        "optimizer.embedding_lr=0.05",
+        "optimizer.adamw_lr=0.05",
+    ],
 }
 
 

@@ -384,12 +384,18 @@ def test_lab_serve_compiles_by_default_and_no_compile_decodes_eagerly(runs, monk
 
     import lab_serve.server
 
+    import socket
+
     built = []
     real_build = lab_serve.server.build
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    # lab serve binds the port itself, then hands uvicorn the socket: stub the serving, not the binding.
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: None)
     monkeypatch.setattr(lab_serve.server, "build", lambda *a, **kw: built.append(kw) or real_build(*a, **kw))
-    assert main(["serve", str(runs)]) == 0
+    with socket.socket() as s:  # a port free now
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    assert main(["serve", str(runs), "--port", port]) == 0
     assert "compiled decoding (torch.compile)" in capsys.readouterr().err
-    assert main(["serve", str(runs), "--no-compile"]) == 0
+    assert main(["serve", str(runs), "--no-compile", "--port", port]) == 0
     assert "eager decoding (--no-compile)" in capsys.readouterr().err
     assert [kw["compile"] for kw in built] == [True, False]

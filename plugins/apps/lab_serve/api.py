@@ -167,21 +167,22 @@ class BodyLimit:
 # ---------------------------------------------------------------------------------- requests
 
 
-def in_range(lo: int, hi: int):
+def in_range(lo: int, hi: int) -> AfterValidator:
     """An integer checked at the edge, so no number out of torch's range reaches it: the 400 names
-    the field (see _validation_message) and the range."""
+    the field (see _validation_message) and the range. Annotated[StrictInt, in_range(lo, hi)]."""
 
     def check(value: int) -> int:
         if not lo <= value <= hi:
             raise ValueError(f"must be between {lo} and {hi}, got {value}")
         return value
 
-    return Annotated[StrictInt, AfterValidator(check)]
+    return AfterValidator(check)
 
 
 INT64 = (-(2**63), 2**63 - 1)  # a seed: torch.manual_seed takes int64 (seed + the choice's index too)
-Seed = in_range(INT64[0], INT64[1] - 64)
-Count = in_range(-(2**31), 2**31 - 1)  # counts (max_tokens, n) are checked against the limits later
+Seed = Annotated[StrictInt, in_range(INT64[0], INT64[1] - 64)]
+# Counts (max_tokens, n) are checked against the limits later.
+Count = Annotated[StrictInt, in_range(-(2**31), 2**31 - 1)]
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
@@ -199,7 +200,7 @@ class Sampling(BaseModel):
     max_tokens: Count | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: in_range(0, 2**31 - 1) | None = None
+    top_k: Annotated[StrictInt, in_range(0, 2**31 - 1)] | None = None
     n: Count | None = None
     stop: Stop = None
     seed: Seed | None = None

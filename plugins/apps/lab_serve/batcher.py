@@ -125,6 +125,12 @@ class Running:
         self.last: list[int] = []
         self.length = 0
 
+    def job(self, row: int) -> Job:
+        """The job of a live row."""
+        job = self.jobs[row]
+        assert job is not None, f"row {row} is free"
+        return job
+
     @property
     def rows(self) -> int:
         return len(self.jobs)
@@ -149,6 +155,7 @@ class Running:
         self.caches, self.length = caches, length
 
     def join(self, p: Prefill, row: int) -> None:
+        assert self.caches is not None  # seat() resized the batch first
         for dst, src in zip(self.caches, p.caches):
             copy_cache_rows(dst, src, [row], [0])
         self.jobs[row], self.pos[row], self.last[row] = p.job, len(p.job.ids) - 1, p.job.ids[-1]
@@ -258,6 +265,7 @@ class Batcher:
             if self.prefill is None and not self.start_prefill():
                 return
             p = self.prefill
+            assert p is not None  # start_prefill set it
             n = int(min(p.left, budget))
             if n > 0:
                 ids = torch.tensor([p.job.ids[p.done : p.done + n]], device=self.device)
@@ -307,7 +315,7 @@ class Batcher:
         # passed through on the way costs a copy of the caches each.
         coming = len(live) + 1 + len(self.waiting)
         rows = b.rows if len(live) < b.rows else bucket(coming, 1, self.max_batch)
-        need = max([p.job.positions] + [b.jobs[r].positions for r in live])
+        need = max([p.job.positions] + [b.job(r).positions for r in live])
         length = max(b.length, bucket(need, MIN_LENGTH, self.max_len))
         if (rows, length) != (b.rows, b.length):
             b.resize(rows, length)
@@ -323,7 +331,7 @@ class Batcher:
                 self.batch = Running(self.model)  # idle: the caches' memory goes back
             return
         rows = bucket(len(live), 1, self.max_batch)
-        length = bucket(max(b.jobs[r].positions for r in live), MIN_LENGTH, self.max_len)
+        length = bucket(max(b.job(r).positions for r in live), MIN_LENGTH, self.max_len)
         if rows < b.rows or length < b.length:
             b.resize(min(rows, b.rows), min(length, b.length))
 
@@ -334,16 +342,17 @@ class Batcher:
         live = b.live()
         tokens = torch.tensor(b.last, device=self.device)[:, None]
         start = torch.tensor(b.pos, device=self.device)
+        assert b.caches is not None  # a batch with live rows has its caches
         logits = self.step_fn(tokens, start, b.caches)  # (rows, vocab)
         self.steps, self.rows = self.steps + 1, self.rows + len(live)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         for r in live:
             if not finite[r]:
-                b.jobs[r].finish("error: the model's output is not a number (NaN or inf) for this request")
+                b.job(r).finish("error: the model's output is not a number (NaN or inf) for this request")
         for r, token in self.sample(logits, [r for r in live if finite[r]]).items():
             b.pos[r] += 1
             b.last[r] = token
-            b.jobs[r].take(token, self.eos_id)
+            b.job(r).take(token, self.eos_id)
 
     def sample(self, logits, rows: list[int]) -> dict[int, int]:
         """{row: token}: each row with its own settings. Rows without a seed that share their settings
@@ -352,16 +361,16 @@ class Batcher:
         out: dict[int, int] = {}
         together: dict[tuple, list[int]] = {}
         for r in rows:
-            j = self.batch.jobs[r]
+            j = self.batch.job(r)
             key = (j.temperature, j.top_k, j.top_p, id(j) if j.generator is not None else None)
             together.setdefault(key, []).append(r)
         for (temperature, top_k, top_p, _), same in together.items():
             try:
-                drawn = sample(logits[same], temperature, top_k, top_p, self.batch.jobs[same[0]].generator)
+                drawn = sample(logits[same], temperature, top_k, top_p, self.batch.job(same[0]).generator)
             except Exception as e:  # noqa: BLE001 - a request's settings must not stop the batch
                 log.exception("sampling failed")
                 for r in same:
-                    self.batch.jobs[r].finish(f"error: sampling failed ({type(e).__name__})")
+                    self.batch.job(r).finish(f"error: sampling failed ({type(e).__name__})")
                 continue
             out.update(zip(same, drawn[:, 0].tolist()))
         return out

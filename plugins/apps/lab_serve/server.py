@@ -94,11 +94,12 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        hint = {
+        hints: dict[int | None, str] = {
             errno.EADDRINUSE: "another server is listening there; stop it or choose another --port",
             errno.EACCES: "ports below 1024 need privileges; choose --port 1024 or above",
             errno.EADDRNOTAVAIL: "that address is not one of this machine's; try --host 127.0.0.1",
-        }.get(e.errno, "choose another --host or --port")
+        }
+        hint = hints.get(e.errno, "choose another --host or --port")
         raise LabError(f"cannot listen on {host}:{port}: {e.strerror}; {hint}") from None
     sock.set_inheritable(True)
     return sock
