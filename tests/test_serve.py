@@ -380,11 +380,11 @@ def test_lab_serve_warns_when_it_listens_beyond_this_machine(runs, monkeypatch, 
 
 
 def test_lab_serve_compiles_by_default_and_no_compile_decodes_eagerly(runs, monkeypatch, capsys):
+    import socket
+
     import uvicorn
 
     import lab_serve.server
-
-    import socket
 
     built = []
     real_build = lab_serve.server.build
