@@ -187,6 +187,8 @@ def test_an_idle_batcher_lets_its_caches_go(model):
         batcher.close()
 
 
+# torch.compile on CPU takes tens of seconds; the eager batching tests cover the same tokens
+@pytest.mark.slow
 def test_the_compiled_step_decodes_the_eager_tokens(model):
     """lab serve's default: the bucket compiles in the background (eager meanwhile); once compiled,
     a request decoded through it gets the eager tokens. One compile: one row, 64 positions."""

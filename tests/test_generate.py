@@ -351,6 +351,8 @@ def test_lab_generate_missing_run_folder_or_checkpoint(tmp_path, capsys):
     assert status == 2 and "no complete checkpoint" in err
 
 
+# torch.compile on CPU takes tens of seconds; the eager decoding tests cover the same tokens
+@pytest.mark.slow
 def test_lab_generate_compile_gives_the_eager_greedy_text(run_dir, capsys):
     """The compiled decoding step (one compile: a tiny model, one shape) decodes the eager tokens."""
     flags = ["--prompt", "The", "--max-new-tokens", "12", "--temperature", "0", "--num-samples", "2"]
