@@ -2,6 +2,7 @@
 time, so a new recipe is covered without a new test."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ KEEP = {
         "optimizer.embedding_lr=0.05",
         "optimizer.adamw_lr=0.05",
     ],
+    "speedrun_small": ["optimizer.lr=0.04", "optimizer.embedding_lr=0.05", "optimizer.adamw_lr=0.05"],
 }
 
 
@@ -56,3 +58,22 @@ def test_recipe_trains_with_a_falling_loss(path, tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) >= 2 and val[-1] < val[0] - 0.1, f"{path.name}: val loss {val}"
+
+
+def test_speedrun_recipe_resumes_exactly(tmp_path):
+    """speedrun_small's extensions and NorMuon keep state (gates, skip weights, per-neuron second
+    moments): a run resumed from its step-4 checkpoint logs the same losses as the straight run.
+    Two layers, so the U-net skip and the value embedding's two layers are both there."""
+    path = Path(__file__).resolve().parent.parent / "recipes" / "speedrun_small.toml"
+    sets = SHRINK + KEEP["speedrun_small"] + ["model.n_layer=2", "train.checkpoint_interval=4"]
+
+    def losses(out):
+        assert train(load_recipe(path, [*sets, f"train.out_dir='{out}'"])) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["loss.z"]) for r in rows if "loss" in r]
+
+    straight = losses(tmp_path / "run")
+    assert [step for step, *_ in straight] == list(range(1, 9))
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    shutil.rmtree(tmp_path / "again" / "checkpoints" / "step_0000008")
+    assert losses(tmp_path / "again") == straight
