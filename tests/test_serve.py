@@ -262,10 +262,14 @@ def test_past_the_queue_requests_get_429_with_retry_after(tmp_path):
     app, pool = build([tmp_path / "busy"], limits=Limits(max_queue=2))
     server = Server(app)
     release = threading.Event()
-    pool.get("busy").model.register_forward_hook(lambda *a: release.wait(30))  # held until released
+    # Every decoding step held until released (a hook that returns None keeps the output as it is).
+    pool.get("busy").model.register_forward_hook(lambda *a: release.wait(30) and None)
     try:
         body = {"model": "busy", "prompt": "Hi", "max_tokens": 4, "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json={**body, "n": 2}) as r:
+            deadline = time.monotonic() + 10  # the two choices are queued, prefilled or decoding
+            while pool.in_flight() != 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert pool.in_flight() == 2
             over = httpx.post(server.url + "/v1/completions", json=body)
             assert over.status_code == 429

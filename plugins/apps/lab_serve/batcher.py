@@ -180,6 +180,7 @@ class Batcher:
         self.step_fn = DecodeStep(model, compile=compile, background=True, compile_after=compile_after)
         self.waiting: deque[Job] = deque()  # submitted, not yet prefilling
         self.prefill: Prefill | None = None
+        self.taking: Job | None = None  # taken from the queue, being checked before its prefill
         self.batch = Running(model)
         self.wake = threading.Condition()
         self.closed = False
@@ -199,8 +200,10 @@ class Batcher:
     def in_flight(self) -> int:
         """Jobs waiting, prefilling or decoding."""
         with self.wake:
-            prefilling = self.prefill is not None and not self.prefill.job.done
-            return len(self.waiting) + prefilling + len(self.batch.live())
+            # A job is counted once: taken from the queue but not yet prefilling, prefilling, or seated.
+            p = self.prefill
+            prefilling = p is not None and not p.job.done and all(j is not p.job for j in self.batch.jobs)
+            return len(self.waiting) + (self.taking is not None) + prefilling + len(self.batch.live())
 
     def close(self) -> None:
         with self.wake:
@@ -285,14 +288,16 @@ class Batcher:
             with self.wake:
                 if not self.waiting or len(self.batch.live()) >= self.max_batch:
                     return False
-                job = self.waiting.popleft()
+                job = self.taking = self.waiting.popleft()
             problem = self.refuse(job)
             if problem:
                 job.finish(f"error: {problem}")
+                with self.wake:
+                    self.taking = None
                 continue
             caches = self.model.new_caches(1, max(1, len(job.ids) - 1))  # a 1-token prompt: empty state
             with self.wake:
-                self.prefill = Prefill(job, caches)
+                self.prefill, self.taking = Prefill(job, caches), None
             return True
 
     def refuse(self, job: Job) -> str | None:
