@@ -359,5 +359,7 @@ def test_lab_generate_compile_gives_the_eager_greedy_text(run_dir, capsys):
     eager = lab_generate(capsys, run_dir, *flags)
     status, out, err = lab_generate(capsys, run_dir, *flags, "--compile")
     assert status == 0 and out == eager[1]
-    assert "compiled the decoding step for 2 row(s)" in err and "s of it compiling" in err
+    # On a machine where the compiled step disagrees with the eager one, lab says so and decodes eagerly.
+    compiled = "compiled the decoding step for 2 row(s)" in err or "; decoding eagerly" in err
+    assert compiled and "s of it compiling" in err
     assert lab_generate(capsys, run_dir, *flags, "--compile", "--no-cache")[0] == 2

@@ -81,6 +81,8 @@ class DecodeStep:
                 self._enqueue(tokens.clone(), start.clone(), copy.deepcopy(caches), shape)
             return self._eager(tokens, start, caches)
         if shape in self.ready:
+            if self.compiled is None:  # it disagreed with the eager step
+                return self._eager(tokens, start, caches)
             return self.compiled(tokens, start, caches)
         return self._compile(tokens, start, caches, shape)
 
@@ -126,9 +128,22 @@ class DecodeStep:
         assert self.compiled is not None  # only a compiled step is compiled
         logits = self.compiled(tokens, start, caches)
         seconds = time.perf_counter() - began
+        # The same step eagerly, over the same cache positions: a compiled step that disagrees (seen
+        # with ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS capping the CPU's ISA) is not used.
+        eager = self._eager(tokens, start, caches)
+        off = float((logits.float() - eager.float()).abs().max())
+        scale = float(eager.float().abs().max())
         with self.lock:
             self.ready.add(shape)
             self.compile_seconds += seconds
+            if not off <= 1e-3 * scale + 1e-4:
+                self.compiled = None
+        if self.compiled is None:
+            self.report(
+                f"the compiled decoding step gives other logits than the eager one on this machine "
+                f"(max difference {off:.3g} on a scale of {scale:.3g}); decoding eagerly"
+            )
+            return eager
         self.report(
             f"compiled the decoding step for {tokens.size(0)} row(s), caches {_cache_shape(caches)}, "
             f"in {seconds:.1f} s (cached in {compile_cache_dir()})"
