@@ -11,9 +11,9 @@ from pathlib import Path
 from lab.errors import LabError
 from lab.model import GPT
 from lab.recipe import read_toml, resolve
-from lab.runs import tokenizer_files
 from lab.runs.checkpoint import load_weights, newest_intact
 from lab.runs.layout import CHECKPOINTS, MARKER, METRICS, RECIPE
+from lab.runs.tokenizer_files import use_kept
 
 
 def is_run(path) -> bool:
@@ -34,7 +34,7 @@ def load(run_dir, device="cpu"):
     def build(ckpt):
         recipe_file = ckpt / RECIPE
         raw = read_toml(str(recipe_file))
-        tokenizer_files.use_kept(raw, run_dir)  # the run's own copy: the original may have moved
+        use_kept(raw, run_dir)  # the run's own copy: the original may have moved
         recipe = resolve(raw, str(recipe_file))
         model = GPT(recipe)
         load_weights(ckpt, model)
