@@ -14,10 +14,12 @@ delete the folder to measure again). An ablation races variants of the challenge
 its own overrides, and prints a row per variant (the challenger without each technique in turn):
 
     python -m benchmarks.race recipes/modern_small.toml recipes/speedrun_small.toml --seeds 1 \
-        --ablate no_normuon optimizer.name=muon --ablate no_window_warmup schedule.window.start=1
- Evaluations every --eval-interval steps (10) for both recipes,
-the same val batches as the recipe's. The load average is printed with each run: on a shared machine
-wall-clock times are noisy, so compare the step counts too.
+        --ablate no_smear ~extension.smear --ablate no_polar_express optimizer.orthogonalization=newton_schulz
+
+An override '~section.table' removes that table (lab's `--drop`). Evaluations every
+--eval-interval steps (10) for both recipes, the same val batches as the recipe's. The load average
+is printed with each run: on a shared machine wall-clock times are noisy, so compare the step
+counts too.
 """
 
 from __future__ import annotations

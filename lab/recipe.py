@@ -424,9 +424,20 @@ def read_toml(path: str) -> dict:
         raise LabError(f"cannot read recipe file {path}: {e.strerror}") from None
 
 
+DROP = object()  # the value of '~section.table': remove that table (what `--drop section.table` gives)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'section.key=value' -> (['section', 'key'], value). The value is read as TOML (2, 1e-3,
-    true, "x", [1, 2]); a bare word that is not TOML (sdpa) is taken as a string."""
+    true, "x", [1, 2]); a bare word that is not TOML (sdpa) is taken as a string. '~section.key'
+    (`--drop section.key`) -> (['section', 'key'], DROP)."""
+    if text.startswith("~"):
+        keys = text[1:].strip().split(".")
+        if not all(keys):
+            raise LabError(
+                f"--drop expects a table's dotted name, got '{text[1:]}' (e.g. --drop extension.unet)"
+            )
+        return keys, DROP
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
         raise LabError(f"--set expects section.key=value, got '{text}' (e.g. --set train.max_steps=100)")
@@ -444,6 +455,28 @@ def parse_option(text: str, flag: str = "--slurm-opt") -> tuple[str, Any]:
     if not sep or not key.strip():
         raise LabError(f"{flag} expects KEY=VALUE, got '{text}' (e.g. {flag} slurm_partition=gpu)")
     return key.strip(), parse_override(f"x={text.partition('=')[2]}")[1]
+
+
+def add_override_arguments(parser, every_run: bool = False) -> None:
+    """--set SECTION.KEY=VALUE and --drop SECTION.TABLE (both repeatable, into args.overrides, in
+    their order): what every command that reads a recipe takes."""
+    where = " in every run" if every_run else ""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a recipe value{where} (repeatable); the value is read as TOML",
+    )
+    parser.add_argument(
+        "--drop",
+        dest="overrides",
+        action="append",
+        type=lambda name: f"~{name}",
+        metavar="SECTION.TABLE",
+        help=f"remove a table the recipe has{where}, e.g. --drop extension.unet (repeatable)",
+    )
 
 
 def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
@@ -465,6 +498,9 @@ def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
                 old.clear()
                 old.update(kept)  # [schedule.QUANTITY] tables are their own components: they stay
     for text, keys, value in parsed:
+        if value is DROP:
+            _drop(raw, keys)
+            continue
         table = raw
         for i, k in enumerate(keys[:-1]):
             table = table.setdefault(k, {})
@@ -472,6 +508,17 @@ def apply_overrides(raw: dict, overrides, notes: list | None = None) -> dict:
                 raise LabError(f"--set {text}: '{'.'.join(keys[: i + 1])}' is a value, not a table")
         table[keys[-1]] = value
     return raw
+
+
+def _drop(raw: dict, keys: list[str]) -> None:
+    """Remove raw[keys...]: a table (an extension, a schedule quantity) or a value the recipe sets."""
+    parent = _get(raw, keys[:-1])
+    if not isinstance(parent, dict) or keys[-1] not in parent:
+        name = ".".join(keys)
+        raise LabError(
+            f"--drop {name}: the recipe has no [{name}] table (nor a value of that name) to remove"
+        )
+    del parent[keys[-1]]
 
 
 def _is_component_table(path: list[str]) -> bool:

@@ -1,5 +1,7 @@
 """Recipes: each plugin validates its own table; every mistake is one message and exit status 2."""
 
+from pathlib import Path
+
 import pytest
 
 from lab.commands.cli import main
@@ -97,3 +99,18 @@ def test_a_missing_component_table_names_the_table_and_the_choices(gpt_small_pat
     del raw["model"]["norm"]
     with pytest.raises(LabError, match=r"needs a \[model.norm\] table(.|\n)*layernorm"):
         resolve(raw, "x.toml")
+
+
+def test_drop_removes_a_table_and_refuses_one_the_recipe_lacks(gpt_small_path, capsys):
+    """--drop extension.NAME (or --set ~extension.NAME) takes a technique out, as an ablation does."""
+    speedrun = str(Path(gpt_small_path).with_name("speedrun_small.toml"))
+    names = [p.name for p in load_recipe(speedrun).extensions]
+    assert names == ["value_embeddings", "unet", "smear", "attention_gate", "z_loss"]
+    assert parse_override("~extension.smear")[0] == ["extension", "smear"]
+    kept = [p.name for p in load_recipe(speedrun, ["~extension.smear"]).extensions]
+    assert kept == [n for n in names if n != "smear"]
+    assert main(["recipe", speedrun, "--drop", "extension.z_loss", "--set", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "[extension.smear]" in out and "z_loss" not in out and "max_steps = 3" in out
+    assert main(["recipe", gpt_small_path, "--drop", "extension.unet"]) == 2
+    assert "--drop extension.unet: the recipe has no [extension.unet] table" in capsys.readouterr().err

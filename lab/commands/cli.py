@@ -10,17 +10,7 @@ from pathlib import Path
 
 from lab.errors import DEBUG_ENV, LabError, PluginError, SaidByRank0, debugging
 from lab.plugins import lazy_command, registry
-
-
-def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe value (repeatable); the value is read as TOML",
-    )
+from lab.recipe import add_override_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipe", help="print a recipe fully resolved, every default filled in")
     p.add_argument("recipe")
-    _add_set(p)
+    add_override_arguments(p)
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("run", help="train a model from a recipe (resumes if its run folder has a checkpoint)")
     p.add_argument("recipe")
-    _add_set(p)
+    add_override_arguments(p)
     p.set_defaults(func=lazy_command("lab.commands.run", "cli_run"))
 
     p = sub.add_parser(
@@ -70,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RECIPE",
         help="use this recipe's [tokenizer] with its settings (e.g. a trained tokenizer.json)",
     )
-    _add_set(p)
+    add_override_arguments(p)
     from lab.data.text import add_reading_arguments
 
     add_reading_arguments(p)

@@ -9,6 +9,8 @@ AXES = ("steps", "tokens", "seconds", "flops")
 
 @hookimpl
 def lab_commands(subparsers):
+    from lab.recipe import add_override_arguments
+
     p = subparsers.add_parser("compare", help="compare run folders (or a sweep folder): a table and a figure")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or one sweep folder")
     p.add_argument(
@@ -47,14 +49,7 @@ def lab_commands(subparsers):
     p.add_argument(
         "--out", default=None, metavar="DIR", help="the sweep folder (default: sweeps/<recipe name>)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe value in every run (repeatable)",
-    )
+    add_override_arguments(p, every_run=True)
     _add_axis(p)
     p.add_argument(
         "--dry-run",
