@@ -3,12 +3,14 @@ after their prefill and leave when done, each with the greedy tokens it gets alo
 chunks while rows stream; a cancelled row freed at once; a failing request fails alone."""
 
 import threading
+import time
 
 import pytest
 import torch
 from serving import make_run
 
 import lab.runs
+from lab.inference.compiled import DecodeStep
 from lab.inference.sampling import generate
 from lab_serve.batcher import Batcher, Job
 
@@ -212,3 +214,49 @@ def test_the_compiled_step_decodes_the_eager_tokens(model):
         batcher.close()
     assert len(calls) == (5 if compiled is not None else 0)
     assert rec.tokens["compiled"] == rec.tokens["while compiling"] == alone(model, [1, 2, 3], 5)
+
+
+def test_a_step_never_runs_the_compiled_function_while_another_shape_compiles(model):
+    """torch.compile is not thread-safe: while the background thread compiles one bucket, a step of
+    an already compiled bucket runs eagerly rather than inside the compiled function at the same time
+    (a stand-in for the compiled function counts the threads inside it)."""
+    step = DecodeStep(model, compile=True, background=True)
+    inside, most, by_thread = [0], [0], {"lab compile": 0, "MainThread": 0}
+    guard, compiling = threading.Lock(), threading.Event()
+
+    def compiled(tokens, start, caches):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        by_thread[threading.current_thread().name] += 1
+        if threading.current_thread().name == "lab compile":
+            compiling.set()
+            time.sleep(0.6)  # a compile takes a while
+        try:
+            return step._eager(tokens, start, caches)
+        finally:
+            with guard:
+                inside[0] -= 1
+            compiling.clear()
+
+    step.compiled = compiled
+    with torch.inference_mode():
+        step.prepare(1, 64)
+        wait_until(lambda: len(step.ready) == 1)
+        caches = model.new_caches(1, 64)
+        tokens, start = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        step.prepare(2, 64)  # compiles in the background for 0.6 s
+        wait_until(compiling.is_set)
+        while compiling.is_set():
+            step(tokens, start, caches)  # the compiled 1-row bucket, meanwhile
+        wait_until(lambda: len(step.ready) == 2)
+        assert most[0] == 1 and by_thread["MainThread"] == 0
+        step(tokens, start, caches)
+    assert by_thread["MainThread"] == 1  # the compile done, the compiled step runs again
+
+
+def wait_until(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -42,7 +42,11 @@ class DecodeStep:
     background=True (a server) never makes a caller wait for a compile: a shape that has run
     `compile_after` eager steps (so not one a batch only passes through while it grows) is compiled
     in a thread of its own, on a copy of the caches, one shape at a time; until it is done its steps
-    run eagerly (the same tokens, a little slower). `prepare(rows, length)` starts one at once."""
+    run eagerly (the same tokens, a little slower). `prepare(rows, length)` starts one at once.
+
+    torch.compile is not thread-safe (pytorch/pytorch#118260, #136833): a compiled function must not
+    run in one thread while dynamo compiles in another. So every call into it holds `running`; a step
+    that finds it held (a compile is under way) runs eagerly instead of waiting minutes for it."""
 
     def __init__(
         self,
@@ -58,7 +62,8 @@ class DecodeStep:
         self.compiled = None
         self.ready: set[tuple] = set()  # the shapes compiled so far
         self.started: set[tuple] = set()  # and those being compiled (background)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards the sets, the queue and the worker
+        self.running = threading.Lock()  # held by whoever is inside the compiled function
         self.queue: list[tuple] = []  # buckets waiting to compile (background)
         self.worker: threading.Thread | None = None
         self.compile_seconds = 0.0
@@ -81,9 +86,12 @@ class DecodeStep:
                 self._enqueue(tokens.clone(), start.clone(), copy.deepcopy(caches), shape)
             return self._eager(tokens, start, caches)
         if shape in self.ready:
-            if self.compiled is None:  # it disagreed with the eager step
-                return self._eager(tokens, start, caches)
-            return self.compiled(tokens, start, caches)
+            if self.compiled is None or not self.running.acquire(blocking=False):
+                return self._eager(tokens, start, caches)  # it disagreed, or another shape compiles
+            try:
+                return self.compiled(tokens, start, caches)
+            finally:
+                self.running.release()
         return self._compile(tokens, start, caches, shape)
 
     def prepare(self, rows: int, length: int) -> None:
@@ -124,10 +132,14 @@ class DecodeStep:
 
     @torch.inference_mode()
     def _compile(self, tokens, start, caches, shape) -> torch.Tensor:
-        began = time.perf_counter()
-        assert self.compiled is not None  # only a compiled step is compiled
-        logits = self.compiled(tokens, start, caches)
-        seconds = time.perf_counter() - began
+        if self.compiled is None:  # an earlier shape's compiled step disagreed: none is used
+            with self.lock:
+                self.ready.add(shape)
+            return self._eager(tokens, start, caches)
+        with self.running:
+            began = time.perf_counter()
+            logits = self.compiled(tokens, start, caches)
+            seconds = time.perf_counter() - began
         # The same step eagerly, over the same cache positions: a compiled step that disagrees (seen
         # with ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS capping the CPU's ISA) is not used.
         eager = self._eager(tokens, start, caches)
