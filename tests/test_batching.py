@@ -240,6 +240,7 @@ def test_a_step_never_runs_the_compiled_function_while_another_shape_compiles(mo
             compiling.clear()
 
     step.compiled = compiled
+    step._time = lambda *inputs: (0.001, 0.002)  # the compiled step is the faster one here
     with torch.inference_mode():
         step.prepare(1, 64)
         wait_until(lambda: len(step.ready) == 1)
@@ -260,3 +261,33 @@ def wait_until(condition, seconds=30.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_a_compiled_step_is_used_only_where_it_is_faster_than_eager(model, faster):
+    """Compiled code is not always faster on a CPU: each shape's compiled step is timed against the
+    eager one once it is compiled, and a shape whose compiled step is slower decodes eagerly (the
+    report says so). A stand-in compiled function, instant or 30 ms slower than eager, gives the
+    eager step's logits."""
+    reports: list[str] = []
+    step = DecodeStep(model, compile=True, report=reports.append)
+    caches = model.new_caches(1, 64)
+    tokens, start = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        logits = step._eager(tokens, start, caches)
+    calls = []
+
+    def compiled(*inputs):
+        calls.append(1)
+        if not faster:
+            time.sleep(0.03)
+        return logits
+
+    step.compiled = compiled
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(step(tokens, start, caches), logits)
+    timed = 1 + 5  # the compile's call, then five timed ones
+    assert len(calls) == (timed + 2 if faster else timed)  # the two later steps: compiled or eager
+    assert ("decoding compiled" if faster else "this shape decodes eagerly") in reports[-1]
+    assert "ms compiled" in reports[-1] and "ms eager" in reports[-1]
