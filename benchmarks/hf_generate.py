@@ -6,9 +6,11 @@
 The run is exported with `lab export-hf` and loaded with transformers' GPT2LMHeadModel. Eight
 prompts of eight lengths (serve_load.py's first eight, 5 to 54 tokens) each make `--tokens` new
 tokens, greedy, past any end-of-text:
-- batch 1: the prompts one after another. lab: `lab generate`'s loop (eager, decoding layout), and
-  lab serve's engine with one row (compiled step);
-- batch 8: the eight together. lab: lab serve's engine (rows at their own positions, compiled step);
+- batch 1: the prompts one after another. lab: `lab generate`'s loop (eager, decoding layout for one
+  row), and lab serve's engine with one row (its model laid out as `lab serve --max-batch 8` lays
+  it out: for up to 8 rows);
+- batch 8: the eight together. lab: lab serve's engine (rows at their own positions; its step
+  compiled where that is faster than eager on this machine, as lab serve does);
   transformers: left-padded with an attention mask, as its docs say for batched generation.
 Compiles happen before the clock starts (their time is printed). Tokens/s is new tokens over the
 wall time; the greedy tokens are checked to be the same. Figures, not asserts.
@@ -17,6 +19,7 @@ wall time; the greedy tokens are checked to be the same. Figures, not asserts.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -107,7 +110,9 @@ def main(argv=None) -> int:
     hf_dir = export_hf(run, Path(tmp.name) / "hf")
     recipe, model, _ = lab.runs.load(run, "cpu")
     model.eval()
-    lay_out_for_decoding(model, rows=1)  # what lab generate does
+    served = copy.deepcopy(model)
+    lay_out_for_decoding(model, rows=1)  # what lab generate does for one sample
+    lay_out_for_decoding(served, rows=8)  # what `lab serve --max-batch 8` does: layouts for <= 8 rows
     tok = recipe.parts["tokenizer"].build()
     batch = [tok.encode(t) for t in prompts()[:8]]
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -118,8 +123,8 @@ def main(argv=None) -> int:
     print(
         f"run {run} ({'given' if args.run else 'random init'}), prompts of {sorted(map(len, batch))} tokens"
     )
-    c1 = prepare_engine(model, 1, length)
-    c8 = prepare_engine(model, 8, length)
+    c1 = prepare_engine(served, 1, length)
+    c8 = prepare_engine(served, 8, length)
     print(f"compiling lab's step: {c1:.1f} s (1 row), {c8:.1f} s (8 rows), before the clock")
     n = args.tokens * len(batch)
     results = {}
@@ -134,12 +139,12 @@ def main(argv=None) -> int:
         runs = {
             "lab generate, eager, batch 1": lab_eager_b1,
             "lab serve engine, compiled, batch 1": lambda: [
-                lab_engine(model, [p], args.tokens, 1)[0] for p in batch
+                lab_engine(served, [p], args.tokens, 1)[0] for p in batch
             ],
             "transformers generate, batch 1": lambda: [
                 hf_generate(hf, [p], args.tokens, tok.eot_id)[0] for p in batch
             ],
-            "lab serve engine, compiled, batch 8": lambda: lab_engine(model, batch, args.tokens, 8),
+            "lab serve engine, compiled, batch 8": lambda: lab_engine(served, batch, args.tokens, 8),
             "transformers generate, batch 8": lambda: hf_generate(hf, batch, args.tokens, tok.eot_id),
         }
         for name, fn in runs.items():

@@ -206,6 +206,8 @@ def test_the_compiled_step_decodes_the_eager_tokens(model):
         assert batcher.step_fn.ready, "the background compile did not finish in 120 s"
         calls: list[int] = []
         compiled = batcher.step_fn.compiled  # None: it disagreed with the eager step and is not used
+        if batcher.step_fn.slower:  # no faster than eager on this machine: not used either
+            compiled = None
         if compiled is not None:
             batcher.step_fn.compiled = lambda *a: calls.append(1) or compiled(*a)
         batcher.submit([rec.job("compiled", [1, 2, 3], 5)])

@@ -79,3 +79,20 @@ def test_a_layer_keeps_its_layout_where_the_copy_is_not_faster(gpt_small_path, m
 
 def test_the_measurement_runs_and_answers(gpt_small_path):
     assert decoding.transposed_is_faster((301, 32), torch.float32, "cpu", 1, 0.9) in (True, False)
+
+
+def test_the_copy_serves_only_the_rows_it_was_faster_at(gpt_small_path, monkeypatch):
+    """A server lays out for --max-batch rows: the copy, faster at 1 row here and slower at more,
+    is used for one row only, and 3 or 8 rows read the weights as trained."""
+    monkeypatch.setattr(
+        decoding, "transposed_is_faster", lambda shape, dtype, device, rows, margin: rows == 1
+    )
+    model = tiny(gpt_small_path)
+    choices = decoding.lay_out_for_decoding(model, rows=8)
+    assert set(choices.values()) == {"copy at 1 rows"}
+    used, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(decoding.F, "linear", lambda *a: used.append(a[0].shape[0]) or linear(*a))
+    with torch.inference_mode():
+        for rows in (1, 3, 8):
+            model(torch.zeros(rows, 1, dtype=torch.long))
+    assert used and set(used) == {3, 8}

@@ -47,7 +47,7 @@ def cli_generate(args) -> int:
         file=sys.stderr,
     )
     if not args.no_cache:  # each step then reads every weight for a few rows: lay them out for that
-        copied = sum(c == "copy" for c in lay_out_for_decoding(model, rows=s.num_samples).values())
+        copied = sum(c.startswith("copy") for c in lay_out_for_decoding(model, rows=s.num_samples).values())
         if copied:
             print(
                 f"decoding reads {copied} weight(s) from a transposed copy, faster on this machine",

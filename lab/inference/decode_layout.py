@@ -8,9 +8,13 @@ row differs by machine: on an AMD EPYC (MKL) it ran at a sixth of the memory's s
 same product against a contiguous (in, out) copy ran near it. Which layout wins is measured here,
 per weight shape, on the machine that decodes, and only the winners get a copy.
 
+The winner also depends on the rows: on that AMD EPYC the copy was twice as fast at one row and
+slower at eight. So it is measured at each power of two of rows up to `rows` (a server's
+--max-batch), and a layer takes the copy only for inputs whose rows round up to a power of two where
+it won (a prefill of many rows keeps nn.Linear's path).
+
 The copy is made once, for a model that no longer trains (generation, serving): the parameters,
-the state dict and every other path are untouched, and a layer takes the copy only for inputs of
-at most the rows it was measured at (a prefill of many rows keeps nn.Linear's path).
+the state dict and every other path are untouched.
 """
 
 from __future__ import annotations
@@ -24,14 +28,15 @@ from torch import nn
 
 
 class DecodingLinear(nn.Linear):
-    """nn.Linear that, for at most `rows` input rows, multiplies by a contiguous (in, out) copy of its
-    weight. Made from an nn.Linear by lay_out_for_decoding, never built directly."""
+    """nn.Linear that, for inputs whose rows round up to a power of two in `copy_rows`, multiplies by a
+    contiguous (in, out) copy of its weight. Made from an nn.Linear by lay_out_for_decoding, never
+    built directly."""
 
     weight_t: torch.Tensor
-    rows: int
+    copy_rows: frozenset[int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > self.rows * self.in_features:
+        if power_of_two_at_least(x.numel() // self.in_features) not in self.copy_rows:
             return F.linear(x, self.weight, self.bias)
         y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
@@ -39,22 +44,35 @@ class DecodingLinear(nn.Linear):
 
 @torch.no_grad()
 def lay_out_for_decoding(model: nn.Module, rows: int = 1, margin: float = 0.9) -> dict[str, str]:
-    """Give every nn.Linear of `model` whose transposed-copy product at `rows` rows takes less than
-    `margin` x nn.Linear's time a (in, out) copy it uses for such inputs. Returns {layer name: "copy"
-    or "as trained"}, for the log. Call it on a model that will not train again."""
+    """Give every nn.Linear of `model` whose transposed-copy product takes less than `margin` x
+    nn.Linear's time, at some power of two of rows up to `rows`, a (in, out) copy it uses for inputs
+    of those rows. Returns {layer name: "copy" (or "copy at 1, 2 rows") or "as trained"}, for the log.
+    Call it on a model that will not train again."""
     choices = {}
+    measured = [2**k for k in range(power_of_two_at_least(rows).bit_length())]  # 1, 2, 4 .. >= rows
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue
         w = module.weight
-        faster = transposed_is_faster(tuple(w.shape), w.dtype, str(w.device), rows, margin)
-        if faster:
+        wins = frozenset(
+            r for r in measured if transposed_is_faster(tuple(w.shape), w.dtype, str(w.device), r, margin)
+        )
+        if wins:
             module.__class__ = DecodingLinear  # same parameters and state dict; another forward
             module.register_buffer("weight_t", w.detach().t().contiguous(), persistent=False)
-            # ignore: a plain int, which nn.Module.__setattr__'s typing (tensors and modules) does not allow
-            module.rows = rows  # type: ignore[assignment]
-        choices[name] = "copy" if faster else "as trained"
+            # ignore: a plain frozenset, which nn.Module.__setattr__'s typing does not allow
+            module.copy_rows = wins  # type: ignore[assignment]
+        if not wins:
+            choices[name] = "as trained"
+        elif len(wins) == len(measured):
+            choices[name] = "copy"
+        else:
+            choices[name] = f"copy at {', '.join(map(str, sorted(wins)))} rows"
     return choices
+
+
+def power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.cache
