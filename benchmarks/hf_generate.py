@@ -138,13 +138,11 @@ def main(argv=None) -> int:
 
         runs = {
             "lab generate, eager, batch 1": lab_eager_b1,
-            "lab serve engine, compiled, batch 1": lambda: [
-                lab_engine(served, [p], args.tokens, 1)[0] for p in batch
-            ],
+            "lab serve engine, batch 1": lambda: [lab_engine(served, [p], args.tokens, 1)[0] for p in batch],
             "transformers generate, batch 1": lambda: [
                 hf_generate(hf, [p], args.tokens, tok.eot_id)[0] for p in batch
             ],
-            "lab serve engine, compiled, batch 8": lambda: lab_engine(served, batch, args.tokens, 8),
+            "lab serve engine, batch 8": lambda: lab_engine(served, batch, args.tokens, 8),
             "transformers generate, batch 8": lambda: hf_generate(hf, batch, args.tokens, tok.eot_id),
         }
         for name, fn in runs.items():
@@ -159,7 +157,7 @@ def main(argv=None) -> int:
         same = sum(a == b for a, b in zip(out, reference))
         print(f"{name}: {same}/{len(batch)} prompts give lab generate's greedy tokens")
     for b in ("1", "8"):
-        lab_s = results[f"lab serve engine, compiled, batch {b}"][1]
+        lab_s = results[f"lab serve engine, batch {b}"][1]
         hf_s = results[f"transformers generate, batch {b}"][1]
         print(f"batch {b}: lab serve engine {hf_s / lab_s:.2f}x transformers' tokens/s")
     return 0
